@@ -1,0 +1,98 @@
+"""What a task sees of gridrunner: the ``ctx`` argument of ``run(params, ctx) -> dict[str, float]``.
+
+A task gets:
+
+* ``ctx.row_id``, ``ctx.grid_dir`` and ``ctx.row_dir`` (``<grid>/rows/<row_id>/``, created);
+* ``ctx.checkpoint_dir`` (``<row_dir>/checkpoint/``, created), which survives re-runs of the row,
+  so a requeued or reclaimed row can resume;
+* ``ctx.seed``: the row's ``seed`` parameter where there is one, else a seed derived from the row id;
+* ``ctx.log(step, **metrics)``: appends one JSON line to ``<row_dir>/history.jsonl`` (the learning curve
+  the report draws);
+* ``ctx.should_stop()``: true once the worker has been asked to stop (time limit, preemption, SIGTERM,
+  Ctrl-C). Save a checkpoint, then ``raise ctx.Interrupted()`` (or :class:`gridrunner.Interrupted`).
+
+Tests and notebooks can build one directly: ``Context(row_dir=tmp_path / "row")``.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from gridrunner.errors import Interrupted
+
+HISTORY_FILE = "history.jsonl"
+CHECKPOINT_DIR = "checkpoint"
+
+
+def seed_from_row_id(row_id: str) -> int:
+    """A stable 31-bit seed from a hexadecimal row id (any other string hashes through its bytes)."""
+    try:
+        return int(row_id[:8], 16) % (2**31)
+    except ValueError:
+        return sum(row_id.encode()) % (2**31)
+
+
+class Context:
+    """The per-row handle passed to a task. See the module docstring."""
+
+    Interrupted = Interrupted
+
+    def __init__(
+        self,
+        row_dir: str | Path,
+        row_id: str | None = None,
+        seed: int | None = None,
+        grid_dir: str | Path | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        isolated: bool = False,
+    ):
+        self.row_dir = Path(row_dir)
+        self.row_id = row_id if row_id is not None else self.row_dir.name
+        self.grid_dir = Path(grid_dir) if grid_dir is not None else self.row_dir.parent.parent
+        self.seed = seed if seed is not None else seed_from_row_id(self.row_id)
+        #: True when the task runs in its own child process (so it may, for example, cap its own memory).
+        self.isolated = isolated
+        self.checkpoint_dir = self.row_dir / CHECKPOINT_DIR
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        self._stop = threading.Event()
+        self._should_stop_hook = should_stop
+
+    def log(self, step: int, **metrics: float) -> None:
+        """Append ``{"step": step, "time": <unix s>, **metrics}`` to the row's learning curve."""
+        record = {"step": int(step), "time": round(time.time(), 3)}
+        record.update({key: _plain(value) for key, value in metrics.items()})
+        with open(self.row_dir / HISTORY_FILE, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def should_stop(self) -> bool:
+        """True once the worker has been asked to stop; poll it between training steps."""
+        if self._stop.is_set():
+            return True
+        if self._should_stop_hook is not None and self._should_stop_hook():
+            self._stop.set()
+        return self._stop.is_set()
+
+    def request_stop(self) -> None:
+        """Make :meth:`should_stop` true (the worker calls this from its signal handler)."""
+        self._stop.set()
+
+    def history(self) -> list[dict]:
+        """The records logged so far for this row (read back from ``history.jsonl``)."""
+        path = self.row_dir / HISTORY_FILE
+        if not path.exists():
+            return []
+        with open(path, encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+
+
+def _plain(value):
+    """Numbers from numpy or TensorFlow become plain floats so they serialise as JSON."""
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
