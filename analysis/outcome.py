@@ -1,0 +1,93 @@
+"""The outcome model: OLS of the metric on the hyperparameters, over successful rows.
+
+One formula (:mod:`analysis.terms` chooses it, ``formula`` overrides it), HC3 robust standard errors
+(MacKinnon and White 1985), and a type-II ANOVA table per term with the same robust covariance.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import patsy
+import statsmodels.formula.api as smf
+from statsmodels.stats.anova import anova_lm
+
+from analysis.fit import Fit, result_table
+from analysis.rows import FAILED, STATE, dropped_reasons, ensure_labelled, resolve_metric
+from analysis.terms import choose_terms, formula_notes
+from gridrunner.errors import GridError
+
+
+def outcome_model(df: pd.DataFrame, metric: str | None = None, failure: str | None = None, formula: str | None = None) -> Fit:
+    """OLS of ``metric`` (or of ``formula``'s left-hand side) on the hyperparameters, over successful rows."""
+    df = ensure_labelled(df, failure)
+    metric = response_of(formula) if formula else resolve_metric(df, metric)
+    has_metric = df[metric].notna() if metric in df.columns else pd.Series(True, index=df.index)
+    success = df[STATE].eq("success")
+    keep = success & has_metric
+    dropped = dropped_reasons(
+        df,
+        keep,
+        {
+            "failed": df[FAILED].eq(1.0),
+            "not finished": df[FAILED].isna(),
+            f"with no numeric {metric}": ~has_metric,
+        },
+    )
+    data = df[keep]
+    fit = Fit(f"Outcome model: {metric}", "OLS with HC3 robust standard errors", formula, len(data), len(df), dropped)
+    if formula is None:
+        terms = choose_terms(data, metric)
+        fit.notes.extend(terms.notes)
+        fit.formula = terms.formula
+    if len(data) == 0:
+        fit.notes.append("no successful row has a value of the metric: nothing to model")
+        return fit
+    try:
+        model = smf.ols(fit.formula, data)
+    except (patsy.PatsyError, NameError, SyntaxError, TypeError, ValueError) as err:
+        raise GridError(f"the formula {fit.formula!r} does not fit the grid's columns: {err}") from None
+    missing = len(data) - int(model.nobs)
+    if missing:
+        fit.used -= missing
+        fit.dropped["with missing values in the formula's columns"] = missing
+    n_coef = model.exog.shape[1]
+    if model.nobs <= n_coef:
+        fit.notes.append(f"too few rows: {int(model.nobs)} rows for {n_coef} coefficients; no model fitted")
+        return fit
+    cov_type = robust_cov_type(model, fit.notes)
+    result = model.fit(cov_type=cov_type)
+    fit.method = f"OLS with {cov_type} robust standard errors"
+    fit.notes.extend(formula_notes(result))
+    fit.result = result
+    fit.table = result_table(result)
+    fit.extra["anova"] = anova_table(result, cov_type)
+    fit.notes.append(f"R² = {result.rsquared:.3f} (adjusted {result.rsquared_adj:.3f})")
+    return fit
+
+
+def response_of(formula: str) -> str:
+    """The left-hand side of a formula (``m_ssim`` in ``m_ssim ~ C(loss)``)."""
+    if "~" not in formula:
+        raise GridError(f"a formula needs a response and '~', as in 'm_ssim ~ C(loss) + depth'; got {formula!r}")
+    return formula.split("~", 1)[0].strip()
+
+
+def robust_cov_type(model, notes: list[str]) -> str:
+    """HC3, unless some row has leverage 1 (a level seen once), where HC3 divides by zero: then HC1."""
+    exog = model.exog
+    q, _ = np.linalg.qr(exog / np.where(np.linalg.norm(exog, axis=0) > 0, np.linalg.norm(exog, axis=0), 1.0))
+    leverage = np.einsum("ij,ij->i", q, q)
+    if leverage.max() > 1 - 1e-8:
+        notes.append(
+            f"{int((leverage > 1 - 1e-8).sum())} row(s) determine their own fit (a level or combination seen once): "
+            "HC3 is undefined there, so HC1 robust standard errors are used"
+        )
+        return "HC1"
+    return "HC3"
+
+
+def anova_table(result, cov_type: str = "HC3") -> pd.DataFrame:
+    """Type-II ANOVA: one row per term (``term, df, sum_sq, F, p_value``), Wald tests with the robust covariance."""
+    table = anova_lm(result, typ=2, robust=cov_type.lower())
+    table = table.rename(columns={"PR(>F)": "p_value"}).reset_index(names="term")
+    return table[["term", "df", "sum_sq", "F", "p_value"]]

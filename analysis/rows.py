@@ -1,0 +1,169 @@
+"""Which rows a grid has, which of them failed and why, and which ones a model may use.
+
+A row's *state* is one of:
+
+* ``success``: it finished and its outcomes do not match the failure rule;
+* ``failed_exception``: it raised or its worker died (``status == failed`` with an ``error`` that is not
+  ``rule: ...``); it has no outcomes;
+* ``failed_rule``: it finished and its outcomes match the failure rule;
+* ``running`` and ``not_run``: it has no result yet.
+
+The failure rule is the spec's (``df.attrs["failure"]``) unless the caller gives another; rows the worker
+already marked ``rule: ...`` are judged again under the rule in force, since their outcomes are kept.
+"""
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+
+from gridrunner.errors import GridError
+
+STATES = ["success", "failed_exception", "failed_rule", "running", "not_run"]
+STATE_WORDS = {
+    "success": "done",
+    "failed_exception": "failed by exception",
+    "failed_rule": "failed by rule",
+    "running": "running",
+    "not_run": "not run",
+}
+#: Columns :func:`label_rows` adds. ``failed`` is 1.0/0.0 for finished rows and NaN for unfinished ones.
+STATE, FAILED = "state", "failed"
+#: Parameters that number replicates rather than choose a configuration; no model uses them as a term.
+REPLICATE_PARAMS = ("seed", "repeat", "replicate")
+
+_MINIMISE_HINTS = ("mae", "mse", "rmse", "loss", "error", "err", "nll", "time", "runtime", "cost", "perplexity")
+
+
+def params_of(df: pd.DataFrame) -> list[str]:
+    """The parameter columns (``df.attrs["params"]``)."""
+    params = df.attrs.get("params")
+    if params is None:
+        raise GridError("the DataFrame has no attrs['params']: load it with gridrunner.load(grid_dir)")
+    return [p for p in params if p in df.columns]
+
+
+def outcomes_of(df: pd.DataFrame) -> list[str]:
+    """The outcome columns (``df.attrs["outcomes"]``)."""
+    return [o for o in df.attrs.get("outcomes", []) if o in df.columns]
+
+
+def resolve_metric(df: pd.DataFrame, metric: str | None = None) -> str:
+    """The metric to analyse: ``metric``, else the spec's, else the first outcome column."""
+    outcomes = outcomes_of(df)
+    metric = metric or df.attrs.get("metric") or (outcomes[0] if outcomes else None)
+    if metric is None:
+        raise GridError("the grid has no outcome columns yet, so there is no metric to analyse")
+    if metric not in df.columns:
+        raise GridError(f"unknown metric {metric!r} (outcomes: {', '.join(outcomes) or 'none'})")
+    return metric
+
+
+def resolve_goal(df: pd.DataFrame, metric: str, goal: str | None = None) -> str:
+    """``"max"`` or ``"min"``: the spec's ``goal`` (or ``mode``), else a guess from the metric's name."""
+    spec = df.attrs.get("spec") or {}
+    spec_metric = spec.get("metric") if isinstance(spec, dict) else None
+    goal = goal or (spec.get("goal") if isinstance(spec, dict) else None)
+    if goal is None and isinstance(spec_metric, dict):
+        goal = spec_metric.get("goal") or spec_metric.get("mode")
+    if goal is None:
+        words = re.split(r"[^a-z0-9]+", metric.lower())
+        goal = "min" if any(word in _MINIMISE_HINTS for word in words) else "max"
+    goal = {"maximize": "max", "maximise": "max", "minimize": "min", "minimise": "min"}.get(str(goal), str(goal))
+    if goal not in ("max", "min"):
+        raise GridError(f"goal must be 'max' or 'min', got {goal!r}")
+    return goal
+
+
+def resolve_failure(df: pd.DataFrame, failure: str | None = None) -> str | None:
+    """The failure rule in force: ``failure``, else the spec's, else None."""
+    return failure if failure is not None else df.attrs.get("failure")
+
+
+def rule_mask(df: pd.DataFrame, rule: str) -> pd.Series:
+    """True where ``rule`` (gridrunner's expression language) holds; unreadable values never match."""
+    from gridrunner.expr import parse
+
+    expr = parse(rule)
+    expr.check_names(list(df.columns), "column")
+    result = expr.evaluate_frame(df)
+    if not isinstance(result, pd.Series):
+        result = pd.Series(bool(result), index=df.index)
+    return result.fillna(False).astype(bool)
+
+
+def label_rows(df: pd.DataFrame, failure: str | None = None) -> pd.DataFrame:
+    """A copy of ``df`` with a ``state`` column (see :data:`STATES`) and ``failed`` (1.0, 0.0 or NaN).
+
+    ``failure`` overrides the spec's failure rule. The copy keeps ``df.attrs`` and records the rule in
+    force as ``attrs["failure"]``.
+    """
+    for column in (STATE, FAILED):
+        if column in params_of(df) or column in outcomes_of(df):
+            raise GridError(f"a parameter or outcome is named {column!r}, which the analysis reserves; rename it")
+    rule = resolve_failure(df, failure)
+    status = df["status"].astype(str)
+    error = df["error"].astype("string").fillna("") if "error" in df.columns else pd.Series("", index=df.index)
+    by_rule = status.eq("failed") & error.str.startswith("rule:")
+    finished = status.eq("done") | by_rule
+    state = pd.Series("not_run", index=df.index, dtype=object)
+    state[status.eq("running")] = "running"
+    state[status.eq("failed") & ~by_rule] = "failed_exception"
+    if rule:
+        matches = rule_mask(df, rule)
+        state[finished & matches] = "failed_rule"
+        state[finished & ~matches] = "success"
+    else:  # no rule in force: keep the worker's verdict
+        state[status.eq("done")] = "success"
+        state[by_rule] = "failed_rule"
+    out = df.copy()
+    out[STATE] = pd.Categorical(state, categories=STATES)
+    out[FAILED] = state.map({"success": 0.0, "failed_exception": 1.0, "failed_rule": 1.0}).astype(float)
+    out.attrs = {**df.attrs, "failure": rule}
+    return out
+
+
+def ensure_labelled(df: pd.DataFrame, failure: str | None = None) -> pd.DataFrame:
+    """``df`` itself when :func:`label_rows` already ran on it with the same rule, else a labelled copy."""
+    if STATE in df.columns and (failure is None or failure == df.attrs.get("failure")):
+        return df
+    return label_rows(df, failure)
+
+
+def state_counts(df: pd.DataFrame, failure: str | None = None) -> pd.DataFrame:
+    """How many rows are in each state: columns ``state, rows, share`` (a table for the report)."""
+    df = ensure_labelled(df, failure)
+    counts = df[STATE].value_counts().reindex(STATES, fill_value=0)
+    total = max(len(df), 1)
+    return pd.DataFrame(
+        {"state": [STATE_WORDS[s] for s in STATES], "rows": counts.to_numpy(), "share": counts.to_numpy() / total}
+    )
+
+
+def counts_sentence(df: pd.DataFrame, failure: str | None = None) -> str:
+    """``"504 rows: 412 done, 0 failed by exception, 79 failed by rule, 3 running, 10 not run."``"""
+    table = state_counts(df, failure)
+    parts = ", ".join(f"{rows} {word}" for word, rows in zip(table["state"], table["rows"]))
+    return f"{len(df)} rows: {parts}."
+
+
+def dropped_reasons(df: pd.DataFrame, keep: pd.Series, reasons: dict[str, pd.Series]) -> dict[str, int]:
+    """Count the rows outside ``keep``, each under the first reason (in order) whose mask covers it."""
+    left = ~keep
+    out = {}
+    for reason, mask in reasons.items():
+        hit = left & mask
+        if hit.any():
+            out[reason] = int(hit.sum())
+        left &= ~mask
+    if left.any():
+        out["other"] = int(left.sum())
+    return out
+
+
+def usage_sentence(used: int, total: int, dropped: dict[str, int]) -> str:
+    """``"Used 412 of 504 rows; dropped 79 failed, 13 not finished."``"""
+    if not dropped:
+        return f"Used all {total} rows."
+    why = ", ".join(f"{n} {reason}" for reason, n in dropped.items())
+    return f"Used {used} of {total} rows; dropped {why}."
