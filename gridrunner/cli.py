@@ -1,0 +1,182 @@
+"""The ``gridrunner`` command: parses arguments and calls the library, nothing else.
+
+A user's mistake (:class:`gridrunner.GridError`) prints one ``Error: ...`` line and exits 1; click's
+usage errors exit 2; anything else is a bug: its traceback is saved to a log file whose path is
+printed, and the exit code is 3.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import click
+
+from gridrunner.errors import GridError
+
+RUNS_HELP = "Parent directory of grid directories (default: ./runs)."
+GRID_HELP = "Grid directory to act on (default: the grid made most recently under --runs)."
+
+
+class _Group(click.Group):
+    """Turns GridError into a one-line error and an unexpected exception into a saved traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except GridError as err:
+            raise click.ClickException(str(err)) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as err:  # a bug in gridrunner: keep the evidence
+            path = _save_crash_log()
+            click.echo(f"Error: unexpected {type(err).__name__}: {err}. This is a bug in gridrunner; "
+                       f"the traceback is in {path}", err=True)
+            ctx.exit(3)
+
+
+def _save_crash_log() -> str:
+    directory = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gridrunner"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        directory = Path(tempfile.gettempdir())
+    path = directory / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    path.write_text(f"gridrunner {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}", encoding="utf-8")
+    return str(path)
+
+
+def _grid_options(func):
+    func = click.option("--runs", "runs_dir", default="runs", show_default=True, help=RUNS_HELP,
+                        type=click.Path(file_okay=False))(func)
+    func = click.option("--grid", "grid", default=None, help=GRID_HELP, type=click.Path())(func)
+    return func
+
+
+def _find(grid, runs_dir) -> Path:
+    from gridrunner.grid import find_grid
+
+    return find_grid(grid, runs_dir)
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="gridrunner")
+def main():
+    """Run hyperparameter grids from plain CSV shards, on Slurm or locally, then analyse them.
+
+    \b
+      gridrunner make grids/demo.yaml   expand a spec into runs/demo/shards/*.csv
+      gridrunner work                   run rows here until none are left
+      gridrunner submit --shards 8      run 8 workers as a Slurm job array (or local processes)
+      gridrunner status                 progress, failures, stale claims, jobs
+      gridrunner analyze                regressions on outcome and failure, plots, report
+
+    Commands act on the grid made most recently under ./runs unless --grid says otherwise.
+    Kill any worker at any time and start it again: nothing is lost and nothing runs twice.
+    """
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--runs", "runs_dir", default="runs", show_default=True, help=RUNS_HELP, type=click.Path(file_okay=False))
+@click.option("--dry-run", is_flag=True, help="Validate and count the rows; write nothing.")
+def make(spec, runs_dir, dry_run):
+    """Expand SPEC (a YAML grid spec) into shard CSV files under RUNS/<name>/.
+
+    Running it again on the same grid keeps every existing row and its results and adds the rows
+    that are new (add values to extend a grid). Rows the spec no longer makes are reported, never
+    deleted. A bad spec writes nothing.
+    """
+    from gridrunner.grid import make as make_grid
+
+    report = make_grid(spec, runs_dir, dry_run=dry_run)
+    for line in report.lines():
+        click.echo(line)
+
+
+@main.command()
+@_grid_options
+@click.option("--shard", type=click.IntRange(min=0), default=None,
+              help="Start on this shard, then help the others (default: the first).")
+@click.option("--steal/--no-steal", default=True, show_default=True,
+              help="After the home shard, claim rows from the other shards.")
+@click.option("--lease", "lease_s", type=click.FloatRange(min=0.1), default=None,
+              help="Seconds without a heartbeat before a running row counts as abandoned (default: the spec's lease_s).")
+@click.option("--inline", is_flag=True, help="Run tasks inside this process (debugging) instead of a child per row.")
+@click.option("--linger/--no-linger", default=True, show_default=True,
+              help="When nothing is claimable, wait while other workers still run rows, to take over if they die.")
+@click.option("--max-rows", type=click.IntRange(min=1), default=None, help="Stop after this many rows.")
+@click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="Seconds a stopping row gets to checkpoint before it is killed.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and the final summary.")
+def work(grid, runs_dir, shard, steal, lease_s, inline, linger, max_rows, grace_s, quiet):
+    """Claim and run rows in the foreground until none are left.
+
+    Each row runs in a fresh child process; an exception, a crash or a non-finite metric marks the
+    row failed with its reason and the worker goes on. Ctrl-C or SIGTERM asks the running row to
+    checkpoint and puts it back to not_run.
+    """
+    from gridrunner.worker import Worker
+
+    _setup_logging(quiet)
+    worker = Worker(_find(grid, runs_dir), shard=shard, steal=steal, lease_s=lease_s, inline=inline, linger=linger,
+                    max_rows=max_rows, grace_s=grace_s)
+    summary = worker.run()
+    click.echo(summary.line(), err=True)
+    if summary.error:
+        raise click.ClickException(summary.error)
+
+
+@main.command()
+@_grid_options
+def status(grid, runs_dir):
+    """Progress per shard, counts by status, running rows with age and worker, stale claims and an ETA."""
+    from rich.console import Console
+
+    from gridrunner.status import grid_status, render
+
+    render(grid_status(_find(grid, runs_dir)), Console())
+
+
+@main.command()
+@_grid_options
+@click.option("--status", "statuses", multiple=True, type=click.Choice(["failed", "done", "running", "not_run"]),
+              help="Reset rows with this status (repeatable). Default: failed, or any but running with --row/--where.")
+@click.option("--row", "rows", multiple=True, help="Reset this row id (repeatable).")
+@click.option("--where", default=None, help="Reset rows matching a rule over parameters and outcomes, e.g. 'loss == \"ssim\"'.")
+@click.option("--dry-run", is_flag=True, help="Count the rows that would be reset; change nothing.")
+def reset(grid, runs_dir, statuses, rows, where, dry_run):
+    """Make rows runnable again (status not_run, attempts 0, results cleared).
+
+    Checkpoints in rows/<id>/checkpoint are kept. Running rows are only reset when --status running
+    is given: their worker's result will then be set aside, not written.
+    """
+    from gridrunner.grid import reset_rows
+
+    n = reset_rows(_find(grid, runs_dir), statuses=statuses, rows=rows, where=where, dry_run=dry_run)
+    click.echo(f"{'would reset' if dry_run else 'reset'} {n} row(s)")
+
+
+@main.command()
+@_grid_options
+@click.option("--shard", required=True, type=click.IntRange(min=0), help="The shard to split.")
+@click.option("--into", required=True, type=click.IntRange(min=2), help="How many files to split it into.")
+def split(grid, runs_dir, shard, into):
+    """Split a slow shard into several files, so more workers can start on it. Running rows stay put."""
+    from gridrunner.store import GridStore
+
+    paths = GridStore(_find(grid, runs_dir)).split(shard, into)
+    click.echo("split into " + ", ".join(p.name for p in paths))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,389 @@
+"""A small, safe expression language for rules and costs. Nothing here ever calls ``eval``.
+
+Used for the spec's ``failure`` rule (``m_ssim < 0.5 or m_mae > 1``), its ``cost``
+(``depth * filters * kernel ** 2``), string entries of ``exclude`` and the ``--where`` of
+``gridrunner reset``. The grammar, loosest binding first::
+
+    expr   := and ("or" and)*
+    and    := not ("and" not)*
+    not    := "not" not | cmp
+    cmp    := sum (("<" | "<=" | ">" | ">=" | "==" | "!=" | "in" | "not in") sum)?
+    sum    := prod (("+" | "-") prod)*
+    prod   := unary (("*" | "/" | "%") unary)*
+    unary  := ("-" | "+") unary | power
+    power  := atom ("**" unary)?
+    atom   := number | string | name | "true" | "false" | "none"
+            | "(" expr ")" | "[" expr ("," expr)* "]" | func "(" expr ("," expr)* ")"
+    func   := abs | min | max | log | log2 | log10 | sqrt | exp | len | sum
+
+Names are looked up in a mapping (one row's parameters and outcomes). Evaluation either works on
+plain Python values, one row at a time, or on whole pandas columns (:meth:`Expr.evaluate_frame`).
+A missing or non-numeric value compares as false, so a failure rule never fires on a row it cannot read.
+"""
+from __future__ import annotations
+
+import math
+import operator
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Mapping
+
+from gridrunner.errors import ExprError
+
+_TOKEN = re.compile(
+    r"""\s*(?:
+        (?P<number>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)
+      | (?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')
+      | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
+      | (?P<op>\*\*|<=|>=|==|!=|[<>+\-*/%(),\[\]])
+    )""",
+    re.VERBOSE,
+)
+_KEYWORDS = {"and", "or", "not", "in", "true", "false", "none", "True", "False", "None"}
+_CONSTANTS = {"true": True, "True": True, "false": False, "False": False, "none": None, "None": None}
+_COMPARE = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, "!=": operator.ne}
+_ARITH = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv, "%": operator.mod, "**": operator.pow}
+_FUNCS = {
+    "abs": (abs, "abs"),
+    "min": (min, "minimum"),
+    "max": (max, "maximum"),
+    "log": (math.log, "log"),
+    "log2": (math.log2, "log2"),
+    "log10": (math.log10, "log10"),
+    "sqrt": (math.sqrt, "sqrt"),
+    "exp": (math.exp, "exp"),
+    "len": (len, None),
+    "sum": (sum, None),
+}
+
+
+@dataclass(frozen=True)
+class _Tok:
+    kind: str
+    text: str
+    pos: int
+
+
+def _tokenize(text: str) -> list[_Tok]:
+    tokens, pos = [], 0
+    while pos < len(text):
+        if text[pos:].strip() == "":
+            break
+        match = _TOKEN.match(text, pos)
+        if not match or match.end() == pos:
+            raise ExprError(text, f"unexpected character {text[pos:].lstrip()[0]!r}", len(text) - len(text[pos:].lstrip()))
+        kind = match.lastgroup
+        start = match.start(kind)
+        tokens.append(_Tok(kind, match.group(kind), start))
+        pos = match.end()
+    tokens.append(_Tok("end", "", len(text)))
+    return tokens
+
+
+class _Parser:
+    def __init__(self, text: str):
+        self.text = text
+        self.tokens = _tokenize(text)
+        self.i = 0
+
+    def peek(self, *texts: str) -> bool:
+        tok = self.tokens[self.i]
+        return tok.kind in ("op", "name") and tok.text in texts
+
+    def take(self) -> _Tok:
+        tok = self.tokens[self.i]
+        self.i += 1
+        return tok
+
+    def expect(self, text: str) -> None:
+        tok = self.take()
+        if tok.text != text:
+            found = "the end" if tok.kind == "end" else repr(tok.text)
+            raise ExprError(self.text, f"expected {text!r}, found {found}", tok.pos)
+
+    def parse(self):
+        if self.tokens[0].kind == "end":
+            raise ExprError(self.text, "empty expression")
+        node = self.or_()
+        tok = self.tokens[self.i]
+        if tok.kind != "end":
+            raise ExprError(self.text, f"unexpected {tok.text!r}", tok.pos)
+        return node
+
+    def or_(self):
+        node = self.and_()
+        while self.peek("or"):
+            self.take()
+            node = ("or", node, self.and_())
+        return node
+
+    def and_(self):
+        node = self.not_()
+        while self.peek("and"):
+            self.take()
+            node = ("and", node, self.not_())
+        return node
+
+    def not_(self):
+        if self.peek("not"):
+            self.take()
+            return ("not", self.not_())
+        return self.cmp()
+
+    def cmp(self):
+        node = self.sum()
+        if self.peek(*_COMPARE):
+            op = self.take().text
+            return ("cmp", op, node, self.sum())
+        if self.peek("in"):
+            self.take()
+            return ("in", node, self.sum())
+        if self.peek("not") and self.tokens[self.i + 1].text == "in":
+            self.i += 2
+            return ("not", ("in", node, self.sum()))
+        return node
+
+    def sum(self):
+        node = self.prod()
+        while self.peek("+", "-"):
+            op = self.take().text
+            node = ("arith", op, node, self.prod())
+        return node
+
+    def prod(self):
+        node = self.unary()
+        while self.peek("*", "/", "%"):
+            op = self.take().text
+            node = ("arith", op, node, self.unary())
+        return node
+
+    def unary(self):
+        if self.peek("-", "+"):
+            op = self.take().text
+            operand = self.unary()
+            return ("neg", operand) if op == "-" else operand
+        return self.power()
+
+    def power(self):
+        node = self.atom()
+        if self.peek("**"):
+            self.take()
+            node = ("arith", "**", node, self.unary())
+        return node
+
+    def atom(self):
+        tok = self.take()
+        if tok.kind == "number":
+            return ("const", float(tok.text) if any(c in tok.text for c in ".eE") else int(tok.text))
+        if tok.kind == "string":
+            return ("const", _unquote(tok.text))
+        if tok.kind == "name":
+            if tok.text in _CONSTANTS:
+                return ("const", _CONSTANTS[tok.text])
+            if tok.text in _KEYWORDS:
+                raise ExprError(self.text, f"unexpected {tok.text!r}", tok.pos)
+            if self.peek("("):
+                if tok.text not in _FUNCS:
+                    raise ExprError(self.text, f"unknown function {tok.text!r} (known: {', '.join(sorted(_FUNCS))})", tok.pos)
+                self.take()
+                args = self.items(")")
+                return ("call", tok.text, args)
+            return ("name", tok.text)
+        if tok.text == "(":
+            node = self.or_()
+            self.expect(")")
+            return node
+        if tok.text == "[":
+            return ("list", self.items("]"))
+        found = "the end" if tok.kind == "end" else repr(tok.text)
+        raise ExprError(self.text, f"expected a number, string, name or '(', found {found}", tok.pos)
+
+    def items(self, closing: str) -> list:
+        items = [self.or_()]
+        while self.peek(","):
+            self.take()
+            items.append(self.or_())
+        self.expect(closing)
+        return items
+
+
+def _unquote(literal: str) -> str:
+    body = literal[1:-1]
+    return re.sub(r"\\(.)", r"\1", body)
+
+
+def _names(node) -> set[str]:
+    kind = node[0]
+    if kind == "name":
+        return {node[1]}
+    if kind == "const":
+        return set()
+    if kind in ("list", "call"):
+        items = node[1] if kind == "list" else node[2]
+        return set().union(*(_names(n) for n in items))
+    return set().union(*(_names(n) for n in node[1:] if isinstance(n, tuple)))
+
+
+class Expr:
+    """A parsed expression. ``Expr("depth * filters").evaluate({"depth": 3, "filters": 8}) == 24``."""
+
+    def __init__(self, text: str):
+        if not isinstance(text, str):
+            raise ExprError(str(text), f"expected a string, got {type(text).__name__}")
+        self.text = text
+        self.tree = _Parser(text).parse()
+
+    def __repr__(self) -> str:
+        return f"Expr({self.text!r})"
+
+    @cached_property
+    def names(self) -> set[str]:
+        """Every name the expression reads."""
+        return _names(self.tree)
+
+    def check_names(self, allowed, what: str = "name") -> None:
+        """Raise :class:`ExprError` naming the first unknown name and the valid ones."""
+        unknown = sorted(self.names - set(allowed))
+        if unknown:
+            valid = ", ".join(sorted(allowed)) or "none"
+            raise ExprError(self.text, f"unknown {what} {unknown[0]!r} (valid: {valid})")
+
+    def evaluate(self, values: Mapping[str, Any]) -> Any:
+        """Evaluate on one row. A missing name or None makes comparisons false and arithmetic None."""
+        try:
+            return _eval(self.tree, values, self.text)
+        except _Missing:
+            return None
+
+    def evaluate_frame(self, frame) -> Any:
+        """Evaluate column-wise on a pandas DataFrame; comparisons give boolean Series (NaN → False)."""
+        import numpy as np
+        import pandas as pd
+
+        return _eval_frame(self.tree, frame, self.text, np, pd)
+
+
+def parse(text: str) -> Expr:
+    """Parse ``text`` or raise :class:`ExprError` with the column of the problem."""
+    return Expr(text)
+
+
+class _Missing(Exception):
+    """A name or value that cannot take part in the computation (missing, None, wrong type)."""
+
+
+def _eval(node, values, text):
+    kind = node[0]
+    try:
+        if kind == "or":
+            return bool(_truth(node[1], values, text) or _truth(node[2], values, text))
+        if kind == "and":
+            return bool(_truth(node[1], values, text) and _truth(node[2], values, text))
+        if kind == "not":
+            return not _truth(node[1], values, text)
+        if kind == "cmp":
+            left, right = _eval(node[2], values, text), _eval(node[3], values, text)
+            if left is None or right is None or _is_nan(left) or _is_nan(right):
+                raise _Missing
+            return bool(_COMPARE[node[1]](left, right))
+        if kind == "in":
+            left, right = _eval(node[1], values, text), _eval(node[2], values, text)
+            return left in right
+    except (_Missing, TypeError):
+        return False
+    if kind == "const":
+        return node[1]
+    if kind == "name":
+        if node[1] not in values:
+            raise _Missing
+        return values[node[1]]
+    if kind == "list":
+        return [_eval(n, values, text) for n in node[1]]
+    if kind == "neg":
+        return -_number(_eval(node[1], values, text))
+    if kind == "arith":
+        left, right = _eval(node[2], values, text), _eval(node[3], values, text)
+        try:
+            return _ARITH[node[1]](_number(left), _number(right))
+        except ZeroDivisionError:
+            return math.nan
+    if kind == "call":
+        func = _FUNCS[node[1]][0]
+        args = [_eval(n, values, text) for n in node[2]]
+        try:
+            return func(*args)
+        except (ValueError, TypeError) as err:
+            raise ExprError(text, f"{node[1]}() failed: {err}") from None
+    raise AssertionError(kind)  # unreachable: the parser builds only the kinds above
+
+
+def _truth(node, values, text) -> bool:
+    return bool(_eval(node, values, text))
+
+
+def _number(value):
+    if value is None or isinstance(value, (str, list, dict)):
+        raise _Missing
+    return value
+
+
+def _is_nan(value) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _eval_frame(node, frame, text, np, pd):
+    kind = node[0]
+    rec = lambda n: _eval_frame(n, frame, text, np, pd)  # noqa: E731
+    if kind == "or":
+        return _as_bool(rec(node[1]), frame, pd) | _as_bool(rec(node[2]), frame, pd)
+    if kind == "and":
+        return _as_bool(rec(node[1]), frame, pd) & _as_bool(rec(node[2]), frame, pd)
+    if kind == "not":
+        return ~_as_bool(rec(node[1]), frame, pd)
+    if kind == "cmp":
+        left, right = rec(node[2]), rec(node[3])
+        result = _COMPARE[node[1]](left, right)
+        return _as_bool(result, frame, pd)
+    if kind == "in":
+        left, right = rec(node[1]), rec(node[2])
+        if isinstance(left, pd.Series):
+            return left.isin(right)
+        return pd.Series(left in right, index=frame.index)
+    if kind == "const":
+        return node[1]
+    if kind == "name":
+        if node[1] not in frame.columns:
+            return pd.Series(np.nan, index=frame.index)
+        column = frame[node[1]]
+        if isinstance(column.dtype, pd.CategoricalDtype):
+            column = column.astype(object)
+        return column
+    if kind == "list":
+        return [rec(n) for n in node[1]]
+    if kind == "neg":
+        return -rec(node[1])
+    if kind == "arith":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return _ARITH[node[1]](rec(node[2]), rec(node[3]))
+    if kind == "call":
+        name = node[1]
+        args = [rec(n) for n in node[2]]
+        numpy_name = _FUNCS[name][1]
+        if numpy_name is None:
+            func = _FUNCS[name][0]
+            return args[0].map(func) if isinstance(args[0], pd.Series) else func(*args)
+        if name in ("min", "max") and len(args) > 1:
+            result = args[0]
+            for arg in args[1:]:
+                result = getattr(np, numpy_name)(result, arg)
+            return result
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return getattr(np, numpy_name)(*args)
+    raise AssertionError(kind)  # unreachable
+
+
+def _as_bool(value, frame, pd):
+    if isinstance(value, pd.Series):
+        return value.fillna(False).astype(bool)
+    return pd.Series(bool(value), index=frame.index)

@@ -1,0 +1,87 @@
+"""Every shard of a grid as one typed pandas DataFrame (``gridrunner.load``), for analysis and notebooks.
+
+Columns: the parameters (numbers, strings and booleans as such; list-valued parameters as
+categorical labels such as ``"[100, 100]"``), the bookkeeping columns (``status`` categorical,
+``attempts`` integer, ``runtime_s`` float, ``started_at``/``finished_at`` UTC datetimes) and the
+outcomes (float; an empty or non-numeric cell is NaN). ``df.attrs`` carries ``grid``, ``grid_dir``,
+``params``, ``outcomes``, ``failure``, ``metric`` (the first outcome), ``spec`` and ``bad_rows``
+(``[(shard, line, message)]`` for rows that were skipped because they break the contract).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from gridrunner.errors import ShardError
+from gridrunner.grid import find_grid, read_resolved
+from gridrunner.spec import BOOK_COLUMNS, STATUSES, decode_cell
+from gridrunner.store import GridStore
+
+
+def load(grid_dir: str | Path | None = None):
+    import pandas as pd
+
+    grid_dir = find_grid(grid_dir)
+    spec = read_resolved(grid_dir)
+    store = GridStore(grid_dir)
+    frames = []
+    bad_rows = []
+    params: list[str] = []
+    outcomes: list[str] = list(spec.get("outcomes") or [])
+    for path in store.shard_paths():
+        try:
+            shard = store.read(path)
+        except ShardError as err:
+            bad_rows.append((path.name, None, err.message))
+            continue
+        bad_rows += [(path.name, line, message) for line, message in shard.bad_rows()]
+        params += [name for name in shard.params if name not in params]
+        outcomes += [name for name in shard.outcomes if name not in outcomes]
+        rows = [shard.records[i] for i in shard.valid()]
+        if rows:
+            frame = pd.DataFrame(rows, columns=shard.header, dtype=object)
+            frame.insert(len(frame.columns), "shard", path.name)
+            frames.append(frame)
+    columns = params + list(BOOK_COLUMNS) + outcomes + ["shard"]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns, dtype=object)
+    df = df.reindex(columns=columns)
+    for name in params:
+        df[name] = _typed_param(df[name], pd)
+    df["status"] = pd.Categorical(df["status"], categories=list(STATUSES))
+    df["attempts"] = pd.to_numeric(df["attempts"], errors="coerce").fillna(0).astype(int)
+    df["runtime_s"] = pd.to_numeric(df["runtime_s"].replace("", None), errors="coerce").astype(float)
+    for name in ("started_at", "finished_at"):
+        df[name] = pd.to_datetime(df[name].replace("", None), format="%Y-%m-%dT%H:%M:%SZ", utc=True, errors="coerce")
+    for name in ("worker", "error"):
+        df[name] = df[name].fillna("").astype(str)
+    for name in outcomes:
+        df[name] = pd.to_numeric(df[name].replace("", None), errors="coerce").astype(float)
+    df.attrs.update({
+        "grid": spec.get("name"),
+        "grid_dir": str(grid_dir),
+        "params": params,
+        "outcomes": outcomes,
+        "failure": spec.get("failure"),
+        "metric": outcomes[0] if outcomes else None,
+        "spec": spec,
+        "bad_rows": bad_rows,
+    })
+    return df
+
+
+def _typed_param(column, pd):
+    """Decode one parameter column: numbers stay numbers, lists become categorical labels."""
+    values = [None if cell is None or cell == "" or (isinstance(cell, float) and cell != cell) else decode_cell(cell)
+              for cell in column]
+    present = [v for v in values if v is not None]
+    if present and all(isinstance(v, bool) for v in present):
+        return pd.Series(values, index=column.index, dtype="boolean")
+    if present and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+        if all(isinstance(v, int) for v in present) and len(present) == len(values):
+            return pd.Series(values, index=column.index, dtype="int64")
+        return pd.Series(values, index=column.index, dtype=float)
+    labels = [None if v is None else (v if isinstance(v, str) else json.dumps(v)) for v in values]
+    if present and all(isinstance(v, (list, dict)) for v in present):
+        order = list(dict.fromkeys(label for label in labels if label is not None))
+        return pd.Categorical(labels, categories=order)
+    return pd.Series(labels, index=column.index, dtype=object)

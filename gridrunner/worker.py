@@ -1,0 +1,551 @@
+"""The worker: claim a row, run it, record its result, and beat a heartbeat all the while.
+
+Who owns a ``running`` row: the worker named in its ``worker`` cell (``host:pid`` or
+``host:pid:jobid``), for as long as that worker is alive. It is judged dead, and the row claimable
+again, when any of these holds:
+
+* it ran on this host and its pid is gone;
+* the scheduler says its job ended (``dead_jobs``, filled in by submission);
+* its heartbeat file ``workers/<id>.hb`` has not been touched for longer than the lease.
+
+Heartbeats never rewrite a shard: a thread touches the worker's own file every quarter lease.
+
+Each row runs in a fresh child process by default (forked; the task module is imported in the child),
+so a segfault, an ``os._exit`` or an out-of-memory kill costs the row, not the worker, and TensorFlow's
+GPU memory goes back at the end of every row. The child dies with the worker (``PR_SET_PDEATHSIG``),
+so a killed worker never leaves a row running behind its back. ``inline=True`` runs the task in the
+worker itself, for debugging.
+
+Stopping: SIGTERM, SIGINT (Ctrl-C), SIGUSR2 or :meth:`Worker.request_stop` make ``ctx.should_stop()``
+true in the running row (the child gets SIGUSR1). The task saves a checkpoint and raises
+:class:`gridrunner.Interrupted`, or, after ``grace_s``, the child is killed. Either way the row goes
+back to ``not_run`` with its checkpoint kept, and the worker claims nothing more. A result that
+arrives for a row that is no longer this worker's (it was reclaimed after a stall, or reset) is never
+written to the shard: it is saved as ``rows/<id>/stale-result-<worker>.json`` and reported.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from gridrunner.context import Context, seed_from_row_id
+from gridrunner.errors import GridError, Interrupted
+from gridrunner.grid import read_resolved, saved_spec
+from gridrunner.spec import resolve_task, task_params
+from gridrunner.store import HOST, Claim, GridStore, Result, StoreWriteError, parse_iso, pid_alive, shard_index
+
+log = logging.getLogger("gridrunner.worker")
+
+WORKERS_DIR = "workers"
+TRACEBACK_FILE = "traceback.txt"
+DEFAULT_GRACE_S = 60.0
+
+
+def current_job_id() -> str | None:
+    """The Slurm job this process runs in (``arrayjob_task`` for array tasks), if any."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID") or None
+
+
+def make_worker_id(pid: int | None = None) -> str:
+    job = current_job_id()
+    base = f"{HOST}:{os.getpid() if pid is None else pid}"
+    return f"{base}:{job}" if job else base
+
+
+def parse_worker_id(worker: str) -> tuple[str, int, str | None]:
+    parts = worker.split(":")
+    try:
+        pid = int(parts[1])
+    except (IndexError, ValueError):
+        pid = -1
+    return parts[0], pid, (parts[2] if len(parts) > 2 and parts[2] else None)
+
+
+def heartbeat_path(grid_dir: Path, worker: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in worker)
+    return Path(grid_dir) / WORKERS_DIR / f"{safe}.hb"
+
+
+class Heartbeat:
+    """A daemon thread that touches this worker's heartbeat file every ``lease_s / 4`` seconds."""
+
+    def __init__(self, grid_dir: Path, worker: str, lease_s: float):
+        self.path = heartbeat_path(grid_dir, worker)
+        self.interval = max(lease_s / 4.0, 0.05)
+        self.info = {"worker": worker, "host": HOST, "pid": os.getpid(), "lease_s": lease_s, "job": current_job_id()}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="gridrunner-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.info) + "\n", encoding="utf-8")
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                os.utime(self.path)
+            except FileNotFoundError:
+                self.path.write_text(json.dumps(self.info) + "\n", encoding="utf-8")
+            except OSError as err:  # a full or flaky disk must not kill the worker; the lease decides
+                log.warning("heartbeat %s: %s", self.path, err)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class Liveness:
+    """Judges whether the worker holding a ``running`` row is gone (see the module docstring)."""
+
+    def __init__(self, grid_dir: Path, lease_s: float, me: str, dead_jobs: Callable[[], set] | None = None):
+        self.grid_dir = Path(grid_dir)
+        self.lease_s = lease_s
+        self.me = me
+        self.dead_jobs = dead_jobs
+        self._cache: dict[str, tuple[float, bool]] = {}
+
+    def __call__(self, holder: str, started_at: str) -> bool:
+        now = time.time()
+        cached = self._cache.get(holder)
+        if cached and now - cached[0] < 1.0:
+            return cached[1]
+        stale = self._judge(holder, started_at, now)
+        self._cache[holder] = (now, stale)
+        return stale
+
+    def _judge(self, holder: str, started_at: str, now: float) -> bool:
+        if holder == self.me:
+            return True  # a previous life of this very id: this process is not running it
+        host, pid, job = parse_worker_id(holder)
+        if host == HOST and not pid_alive(pid):
+            return True
+        if job and self.dead_jobs is not None and job in self.dead_jobs():
+            return True
+        path = heartbeat_path(self.grid_dir, holder)
+        lease = self.lease_s
+        try:
+            last = path.stat().st_mtime
+            try:
+                lease = max(lease, float(json.loads(path.read_text(encoding="utf-8")).get("lease_s", lease)))
+            except (ValueError, OSError, AttributeError):
+                pass
+        except FileNotFoundError:
+            last = parse_iso(started_at) or 0.0
+        return now - last > lease
+
+
+@dataclass
+class Summary:
+    worker: str
+    done: int = 0
+    failed: int = 0
+    given_back: int = 0
+    stale: int = 0
+    elapsed_s: float = 0.0
+    stopped: bool = False
+    error: str | None = None
+    rows: list = field(default_factory=list)
+
+    def line(self) -> str:
+        how = "stopped" if self.stopped else "finished"
+        text = (f"worker {self.worker} {how} after {self.elapsed_s:.1f} s: {self.done} done, {self.failed} failed, "
+                f"{self.given_back} given back")
+        if self.stale:
+            text += f", {self.stale} stale result(s) kept aside"
+        return text
+
+
+class Worker:
+    """Claims and runs rows of one grid until none are left (or it is asked to stop)."""
+
+    def __init__(
+        self,
+        grid_dir: str | Path,
+        shard: int | None = None,
+        steal: bool = True,
+        lease_s: float | None = None,
+        inline: bool = False,
+        linger: bool = True,
+        max_rows: int | None = None,
+        grace_s: float = DEFAULT_GRACE_S,
+        worker_id: str | None = None,
+        dead_jobs: Callable[[], set] | None = None,
+        handle_signals: bool = True,
+    ):
+        self.grid_dir = Path(grid_dir)
+        self.spec = saved_spec(self.grid_dir)
+        self.project_dir = read_resolved(self.grid_dir).get("project_dir")
+        self.store = GridStore(self.grid_dir)
+        self.home = shard
+        self.steal = steal
+        self.lease_s = float(lease_s if lease_s is not None else self.spec.lease_s)
+        self.inline = inline
+        self.linger = linger
+        self.max_rows = max_rows
+        self.grace_s = grace_s
+        self.worker_id = worker_id or make_worker_id()
+        self.liveness = Liveness(self.grid_dir, self.lease_s, self.worker_id, dead_jobs)
+        self.rule = self.spec.failure_rule()
+        self.handle_signals = handle_signals
+        self._stop = threading.Event()
+        self._child_pid: int | None = None
+        self._ctx: Context | None = None
+        self._kill_timer: threading.Timer | None = None
+        self._skip: dict[Path, tuple] = {}
+
+    # ---- stopping
+
+    def request_stop(self, *_args) -> None:
+        """Stop after the running row: it is asked to checkpoint and is given back. Signal-safe."""
+        first = not self._stop.is_set()
+        self._stop.set()
+        if self._ctx is not None:
+            self._ctx.request_stop()
+        pid = self._child_pid
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGUSR1 if first else signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            if first and self._kill_timer is None:
+                self._kill_timer = threading.Timer(self.grace_s, self._kill_child)
+                self._kill_timer.daemon = True
+                self._kill_timer.start()
+
+    def _kill_child(self) -> None:
+        pid = self._child_pid
+        if pid is not None:
+            log.warning("row did not stop within %.0f s of the request; killing it", self.grace_s)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    # ---- the loop
+
+    def run(self) -> Summary:
+        summary = Summary(self.worker_id)
+        start = time.monotonic()
+        if self.project_dir and self.project_dir not in sys.path:
+            sys.path.insert(0, self.project_dir)
+        previous = {}
+        if self.handle_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
+                previous[sig] = signal.signal(sig, self.request_stop)
+        heartbeat = Heartbeat(self.grid_dir, self.worker_id, self.lease_s)
+        heartbeat.start()
+        try:
+            self.store.recover()
+            self._loop(summary)
+        except StoreWriteError as err:
+            summary.error = str(err)
+            log.error("%s; stopping", err)
+        finally:
+            heartbeat.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            summary.elapsed_s = time.monotonic() - start
+            summary.stopped = self._stop.is_set()
+        return summary
+
+    def _loop(self, summary: Summary) -> None:
+        finish = None
+        current = None
+        while True:
+            if self._stop.is_set() or (self.max_rows is not None and len(summary.rows) >= self.max_rows):
+                if finish is not None:
+                    self._note(summary, finish, self.store.record(*finish))
+                return
+            claim, running_elsewhere, finish_recorded = self._next_claim(current, finish)
+            if finish is not None:
+                self._note(summary, finish, finish_recorded)
+                finish = None
+            if claim is None:
+                if self.linger and running_elsewhere and not self._stop.is_set():
+                    self._skip.clear()
+                    self._stop.wait(min(self.lease_s / 4.0, 2.0))
+                    continue
+                return
+            current = claim.path
+            result = self.execute(claim)
+            summary.rows.append(claim.row_id)
+            finish = (claim, result)
+
+    def _order(self, current: Path | None) -> list[Path]:
+        paths = self.store.shard_paths()
+        if not paths:
+            return []
+        indexes = [shard_index(p) for p in paths]
+        if current is not None and current in paths:
+            start = paths.index(current)
+        elif self.home is not None:
+            start = self.home % len(paths) if self.home not in indexes else indexes.index(self.home)
+        else:
+            start = 0
+        ordered = paths[start:] + paths[:start]
+        return ordered if self.steal else ordered[:1]
+
+    def _next_claim(self, current: Path | None, finish):
+        """Record ``finish`` (in its own shard's transaction) and claim the next row, home shard first."""
+        running_elsewhere = 0
+        recorded = None
+        pending = finish
+        for path in self._order(current):
+            if pending is not None and path != pending[0].path:
+                recorded = self.store.record(*pending)
+                pending = None
+            if pending is None and self._skippable(path):
+                continue
+            if self._stop.is_set():
+                if pending is not None:
+                    recorded = self.store.record(*pending)
+                return None, 0, recorded
+            try:
+                rec, scan = self.store.claim(path, self.worker_id, self.liveness, self.spec.max_attempts,
+                                             finish=pending)
+            except FileNotFoundError:
+                continue  # a shard deleted by hand
+            except GridError as err:
+                if isinstance(err, StoreWriteError):
+                    raise
+                log.error("%s (skipping this shard)", err)
+                continue
+            if pending is not None:
+                recorded, pending = rec, None
+            if scan.gave_up:
+                log.warning("%s: %d row(s) failed after their workers died %d times", path.name, scan.gave_up,
+                            self.spec.max_attempts)
+            if scan.claim is not None:
+                return scan.claim, running_elsewhere, recorded
+            running_elsewhere += scan.running_elsewhere
+            self._remember_exhausted(path)
+        if pending is not None:
+            recorded = self.store.record(*pending)
+        return None, running_elsewhere, recorded
+
+    def _signature(self, path: Path):
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _remember_exhausted(self, path: Path) -> None:
+        self._skip[path] = (self._signature(path), time.monotonic())
+
+    def _skippable(self, path: Path) -> bool:
+        """A shard seen exhausted, unchanged since, and recently enough that no lease can have run out."""
+        seen = self._skip.get(path)
+        if seen is None:
+            return False
+        signature, when = seen
+        if time.monotonic() - when > min(self.lease_s / 2.0, 5.0) or self._signature(path) != signature:
+            del self._skip[path]
+            return False
+        return True
+
+    def _note(self, summary: Summary, finish, recorded: bool | None) -> None:
+        claim, result = finish
+        if recorded:
+            if result.status == "done":
+                summary.done += 1
+            elif result.status == "failed":
+                summary.failed += 1
+            else:
+                summary.given_back += 1
+            log.info("%s %s %s%s", claim.row_id, claim.path.name, result.status,
+                     f" ({result.error})" if result.error else f" in {result.runtime_s or 0:.1f} s")
+            return
+        summary.stale += 1
+        row_dir = self.store.row_dir(claim.row_id)
+        row_dir.mkdir(parents=True, exist_ok=True)
+        aside = row_dir / f"stale-result-{heartbeat_path(self.grid_dir, self.worker_id).stem}.json"
+        aside.write_text(json.dumps({"worker": claim.worker, "attempt": claim.attempt, "status": result.status,
+                                     "metrics": result.metrics, "error": result.error,
+                                     "runtime_s": result.runtime_s}, indent=1), encoding="utf-8")
+        log.warning("%s: the row was reclaimed or reset while this worker ran it (a stall past the lease?); "
+                    "its result was not written to the shard and is kept in %s", claim.row_id, aside)
+
+    # ---- running one row
+
+    def execute(self, claim: Claim) -> Result:
+        """Run one claimed row and classify how it ended."""
+        row_dir = self.store.row_dir(claim.row_id)
+        row_dir.mkdir(parents=True, exist_ok=True)
+        params = task_params(self.spec.fixed, claim.params)
+        seed = params["seed"] if isinstance(params.get("seed"), int) else seed_from_row_id(claim.row_id)
+        started = time.monotonic()
+        if self.inline:
+            payload = self._run_inline(params, row_dir, claim.row_id, seed)
+        else:
+            payload = self._run_forked(params, row_dir, claim.row_id, seed)
+        runtime = time.monotonic() - started
+        return self._classify(payload, params, row_dir, runtime, claim)
+
+    def _context(self, row_dir: Path, row_id: str, seed: int, isolated: bool) -> Context:
+        return Context(row_dir=row_dir, row_id=row_id, seed=seed, grid_dir=self.grid_dir, isolated=isolated)
+
+    def _run_inline(self, params, row_dir, row_id, seed) -> dict:
+        ctx = self._context(row_dir, row_id, seed, isolated=False)
+        self._ctx = ctx
+        if self._stop.is_set():
+            ctx.request_stop()
+        try:
+            return _call_task(self.spec.task, params, ctx)
+        finally:
+            self._ctx = None
+
+    def _run_forked(self, params, row_dir, row_id, seed) -> dict:
+        read_fd, write_fd = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            os.close(read_fd)
+            _child(write_fd, parent, self.spec.task, params, self._context(row_dir, row_id, seed, isolated=True))
+        os.close(write_fd)
+        self._child_pid = pid
+        try:
+            if self._stop.is_set():
+                os.kill(pid, signal.SIGUSR1)
+            chunks = []
+            while True:
+                data = os.read(read_fd, 1 << 16)
+                if not data:
+                    break
+                chunks.append(data)
+            _, status = os.waitpid(pid, 0)
+        finally:
+            os.close(read_fd)
+            self._child_pid = None
+            if self._kill_timer is not None:
+                self._kill_timer.cancel()
+                self._kill_timer = None
+        raw = b"".join(chunks)
+        if raw:
+            try:
+                return json.loads(raw)
+            except ValueError:
+                pass
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            if self._stop.is_set() and sig == signal.SIGKILL:
+                return {"interrupted": True, "note": "killed after the stop grace period"}
+            name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+            hint = " (out of memory?)" if sig == signal.SIGKILL else ""
+            return {"error": f"TaskDied: the task process was killed by {name}{hint}"}
+        return {"error": f"TaskDied: the task process exited with code {os.WEXITSTATUS(status)} without a result"}
+
+    def _classify(self, payload: dict, params: dict, row_dir: Path, runtime: float, claim: Claim) -> Result:
+        if payload.get("interrupted"):
+            return Result("not_run", runtime_s=runtime)
+        if "error" in payload:
+            _save_traceback(row_dir, claim, payload.get("traceback") or payload["error"])
+            return Result("failed", error=payload["error"], runtime_s=runtime)
+        metrics = payload.get("metrics")
+        outcomes = self.spec.outcomes
+        missing = [name for name in outcomes if name not in metrics]
+        if missing:
+            got = ", ".join(sorted(metrics)) or "nothing"
+            return Result("failed", metrics=metrics, runtime_s=runtime,
+                          error=f"MissingMetric: the task returned no {missing[0]!r} (it returned {got})")
+        bad = [name for name in outcomes if not math.isfinite(metrics[name])]
+        if bad:
+            return Result("failed", metrics={k: v for k, v in metrics.items() if math.isfinite(v)}, runtime_s=runtime,
+                          error=f"NonFiniteMetric: {bad[0]} is {metrics[bad[0]]}")
+        if self.rule is not None and self.rule.evaluate({**params, **metrics}):
+            return Result("failed", metrics=metrics, runtime_s=runtime, error=f"rule: {self.rule.text}")
+        return Result("done", metrics=metrics, runtime_s=runtime)
+
+
+def _save_traceback(row_dir: Path, claim: Claim, text: str) -> None:
+    with open(row_dir / TRACEBACK_FILE, "a", encoding="utf-8") as fh:
+        fh.write(f"--- attempt {claim.attempt} by {claim.worker} at {claim.started_at}\n{text.rstrip()}\n")
+
+
+def _call_task(task: str, params: dict, ctx: Context) -> dict:
+    """Run the task and turn every ending into a JSON-able payload."""
+    try:
+        func = resolve_task(task)
+        metrics = func(params, ctx)
+        if not isinstance(metrics, dict):
+            raise TypeError(f"the task must return a dict of metrics, got {type(metrics).__name__}")
+        clean = {}
+        for key, value in metrics.items():
+            try:
+                clean[str(key)] = float(value)
+            except (TypeError, ValueError):
+                raise TypeError(f"metric {key!r} is not a number: {value!r}") from None
+        return {"metrics": clean}
+    except Interrupted:
+        return {"interrupted": True}
+    except BaseException as err:  # every failure is data: recorded, never lost
+        if isinstance(err, KeyboardInterrupt) and ctx.should_stop():
+            return {"interrupted": True}
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return {"error": f"{type(err).__name__}: {message}" if message else type(err).__name__,
+                "traceback": traceback.format_exc()}
+
+
+def _child(write_fd: int, parent: int, task: str, params: dict, ctx: Context) -> None:
+    """Body of the forked child: run the task, send the payload up the pipe, exit without cleanup."""
+    code = 0
+    try:
+        _die_with_parent(parent)
+        signal.signal(signal.SIGUSR1, lambda *_: ctx.request_stop())
+        signal.signal(signal.SIGTERM, lambda *_: ctx.request_stop())
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the worker, which asks us via SIGUSR1
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        payload = _call_task(task, params, ctx)
+        data = json.dumps(payload).encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(write_fd, view):]
+    except BaseException:  # noqa: BLE001 - nothing may escape a forked child
+        code = 70
+        try:
+            traceback.print_exc()
+        except BaseException:  # noqa: BLE001
+            pass
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask the kernel to SIGKILL this process when the worker dies (Linux); exit if it already has."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
