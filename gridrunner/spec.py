@@ -525,9 +525,18 @@ def _kind(value) -> str:
 
 # --------------------------------------------------------------------------- tasks
 
+_RESOLVED: dict = {}
+
+
 def resolve_task(task: str):
     """The callable for a spec's ``task``: ``name`` → ``tasks.name:run``; ``mod:fn`` → ``mod.fn``,
     falling back to ``tasks.mod.fn`` when ``mod`` is not importable on its own."""
+    if task not in _RESOLVED:
+        _RESOLVED[task] = _resolve_task(task)
+    return _RESOLVED[task]
+
+
+def _resolve_task(task: str):
     module_name, _, func_name = task.partition(":")
     func_name = func_name or "run"
     candidates = [module_name, f"tasks.{module_name}"] if ":" in task else [f"tasks.{module_name}", module_name]

@@ -191,6 +191,7 @@ class Worker:
         worker_id: str | None = None,
         dead_jobs: Callable[[], set] | None = None,
         handle_signals: bool = True,
+        preload: bool = True,
     ):
         self.grid_dir = Path(grid_dir)
         self.spec = saved_spec(self.grid_dir)
@@ -207,6 +208,7 @@ class Worker:
         self.liveness = Liveness(self.grid_dir, self.lease_s, self.worker_id, dead_jobs)
         self.rule = self.spec.failure_rule()
         self.handle_signals = handle_signals
+        self.preload = preload
         self._stop = threading.Event()
         self._child_pid: int | None = None
         self._ctx: Context | None = None
@@ -256,6 +258,8 @@ class Worker:
         if self.handle_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
                 previous[sig] = signal.signal(sig, self.request_stop)
+        if self.preload and not self.inline:
+            _preload_if_light(self.spec.task)
         heartbeat = Heartbeat(self.grid_dir, self.worker_id, self.lease_s)
         heartbeat.start()
         try:
@@ -483,6 +487,43 @@ class Worker:
         return Result("done", metrics=metrics, runtime_s=runtime)
 
 
+HEAVY_MODULES = ("tensorflow", "torch", "jax", "cupy", "keras")
+
+
+def _preload_if_light(task: str) -> bool:
+    """Import the task's module in the worker, so each forked row skips the import, but only if doing so
+    loads none of ``HEAVY_MODULES`` (forking after those start their threads or a GPU is unsafe).
+
+    A throwaway child imports the module first and reports what it loaded.
+    """
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read_fd)
+            before = set(sys.modules)
+            resolve_task(task)
+            heavy = any(name.split(".")[0] in HEAVY_MODULES for name in set(sys.modules) - before)
+            os.write(write_fd, b"heavy" if heavy else b"light")
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    try:
+        answer = os.read(read_fd, 16)
+    finally:
+        os.close(read_fd)
+        os.waitpid(pid, 0)
+    if answer == b"light":
+        try:
+            resolve_task(task)
+        except Exception:  # noqa: BLE001 - the row's own run reports the import error
+            return False
+        return True
+    return False
+
+
 def _save_traceback(row_dir: Path, claim: Claim, text: str) -> None:
     with open(row_dir / TRACEBACK_FILE, "a", encoding="utf-8") as fh:
         fh.write(f"--- attempt {claim.attempt} by {claim.worker} at {claim.started_at}\n{text.rstrip()}\n")
@@ -540,12 +581,17 @@ def _child(write_fd: int, parent: int, task: str, params: dict, ctx: Context) ->
             os._exit(code)
 
 
+try:
+    _LIBC = ctypes.CDLL(None, use_errno=True)
+except OSError:  # pragma: no cover - not Linux
+    _LIBC = None
+
+
 def _die_with_parent(parent: int) -> None:
     """Ask the kernel to SIGKILL this process when the worker dies (Linux); exit if it already has."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
+        _LIBC.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except AttributeError:
         pass
     if os.getppid() != parent:
         os._exit(1)
