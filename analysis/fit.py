@@ -108,7 +108,7 @@ def pretty_term(term: str, baselines: dict[str, str] | None = None) -> str:
 
 def baselines_of(result) -> dict[str, str]:
     """The reference level of each ``C(name)`` factor of a patsy-built statsmodels model."""
-    info = getattr(result.model.data, "design_info", None)
+    info = getattr(result.model.data, "design_info", None) or getattr(result.model.data, "model_spec", None)
     out = {}
     if info is None:
         return out

@@ -167,3 +167,30 @@ def usage_sentence(used: int, total: int, dropped: dict[str, int]) -> str:
         return f"Used all {total} rows."
     why = ", ".join(f"{n} {reason}" for reason, n in dropped.items())
     return f"Used {used} of {total} rows; dropped {why}."
+
+
+def rule_thresholds(rule: str | None, name: str) -> list[float]:
+    """The constants ``name`` is compared with in ``rule`` (``[0.5]`` for ``m_ssim < 0.5 or m_mae > 1``)."""
+    if not rule:
+        return []
+    from gridrunner.expr import parse
+
+    found = []
+
+    def walk(node):
+        if not isinstance(node, tuple):
+            return
+        if node[0] == "cmp":
+            left, right = node[2], node[3]
+            for a, b in ((left, right), (right, left)):
+                if a == ("name", name) and b[0] == "const" and isinstance(b[1], (int, float)) and not isinstance(b[1], bool):
+                    found.append(float(b[1]))
+        for child in node[1:]:
+            if isinstance(child, tuple):
+                walk(child)
+            elif isinstance(child, list):
+                for item in child:
+                    walk(item)
+
+    walk(parse(rule).tree)
+    return found

@@ -151,7 +151,7 @@ def formula_notes(result) -> list[str]:
     rank = np.linalg.matrix_rank(exog / np.where(np.linalg.norm(exog, axis=0) > 0, np.linalg.norm(exog, axis=0), 1))
     if rank >= exog.shape[1]:
         return []
-    info = result.model.data.design_info
+    info = getattr(result.model.data, "design_info", None) or result.model.data.model_spec
     names = [f"{name} (with {', '.join(p) or 'the intercept'})" for name, p in aliased(_as_matrix(exog, info))]
     return [
         f"the design has rank {rank} for {exog.shape[1]} coefficients: collinear terms {', '.join(names)}; "

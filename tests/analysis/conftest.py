@@ -87,45 +87,30 @@ def write_history(grid_dir: Path, row_id: str, failed: bool, steps: int = 20) ->
             fh.write(json.dumps({"step": step * 10, "time": 1.7e9 + step, "loss": float(loss), "val_loss": float(loss * 1.1)}) + "\n")
 
 
-LOSSES = ["l1", "l2", "ssim"]
+def planted_grid(seed: int = 0, repeats: int = 2, noise: float = 0.05, failure: str | None = None) -> pd.DataFrame:
+    """The toy ``quadratic`` task's planted truth (``tasks.toy.quadratic_truth``) on a full grid.
 
-
-def planted_metric(x, lr, loss, z, rng):
-    """The planted outcome: score = 2·x − 0.5·lr_level + 1.0·[loss = l2] + N(0, 1), lr_level = log10(lr) + 3.
-
-    ``z`` has no effect.
+    x ∈ {−1, −0.5, 0, 0.5, 1} × depth ∈ {2, 4, 6, 8, 10} × loss ∈ {l1, l2, ssim} × z ∈ {1, 2, 3}
+    × ``repeats`` seeds. score = 0.5 + 0.3·x − 0.2·x² + 0.05·depth + {l1: +0.1, l2: 0, ssim: −0.1}
+    + N(0, noise²); P(raise) = logistic(−3 + 3·[loss = ssim] + 0.15·depth); z has no effect.
     """
-    lr_level = np.log10(lr) + 3
-    return 2 * x - 0.5 * lr_level + 1.0 * (loss == "l2") + rng.normal(0, 1, len(x)) + 0 * z
+    from tasks.toy import quadratic_truth
 
-
-def planted_failure_probability(x, loss):
-    """The planted chance a row raises: logit p = −3 + 2·[loss = ssim] + 0.5·x (lr and z have none)."""
-    return 1 / (1 + np.exp(-(-3 + 2 * (loss == "ssim") + 0.5 * x)))
-
-
-def planted_grid(seed: int = 0, repeats: int = 4, failure: str | None = "score < -100") -> pd.DataFrame:
-    """The full grid x ∈ {0..3} × lr ∈ {1e-3, 1e-2, 1e-1} × loss × z ∈ {1, 2, 3} × ``repeats`` seeds."""
     rng = np.random.default_rng(seed)
-    combos = list(itertools.product([0, 1, 2, 3], [0.001, 0.01, 0.1], LOSSES, [1, 2, 3], range(repeats)))
-    x, lr, loss, z, rep = (np.array(c) for c in zip(*combos))
-    x, z, rep = x.astype(int), z.astype(int), rep.astype(int)
-    lr = lr.astype(float)
-    score = planted_metric(x, lr, loss, z, rng)
-    raised = rng.random(len(x)) < planted_failure_probability(x, loss)
-    status = np.where(raised, "failed", "done")
-    error = np.where(raised, "FloatingPointError: loss is nan", "")
-    score = np.where(raised, np.nan, score)
-    runtime = 30 * (1 + x) * rng.lognormal(0, 0.2, len(x))
+    combos = list(itertools.product([-1.0, -0.5, 0.0, 0.5, 1.0], [2, 4, 6, 8, 10], ["l1", "l2", "ssim"], [1, 2, 3], range(repeats)))
+    x, depth, loss, z, rep = (np.array(c) for c in zip(*combos))
+    truth = np.array([quadratic_truth({"x": a, "depth": b, "loss": c}) for a, b, c in zip(x, depth, loss)])
+    raised = rng.random(len(x)) < truth[:, 1]
+    score = np.where(raised, np.nan, truth[:, 0] + rng.normal(0, noise, len(x)))
     return make_frame(
-        {"x": x, "lr": lr, "loss": loss, "z": z, "seed": rep},
-        {"score": score, "bench_score": np.full(len(x), 0.5)},
-        status=status,
-        error=error,
-        runtime_s=runtime,
+        {"x": x.astype(float), "depth": depth.astype(int), "loss": loss, "z": z.astype(int), "seed": rep.astype(int)},
+        {"score": score, "runtime_proxy": 1.0 + depth},
+        status=np.where(raised, "failed", "done"),
+        error=np.where(raised, "FloatingPointError: loss became NaN (planted failure)", ""),
+        runtime_s=20 * (1 + depth) * rng.lognormal(0, 0.2, len(x)),
         failure=failure,
         metric="score",
-        grid="planted",
+        grid="quadratic",
     )
 
 

@@ -1,0 +1,335 @@
+"""The report: assembles the tables and figures of the other modules into files, and says nothing new.
+
+``build_report(df, out_dir)`` writes, under ``out_dir``:
+
+* ``index.html`` (self-contained apart from the PNGs beside it) and ``report.md``, the same sections;
+* one CSV per table (``outcome_model.csv`` and ``failure_model.csv`` have the columns
+  ``term, estimate, ci_low, ci_high, p_value``);
+* one PNG per figure.
+
+``Report.summary_text()`` is the one-screen summary ``gridrunner analyze`` prints.
+"""
+from __future__ import annotations
+
+import html
+import platform
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+
+from analysis import plots
+from analysis.failure import failure_interactions, failure_model, failure_rates, pair_rates
+from analysis.fit import COLUMNS, Fit, baselines_of, pretty_term, strongest
+from analysis.importance import importance
+from analysis.outcome import outcome_model
+from analysis.rows import (
+    FAILED,
+    counts_sentence,
+    label_rows,
+    params_of,
+    resolve_goal,
+    resolve_metric,
+    rule_thresholds,
+    state_counts,
+)
+from analysis.tables import level_summary, runtime_by_level, top_configurations
+
+PACKAGES = ["gridrunner", "numpy", "pandas", "scipy", "statsmodels", "patsy", "scikit-learn", "matplotlib"]
+#: Interaction tables shown for at most this many pairs of parameters.
+MAX_PAIRS = 3
+
+
+@dataclass
+class Section:
+    title: str
+    text: list[str] = field(default_factory=list)
+    tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
+    images: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    """What :func:`build_report` found and wrote. ``files`` lists every path written."""
+
+    grid: str
+    out_dir: Path
+    metric: str
+    goal: str
+    failure: str | None
+    counts: str
+    outcome: Fit
+    failure_fit: Fit
+    importance: pd.DataFrame
+    top: pd.DataFrame
+    interactions: pd.DataFrame
+    made_at: str
+    versions: dict[str, str]
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def html_path(self) -> Path:
+        return self.out_dir / "index.html"
+
+    @property
+    def markdown_path(self) -> Path:
+        return self.out_dir / "report.md"
+
+    def summary_text(self, width: int = 100) -> str:
+        """Counts, the strongest effects on outcome and on failure, and the top 5: one screen."""
+        lines = [f"Grid {self.grid}: {self.counts}", f"Failure rule: {self.failure or '(none: only exceptions count)'}"]
+        lines.append(f"Outcome {self.metric} ({self.outcome.method}). {self.outcome.usage}")
+        lines += _effect_lines(self.outcome, scale=1.0, unit="")
+        lines.append(f"Failure ({self.failure_fit.method.split(';')[0]}). {self.failure_fit.usage}")
+        lines += [f"  {note}" for note in self.failure_fit.notes if note.startswith(("every failure", "no row with", "every row with", "the logit"))]
+        lines += _effect_lines(self.failure_fit, scale=100.0, unit=" pp")
+        standing = self.interactions[self.interactions["stands_out"]] if not self.interactions.empty else self.interactions
+        for row in standing.head(2).itertuples():
+            lines.append(f"  interaction on failure: {row.param_a} × {row.param_b} (F = {row.F:.1f}, p = {row.p_value:.2g})")
+        if not self.importance.empty:
+            shares = ", ".join(f"{r.effect} {r.variance_share:.0%}" for r in self.importance.head(4).itertuples())
+            lines.append(f"Importance (random-forest fANOVA): {shares}")
+        lines.append(f"Top 5 by {self.metric} ({'highest' if self.goal == 'max' else 'lowest'} first):")
+        if self.top.empty:
+            lines.append("  no successful row yet")
+        else:
+            lines += ["  " + line for line in self.top.head(5).to_string(index=False, float_format=lambda v: f"{v:.4g}").splitlines()]
+        lines.append(f"Report: {self.html_path}")
+        return "\n".join(line if len(line) <= width else line[: width - 1] + "…" for line in lines)
+
+
+def _effect_lines(fit: Fit, scale: float, unit: str, n: int = 3) -> list[str]:
+    if not fit.fitted:
+        return [f"  {note}" for note in fit.notes[-1:]]
+    baselines = baselines_of(fit.result) if fit.result is not None else {}
+    rows = strongest(fit.table, n)
+    if rows.empty:
+        return ["  no term is significant at p < 0.05"]
+    return [
+        f"  {pretty_term(r.term, baselines)}: {scale * r.estimate:+.3g}{unit} "
+        f"[{scale * r.ci_low:.3g}, {scale * r.ci_high:.3g}], p = {r.p_value:.2g}"
+        for r in rows.itertuples()
+    ]
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def build_report(
+    df: pd.DataFrame,
+    out_dir: str | Path,
+    metric: str | None = None,
+    failure: str | None = None,
+    formula: str | None = None,
+    top: int = 10,
+    goal: str | None = None,
+    split_by: str | None = None,
+) -> Report:
+    """Analyse ``df`` (from ``gridrunner.load``) and write the report under ``out_dir``.
+
+    ``metric``, ``failure`` and ``goal`` (``"max"``/``"min"``) override the spec's; ``formula`` replaces
+    the outcome model's default formula; ``split_by`` picks the parameter the metric histogram is split
+    by (default: the one whose levels differ most in failure rate).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df = label_rows(df, failure)
+    rule = df.attrs.get("failure")
+    metric = resolve_metric(df, metric if formula is None else (metric or _response(formula)))
+    goal = resolve_goal(df, metric, goal)
+    grid = df.attrs.get("grid") or out_dir.parent.name
+    report = Report(
+        grid=grid,
+        out_dir=out_dir,
+        metric=metric,
+        goal=goal,
+        failure=rule,
+        counts=counts_sentence(df),
+        outcome=outcome_model(df, metric, formula=formula),
+        failure_fit=failure_model(df),
+        importance=importance(df, metric),
+        top=top_configurations(df, metric, top, goal),
+        interactions=failure_interactions(df),
+        made_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        versions=versions(),
+    )
+    rates = failure_rates(df)
+    sections = _sections(df, report, rates, split_by)
+    for section in sections:
+        for caption, table in section.tables:
+            path = out_dir / f"{_slug(caption)}.csv"
+            table.to_csv(path, index=False)
+            report.files.append(path)
+    report.files.append(_write(out_dir / "report.md", _markdown(report, sections)))
+    report.files.append(_write(out_dir / "index.html", _html(report, sections)))
+    return report
+
+
+def _response(formula: str) -> str:
+    return formula.split("~", 1)[0].strip() if "~" in formula else formula
+
+
+def _save(fig, out_dir: Path, name: str, report: Report) -> str:
+    path = out_dir / f"{name}.png"
+    fig.savefig(path, dpi=100)
+    report.files.append(path)
+    return path.name
+
+
+def _split_parameter(df: pd.DataFrame, rates: pd.DataFrame, split_by: str | None) -> str | None:
+    if split_by is not None:
+        if split_by not in params_of(df):
+            from gridrunner.errors import GridError
+
+            raise GridError(f"unknown parameter {split_by!r} to split by (parameters: {', '.join(params_of(df))})")
+        return split_by
+    if rates.empty:
+        return None
+    spread = rates.groupby("param")["failure_rate"].agg(lambda r: r.max() - r.min())
+    spread = spread[[p for p in spread.index if rates.loc[rates["param"] == p, "level"].nunique() <= 6]]
+    return spread.idxmax() if len(spread) and spread.max() > 0 else None
+
+
+def _model_table(fit: Fit) -> pd.DataFrame:
+    return fit.table[COLUMNS]
+
+
+def _sections(df: pd.DataFrame, report: Report, rates: pd.DataFrame, split_by: str | None) -> list[Section]:
+    out, metric = report.out_dir, report.metric
+    thresholds = rule_thresholds(report.failure, metric)
+    split = _split_parameter(df, rates, split_by)
+    sections = []
+
+    summary = Section("Rows", [report.counts, f"Failure rule: `{report.failure}`." if report.failure else "No failure rule: only rows that raised or died count as failed."])
+    summary.tables.append(("counts", state_counts(df)))
+    summary.images.append((_save(plots.runtime_histogram(df), out, "runtime_histogram", report), "Runtime histogram"))
+    summary.images.append((_save(plots.metric_vs_runtime(df, metric), out, "metric_vs_runtime", report), f"{metric} vs runtime"))
+    sections.append(summary)
+
+    fit = report.outcome
+    outcome = Section(f"Outcome model: {metric}", [fit.method + ".", f"Formula: `{fit.formula}`.", fit.usage] + [f"Note: {n}." for n in fit.notes])
+    outcome.tables.append(("outcome_model", _model_table(fit)))
+    if "anova" in fit.extra:
+        outcome.tables.append(("outcome_anova", fit.extra["anova"]))
+    outcome.images.append((_save(plots.coefficient_plot(fit, f"effect on {metric} (95% interval; dark: p < 0.05)"), out, "outcome_coefficients", report), "Outcome coefficients"))
+    sections.append(outcome)
+
+    fit = report.failure_fit
+    failing = Section("Failure model", [fit.method + ".", f"Formula: `{fit.formula}`." if fit.formula else "", fit.usage] + [f"Note: {n}." for n in fit.notes])
+    failing.text.append("Estimates are average marginal effects: the mean change in the probability of failure (0 to 1).")
+    failing.tables.append(("failure_model", _model_table(fit)))
+    for key, caption in (("logit", "failure_logit"), ("firth_logit", "failure_firth_logit"), ("lpm", "failure_lpm"), ("term_tests", "failure_term_tests")):
+        if key in fit.extra:
+            failing.tables.append((caption, fit.extra[key][COLUMNS] if key != "term_tests" else fit.extra[key]))
+    failing.images.append((_save(plots.coefficient_plot(fit, "change in failure probability (95% interval; dark: p < 0.05)"), out, "failure_coefficients", report), "Failure effects"))
+    failing.tables.append(("failure_rates", rates))
+    failing.images.append((_save(plots.failure_rate_by_parameter(df), out, "failure_rate_by_parameter", report), "Failure rate by parameter"))
+    failing.tables.append(("failure_interactions", report.interactions))
+    for row in report.interactions[report.interactions["stands_out"]].head(MAX_PAIRS).itertuples():
+        failing.text.append(f"The failure rate of {row.param_a} × {row.param_b} is not additive (F = {row.F:.1f}, p = {row.p_value:.2g}); see the cell table.")
+        failing.tables.append((f"failure_pair_{row.param_a}_{row.param_b}", pair_rates(df, row.param_a, row.param_b)))
+    sections.append(failing)
+
+    imp = report.importance
+    importance_section = Section("Importance", [imp.attrs.get("method", "") + ".", "Shares are of the variance of the forest's predictions over the grid of levels."] + [f"Note: {n}." for n in imp.attrs.get("notes", [])])
+    importance_section.tables.append(("importance", imp))
+    sections.append(importance_section)
+
+    tables = Section("Configurations and levels", [f"The {len(report.top)} best successful rows by {metric} ({'highest' if report.goal == 'max' else 'lowest'} first)."])
+    tables.tables.append(("top", report.top))
+    tables.tables.append(("levels", level_summary(df, metric)))
+    tables.tables.append(("runtime", runtime_by_level(df)))
+    tables.images.append((_save(plots.metric_by_parameter(df, metric), out, "metric_by_parameter", report), f"{metric} by parameter"))
+    tables.images.append((_save(plots.metric_histogram(df, metric, split, thresholds=thresholds), out, "metric_histogram", report), f"{metric} histogram"))
+    tables.images.append((_save(plots.learning_curves(df, metric, goal=report.goal), out, "learning_curves", report), "Learning curves"))
+    sections.append(tables)
+    return sections
+
+
+def _slug(caption: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in caption)
+
+
+def _write(path: Path, text: str) -> Path:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)  # a reader never sees half a report
+    return path
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "" if pd.isna(value) else f"{value:.4g}"
+    return str(value)
+
+
+def _preface(report: Report) -> list[str]:
+    made = ", ".join(f"{k} {v}" for k, v in report.versions.items())
+    return [f"Made {report.made_at} with {made}."]
+
+
+def _markdown(report: Report, sections: list[Section]) -> str:
+    lines = [f"# Grid {report.grid}: what it taught", ""] + _preface(report) + [""]
+    for section in sections:
+        lines += [f"## {section.title}", ""]
+        lines += [text for text in section.text if text] + [""]
+        for caption, table in section.tables:
+            lines += [f"**{caption}** (`{_slug(caption)}.csv`)", ""] + _markdown_table(table) + [""]
+        lines += [f"![{alt}]({path})" for path, alt in section.images] + [""]
+    return "\n".join(lines)
+
+
+def _markdown_table(table: pd.DataFrame, limit: int = 40) -> list[str]:
+    if table.empty:
+        return ["(empty)"]
+    head = "| " + " | ".join(map(str, table.columns)) + " |"
+    rule = "|" + "---|" * len(table.columns)
+    rows = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in table.head(limit).itertuples(index=False)]
+    more = [f"({len(table) - limit} more rows in the CSV)"] if len(table) > limit else []
+    return [head, rule] + rows + more
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 2px 6px; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
+code { background: #f6f6f6; padding: 0 3px; } .meta { color: #666; font-size: 0.9em; }
+"""
+
+
+def _html(report: Report, sections: list[Section]) -> str:
+    def inline(text: str) -> str:
+        parts = html.escape(text).split("`")
+        return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+    body = [f"<h1>Grid {html.escape(report.grid)}: what it taught</h1>"]
+    body += [f'<p class="meta">{html.escape(line)}</p>' for line in _preface(report)]
+    body.append("<pre>" + html.escape(report.summary_text()) + "</pre>")
+    for section in sections:
+        body.append(f"<h2>{html.escape(section.title)}</h2>")
+        body += [f"<p>{inline(text)}</p>" for text in section.text if text]
+        for path, alt in section.images:
+            body.append(f'<img src="{html.escape(path)}" alt="{html.escape(alt)}">')
+        for caption, table in section.tables:
+            body.append(f'<h3>{html.escape(caption)} <small>(<a href="{_slug(caption)}.csv">CSV</a>)</small></h3>')
+            shown = table.head(200)
+            body.append(shown.to_html(index=False, border=0, na_rep="", float_format=lambda v: f"{v:.4g}", escape=True))
+            if len(table) > len(shown):
+                body.append(f"<p>({len(table) - len(shown)} more rows in the CSV)</p>")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>gridrunner report: {html.escape(report.grid)}</title><style>{_STYLE}</style></head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
