@@ -83,6 +83,8 @@ def main():
     Commands act on the grid made most recently under ./runs unless --grid says otherwise.
     Kill any worker at any time and start it again: nothing is lost and nothing runs twice.
     """
+    if os.getcwd() not in sys.path:  # users' own task modules live beside their specs, as with `python -m`
+        sys.path.insert(1, os.getcwd())
 
 
 @main.command()

@@ -34,7 +34,6 @@ import importlib.util
 import itertools
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -272,7 +271,7 @@ class _Validator:
             if required not in data:
                 self.fail((), f"missing required key {required!r}")
 
-        default_name = Path(self.path).stem if self.path else None
+        default_name = Path(self.path).stem if self.path else "grid"
         name = data.get("name", default_name)
         if not isinstance(name, str) or not name or any(c in name for c in "/\\\0") or name in (".", ".."):
             self.fail(("name",), f"expected a plain name (letters, digits, '-', '_'), got {name!r}")
@@ -552,8 +551,9 @@ def _resolve_task(task: str):
         if not callable(func):
             raise SpecError(None, "task", f"module {name!r} has no function {func_name!r}")
         return func
-    raise SpecError(None, "task", f"cannot import task {task!r}: no module {module_name!r} on the path "
-                                  f"nor in tasks/ (sys.path[0] is {sys.path[0]!r})")
+    raise SpecError(None, "task", f"cannot import task {task!r}: no module {module_name!r} in the current "
+                                  f"directory, on the Python path or in tasks/ (valid: 'module:function' or the "
+                                  f"name of a module in tasks/)")
 
 
 # --------------------------------------------------------------------------- expansion

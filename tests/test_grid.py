@@ -1,0 +1,140 @@
+"""`make`: shards, idempotent re-make, extension that keeps results, the study's DnCNN grid."""
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gridrunner.errors import GridError, SpecError
+from gridrunner.grid import find_grid, make, saved_spec
+from gridrunner.spec import BOOK_COLUMNS, expand
+from gridrunner.store import GridStore, Result
+from gridtools import write_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shard_rows(grid_dir):
+    out = {}
+    for path in sorted((grid_dir / "shards").glob("shard-*.csv")):
+        with open(path, newline="") as fh:
+            out[path.name] = list(csv.DictReader(fh))
+    return out
+
+
+def test_make_writes_spec_copy_and_shards(tmp_path):
+    spec = {"task": "tasks.toy:noop", "grid": {"a": [1, 2, 3], "b": ["x", "y"]}, "max_len": 4, "outcomes": ["value"]}
+    report = make(write_spec(tmp_path, spec), tmp_path / "runs")
+    grid = tmp_path / "runs" / "g"
+    assert report.grid_dir == grid and report.new == 6 and report.kept == 0
+    assert (grid / "spec.yaml").exists() and (grid / "spec.source.yaml").exists()
+    shards = shard_rows(grid)
+    assert list(shards) == ["shard-000.csv", "shard-001.csv"]
+    assert [len(rows) for rows in shards.values()] == [4, 2]
+    header = list(shards["shard-000.csv"][0])
+    assert header == ["a", "b", *BOOK_COLUMNS, "value"]
+    assert all(row["status"] == "not_run" and row["attempts"] == "0" for rows in shards.values() for row in rows)
+    resolved = yaml.safe_load((grid / "spec.yaml").read_text())
+    assert resolved["max_len"] == 4 and resolved["lease_s"] == 60.0
+    assert not list((tmp_path / "runs").glob(".*"))  # no staging directory left behind
+
+
+_grid = st.dictionaries(st.sampled_from(["a", "b", "c"]), st.lists(st.integers(0, 20), min_size=1, max_size=5,
+                                                                    unique=True), min_size=1, max_size=3)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(_grid, st.integers(1, 7))
+def test_shards_are_disjoint_cover_the_grid_and_remake_is_idempotent(tmp_path_factory, grid, max_len):
+    tmp = tmp_path_factory.mktemp("g")
+    spec = {"task": "tasks.toy:noop", "grid": grid, "max_len": max_len, "outcomes": ["value"]}
+    path = write_spec(tmp, spec)
+    make(path, tmp / "runs")
+    shards = shard_rows(tmp / "runs" / "g")
+    ids = [row["row_id"] for rows in shards.values() for row in rows]
+    expected = [r.row_id for r in expand(saved_spec(tmp / "runs" / "g"))]
+    assert sorted(ids) == sorted(expected) and len(ids) == len(set(ids))
+    assert all(len(rows) <= max_len for rows in shards.values())
+    before = {p.name: p.read_bytes() for p in (tmp / "runs" / "g" / "shards").iterdir()}
+    again = make(path, tmp / "runs")
+    assert again.new == 0 and again.kept == len(ids) and again.orphans == []
+    after = {p.name: p.read_bytes() for p in (tmp / "runs" / "g" / "shards").iterdir()}
+    assert before == after
+
+
+def test_extending_a_grid_keeps_results_and_reports_orphans(tmp_path):
+    spec = {"task": "tasks.toy:noop", "grid": {"a": [1, 2], "b": ["x"]}, "max_len": 10, "outcomes": ["value"]}
+    path = write_spec(tmp_path, spec)
+    grid = make(path, tmp_path / "runs").grid_dir
+    store = GridStore(grid)
+    _, scan = store.claim(store.shard_paths()[0], "h:1", lambda *a: False, 3)
+    store.record(scan.claim, Result("done", {"value": 0.25}, runtime_s=1.5))
+    first = shard_rows(grid)["shard-000.csv"]
+
+    spec["grid"] = {"a": [2, 3, 4], "b": ["x"]}  # drops a=1, keeps a=2, adds 3 and 4
+    report = make(write_spec(tmp_path, spec), tmp_path / "runs")
+    assert (report.total, report.kept, report.new) == (3, 1, 2)
+    assert len(report.orphans) == 1
+    shards = shard_rows(grid)
+    assert shards["shard-000.csv"] == first  # untouched, results included
+    assert [r["a"] for r in shards["shard-001.csv"]] == ["3", "4"]
+    done = [r for r in first if r["status"] == "done"]
+    assert done and done[0]["value"] == "0.25"
+
+
+def test_changing_fixed_or_outcomes_of_a_made_grid_is_refused(tmp_path):
+    spec = {"task": "tasks.toy:noop", "grid": {"a": [1]}, "fixed": {"steps": 1}, "outcomes": ["value"]}
+    make(write_spec(tmp_path, spec), tmp_path / "runs")
+    before = shard_rows(tmp_path / "runs" / "g")
+    spec["fixed"] = {"steps": 2}
+    with pytest.raises(SpecError, match=r"at key fixed: the fixed constants changed since this grid was made"):
+        make(write_spec(tmp_path, spec), tmp_path / "runs")
+    assert shard_rows(tmp_path / "runs" / "g") == before
+
+
+def test_dry_run_writes_nothing(tmp_path):
+    spec = {"task": "tasks.toy:noop", "grid": {"a": list(range(25))}, "max_len": 10, "outcomes": ["value"]}
+    report = make(write_spec(tmp_path, spec), tmp_path / "runs", dry_run=True)
+    assert report.new == 25 and len(report.shards) == 3
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cost_orders_rows_expensive_first_across_shards(tmp_path):
+    spec = {"task": "tasks.toy:sleep", "grid": {"duration": [0.1, 0.5, 0.2, 0.4, 0.3, 0.6]}, "max_len": 3,
+            "cost": "duration", "outcomes": ["slept"]}
+    grid = make(write_spec(tmp_path, spec), tmp_path / "runs").grid_dir
+    shards = shard_rows(grid)
+    assert [[float(r["duration"]) for r in rows] for rows in shards.values()] == [[0.6, 0.4, 0.2], [0.5, 0.3, 0.1]]
+
+
+def test_a_directory_that_is_not_a_grid_is_never_overwritten(tmp_path):
+    (tmp_path / "runs" / "g").mkdir(parents=True)
+    (tmp_path / "runs" / "g" / "notes.txt").write_text("mine")
+    spec = {"task": "tasks.toy:noop", "grid": {"a": [1]}, "outcomes": ["value"]}
+    with pytest.raises(GridError, match="exists but holds no spec.yaml"):
+        make(write_spec(tmp_path, spec), tmp_path / "runs")
+    assert (tmp_path / "runs" / "g" / "notes.txt").read_text() == "mine"
+
+
+def test_find_grid_takes_the_newest(tmp_path):
+    for name in ("one", "two"):
+        make(write_spec(tmp_path, {"task": "tasks.toy:noop", "grid": {"a": [1]}, "outcomes": ["v"]}, name),
+             tmp_path / "runs")
+    assert find_grid(None, tmp_path / "runs").name == "two"
+    with pytest.raises(GridError, match="no grid under"):
+        find_grid(None, tmp_path / "elsewhere")
+
+
+@pytest.mark.parametrize("name, rows, shards", [("dncnn", 504, [72] * 7), ("unet", 200, None)])
+def test_the_study_grids(tmp_path, name, rows, shards):
+    path = ROOT / "grids" / f"{name}.yaml"
+    if not path.exists():
+        pytest.fail(f"{path} is missing")
+    report = make(path, tmp_path / "runs")
+    assert report.new == rows
+    if shards:
+        assert [len(r) for r in shard_rows(report.grid_dir).values()] == shards
+    again = make(path, tmp_path / "runs")
+    assert again.new == 0 and again.kept == rows
