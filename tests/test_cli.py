@@ -1,0 +1,106 @@
+"""The command line: help everywhere, one-line errors with exit codes, and each command end to end."""
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from gridrunner.cli import main
+from gridtools import write_spec
+
+SPEC = "task: tasks.toy:quadratic\ngrid:\n  x: [0.0, 1.0]\n  loss: [l1, ssim]\nmax_len: 2\noutcomes: [score, runtime_proxy]\n"
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_spec(tmp_path, SPEC, "demo")
+    return tmp_path
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def snapshot(root):
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_help_for_every_command_without_heavy_imports():
+    for command in [[]] + [[name] for name in main.commands]:
+        result = invoke(*command, "--help")
+        assert result.exit_code == 0, command
+        assert "Usage:" in result.output
+    code = ("import sys, gridrunner.cli; from click.testing import CliRunner; "
+            "CliRunner().invoke(gridrunner.cli.main, ['--help']); "
+            "print(sorted(m for m in ('tensorflow', 'pandas', 'statsmodels', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_make_work_status_reset_split(project):
+    result = invoke("make", "demo.yaml")
+    assert result.exit_code == 0
+    assert result.output == "runs/demo: 4 rows in the spec; 0 already there, wrote 4 new in 2 shard file(s)\n"
+    result = invoke("work", "--quiet")
+    assert result.exit_code == 0, result.output
+    result = invoke("status")
+    assert result.exit_code == 0
+    assert "4/4 finished" in result.output and "shard-001.csv" in result.output
+    result = invoke("reset", "--where", "x == 1.0", "--dry-run")
+    assert result.output == "would reset 2 row(s)\n"
+    result = invoke("reset", "--where", "x == 1.0")
+    assert result.output == "reset 2 row(s)\n"
+    assert "2 not_run" in invoke("status").output
+    result = invoke("split", "--shard", "0", "--into", "2")
+    assert result.exit_code == 0 and "shard-002.csv" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["status"], "Error: no grid under runs/; run `gridrunner make SPEC` first, or pass --grid PATH\n"),
+    (["status", "--grid", "nowhere"],
+     "Error: nowhere is not a grid directory (no spec.yaml); run `gridrunner make SPEC` first\n"),
+    (["work", "--grid", "demo.yaml"],
+     "Error: demo.yaml is a spec file, not a grid directory; run `gridrunner make demo.yaml` and pass --grid "
+     "runs/demo\n"),
+    (["make", "missing.yaml"], "Error: missing.yaml: no such spec file\n"),
+])
+def test_user_errors_are_one_line_exit_1_and_change_nothing(project, args, message):
+    before = snapshot(project)
+    result = CliRunner().invoke(main, args)
+    assert (result.exit_code, result.output) == (1, message)
+    assert snapshot(project) == before
+
+
+def test_usage_errors_exit_2(project):
+    invoke("make", "demo.yaml")
+    before = snapshot(project)
+    result = CliRunner().invoke(main, ["split", "--shard", "0", "--into", "1"])
+    assert result.exit_code == 2 and "Invalid value for '--into': 1 is not in the range x>=2." in result.output
+    result = CliRunner().invoke(main, ["reset", "--status", "broken"])
+    assert result.exit_code == 2 and "'broken' is not one of" in result.output
+    assert snapshot(project) == before
+
+
+def test_reset_of_an_unknown_row_changes_nothing(project):
+    invoke("make", "demo.yaml")
+    invoke("work", "--quiet")
+    before = snapshot(project)
+    result = CliRunner().invoke(main, ["reset", "--row", "0123456789ab"])
+    assert (result.exit_code, result.output) == (1, "Error: no row '0123456789ab' in runs/demo (1 unknown id(s))\n")
+    assert snapshot(project) == before
+
+
+def test_an_unexpected_error_saves_its_traceback(project, monkeypatch):
+    import gridrunner.grid
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(gridrunner.grid, "make", broken)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(project / "cache"))
+    result = CliRunner().invoke(main, ["make", "demo.yaml"])
+    assert result.exit_code == 3
+    assert "Error: unexpected ZeroDivisionError: boom. This is a bug in gridrunner; the traceback is in" in result.output
+    (log,) = (project / "cache" / "gridrunner").glob("crash-*.log")
+    assert "ZeroDivisionError: boom" in log.read_text()
