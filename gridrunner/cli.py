@@ -180,5 +180,37 @@ def split(grid, runs_dir, shard, into):
     click.echo("split into " + ", ".join(p.name for p in paths))
 
 
+@main.command()
+@_grid_options
+@click.option("--metric", default=None, help="Outcome to model (default: the spec's first outcome).")
+@click.option("--failure", default=None,
+              help="Failure rule over outcomes and parameters, e.g. 'm_ssim < 0.5 or m_mae > 1' (default: the spec's).")
+@click.option("--formula", default=None,
+              help="Your own outcome model, e.g. 'm_ssim ~ C(loss) * C(skip) + np.log2(filters) + depth'.")
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Rows in the top-k table.")
+@click.option("--goal", type=click.Choice(["max", "min"]), default=None,
+              help="Whether a larger metric is better (default: guessed from its name: loss/error/mae/mse → min).")
+@click.option("--split-by", default=None, help="Parameter that splits the metric histogram.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Where to write the report (default: <grid>/report).")
+def analyze(grid, runs_dir, metric, failure, formula, top, goal, split_by, out_dir):
+    """Regress the hyperparameters on the outcome and on failure; write plots, tables and a report.
+
+    Works on a finished grid or one still running (only finished rows enter the models). Writes
+    <grid>/report/index.html, report.md and a CSV per table, and prints a one-screen summary.
+    """
+    from gridrunner.frame import load
+
+    grid_dir = _find(grid, runs_dir)
+    try:
+        from analysis.report import build_report
+    except ImportError as err:
+        raise GridError(f"the analysis needs its extra: pip install 'gridrunner[analysis]' ({err})") from None
+    out = Path(out_dir) if out_dir else grid_dir / "report"
+    report = build_report(load(grid_dir), out, metric=metric, failure=failure, formula=formula, top=top, goal=goal,
+                          split_by=split_by)
+    click.echo(report.summary_text())
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -73,11 +73,11 @@ def quadratic(params: dict, ctx) -> dict:
     """A metric with planted effects plus Gaussian noise (``noise``, default 0.05); fails at random.
 
     Parameters: ``x``, ``depth``, ``loss`` (l1, l2, ssim) and ``z`` (no effect), all optional.
-    The noise and the failure draw come from ``ctx.seed``, so a row is reproducible.
+    The noise and the failure draw are seeded by the row id and ``ctx.seed``, so a row is reproducible.
     """
     _record(params, ctx, "start")
     score, p_fail = quadratic_truth(params)
-    rng = random.Random(ctx.seed)
+    rng = random.Random(f"{ctx.row_id}/{ctx.seed}")  # independent noise per row, reproducible
     noise = float(params.get("noise", 0.05))
     if rng.random() < p_fail:
         raise FloatingPointError("loss became NaN (planted failure)")
