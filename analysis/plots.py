@@ -151,7 +151,7 @@ def failure_rate_by_parameter(df: pd.DataFrame, failure: str | None = None, para
         part = rates[rates["param"] == param]
         position = np.arange(len(part))
         rate = part["failure_rate"].to_numpy()
-        error = np.vstack([rate - part["ci_low"].to_numpy(), part["ci_high"].to_numpy() - rate])
+        error = np.clip(np.vstack([rate - part["ci_low"].to_numpy(), part["ci_high"].to_numpy() - rate]), 0, None)
         ax.bar(position, 100 * rate, color=FAILURE_COLOUR, alpha=0.75, yerr=100 * error, capsize=3, ecolor="#444")
         for x, k, n in zip(position, part["failures"], part["finished"]):
             ax.text(x, 1, f"{k}/{n}", ha="center", va="bottom", fontsize="x-small", color="white" if k else "#444")

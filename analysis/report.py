@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import html
+import textwrap
 import platform
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -79,7 +80,7 @@ class Report:
 
     def summary_text(self, width: int = 100) -> str:
         """Counts, the strongest effects on outcome and on failure, and the top 5: one screen."""
-        lines = [f"Grid {self.grid}: {self.counts}", f"Failure rule: {self.failure or '(none: only exceptions count)'}"]
+        lines = [f"Grid {self.grid}. Failure rule: {self.failure or '(none: only exceptions count)'}", self.counts]
         lines.append(f"Outcome {self.metric} ({self.outcome.method}). {self.outcome.usage}")
         lines += _effect_lines(self.outcome, scale=1.0, unit="")
         lines.append(f"Failure ({self.failure_fit.method.split(';')[0]}). {self.failure_fit.usage}")
@@ -97,7 +98,14 @@ class Report:
         else:
             lines += ["  " + line for line in self.top.head(5).to_string(index=False, float_format=lambda v: f"{v:.4g}").splitlines()]
         lines.append(f"Report: {self.html_path}")
-        return "\n".join(line if len(line) <= width else line[: width - 1] + "…" for line in lines)
+        wrapped = []
+        for line in lines:
+            if len(line) <= width or line.startswith("   "):  # table lines are cut, prose is wrapped
+                wrapped.append(line if len(line) <= width else line[: width - 1] + "…")
+            else:
+                indent = " " * (len(line) - len(line.lstrip()))
+                wrapped += textwrap.wrap(line, width, subsequent_indent=indent + "  ")
+        return "\n".join(wrapped)
 
 
 def _effect_lines(fit: Fit, scale: float, unit: str, n: int = 3) -> list[str]:

@@ -49,9 +49,13 @@ def outcomes_of(df: pd.DataFrame) -> list[str]:
 
 
 def resolve_metric(df: pd.DataFrame, metric: str | None = None) -> str:
-    """The metric to analyse: ``metric``, else the spec's, else the first outcome column."""
+    """The metric to analyse: ``metric``, else the spec's ``metric``, else ``attrs["metric"]``, else the first outcome."""
     outcomes = outcomes_of(df)
-    metric = metric or df.attrs.get("metric") or (outcomes[0] if outcomes else None)
+    spec = df.attrs.get("spec") or {}
+    spec_metric = spec.get("metric") if isinstance(spec, dict) else None
+    if isinstance(spec_metric, dict):
+        spec_metric = spec_metric.get("name")
+    metric = metric or spec_metric or df.attrs.get("metric") or (outcomes[0] if outcomes else None)
     if metric is None:
         raise GridError("the grid has no outcome columns yet, so there is no metric to analyse")
     if metric not in df.columns:

@@ -58,20 +58,30 @@ def make_frame(
 
 
 def write_grid(root: Path, frame: pd.DataFrame, shards: int = 3, histories: bool = True) -> Path:
-    """Write ``frame`` as a grid directory (``spec.yaml``, ``shards/shard-NNN.csv``, ``rows/*/history.jsonl``)."""
+    """Write ``frame`` as a real grid directory (``spec.yaml``, ``shards/shard-NNN.csv``, ``rows/*/history.jsonl``).
+
+    Row ids are recomputed from the parameters, as gridrunner names rows; the cells are encoded as the
+    store writes them, so ``gridrunner.load`` reads the grid back.
+    """
     import yaml
+
+    from gridrunner.spec import encode_cell, row_id_of
 
     grid_dir = Path(root) / frame.attrs["grid"]
     (grid_dir / "shards").mkdir(parents=True)
-    (grid_dir / "spec.yaml").write_text(yaml.safe_dump(frame.attrs["spec"]))
-    columns = frame.attrs["params"] + BOOKKEEPING + frame.attrs["outcomes"]
-    plain = frame[columns].copy()
+    (grid_dir / "spec.yaml").write_text(yaml.safe_dump({**frame.attrs["spec"], "outcomes": frame.attrs["outcomes"]}))
+    params = frame.attrs["params"]
+    plain = frame[params + BOOKKEEPING + frame.attrs["outcomes"]].copy()
+    native = [{p: getattr(value, "item", lambda: value)() for p, value in zip(params, row)} for row in frame[params].itertuples(index=False)]
+    plain["row_id"] = [row_id_of(values) for values in native]
+    for p in params:
+        plain[p] = [encode_cell(values[p]) for values in native]
     for column in ("started_at", "finished_at"):
-        plain[column] = plain[column].map(lambda t: "" if pd.isna(t) else t.isoformat())
+        plain[column] = plain[column].map(lambda t: "" if pd.isna(t) else t.strftime("%Y-%m-%dT%H:%M:%SZ"))
     for i, part in enumerate(np.array_split(np.arange(len(plain)), shards)):
         plain.iloc[part].to_csv(grid_dir / "shards" / f"shard-{i:03d}.csv", index=False)
     if histories:
-        for row in frame.itertuples():
+        for row in plain.itertuples():
             if row.status in ("done", "failed"):
                 write_history(grid_dir, row.row_id, failed=row.status == "failed")
     return grid_dir

@@ -1,0 +1,64 @@
+"""Row states: what failed, why, and the counts every model reports."""
+import numpy as np
+import pytest
+
+from analysis.rows import counts_sentence, label_rows, resolve_goal, resolve_metric, rule_thresholds, state_counts
+from gridrunner.errors import ExprError, GridError
+
+from conftest import make_frame
+
+
+def mixed():
+    return make_frame(
+        {"loss": ["l1", "l2", "ssim", "ssim", "l1", "l2"]},
+        {"m_ssim": [0.8, 0.4, 0.3, np.nan, np.nan, np.nan], "m_mae": [0.1, 0.1, 0.1, np.nan, np.nan, np.nan]},
+        status=["done", "done", "failed", "failed", "running", "not_run"],
+        error=["", "", "rule: m_ssim < 0.5", "MemoryError: out of memory", "", ""],
+        failure="m_ssim < 0.5",
+    )
+
+
+def test_states_separate_exceptions_rule_failures_and_unfinished_rows():
+    labelled = label_rows(mixed())
+    assert list(labelled["state"]) == ["success", "failed_rule", "failed_rule", "failed_exception", "running", "not_run"]
+    assert list(labelled["failed"].fillna(-1)) == [0, 1, 1, 1, -1, -1]
+    assert counts_sentence(mixed()) == "6 rows: 1 done, 1 failed by exception, 2 failed by rule, 1 running, 1 not run."
+
+
+def test_a_failure_rule_given_by_the_user_replaces_the_specs():
+    labelled = label_rows(mixed(), failure="m_ssim < 0.35")
+    assert list(labelled["state"][:3]) == ["success", "success", "failed_rule"]
+    assert labelled.attrs["failure"] == "m_ssim < 0.35"
+
+
+def test_without_a_rule_the_workers_verdict_stands():
+    frame = mixed()
+    frame.attrs["failure"] = None
+    assert list(label_rows(frame)["state"][:3]) == ["success", "success", "failed_rule"]
+
+
+def test_a_rule_naming_an_unknown_column_says_which_names_are_valid():
+    with pytest.raises(ExprError, match="unknown column 'm_psnr'.*m_ssim"):
+        label_rows(mixed(), failure="m_psnr < 20")
+
+
+def test_counts_table_has_every_state_even_when_empty():
+    table = state_counts(make_frame({"x": [1, 2]}, {"y": [1.0, 2.0]}))
+    assert list(table["rows"]) == [2, 0, 0, 0, 0]
+
+
+def test_metric_and_goal_resolution():
+    frame = mixed()
+    assert resolve_metric(frame) == "m_ssim"
+    assert resolve_goal(frame, "m_ssim") == "max"
+    assert resolve_goal(frame, "m_mae") == "min"
+    assert resolve_goal(frame, "val_loss") == "min"
+    with pytest.raises(GridError, match="unknown metric 'psnr' \\(outcomes: m_ssim, m_mae\\)"):
+        resolve_metric(frame, "psnr")
+
+
+def test_rule_thresholds_find_the_constant_a_metric_is_compared_with():
+    assert rule_thresholds("m_ssim < 0.5 or m_mae > 1", "m_ssim") == [0.5]
+    assert rule_thresholds("0.5 > m_ssim", "m_ssim") == [0.5]
+    assert rule_thresholds("m_mae > 1", "m_ssim") == []
+    assert rule_thresholds(None, "m_ssim") == []
