@@ -79,11 +79,12 @@ def encode_cell(value: Any) -> str:
     """The CSV text of a parameter value. ``decode_cell(encode_cell(v)) == v`` for every spec value.
 
     Numbers, booleans, None and lists are JSON. A string is written as it is, unless it would read
-    back as something else (``"3"``, ``"true"``, ``""``), or could start a spreadsheet formula; then it is
-    JSON-quoted.
+    back as something else (``"3"``, ``"true"``, ``""``), holds a control character, or could start a
+    spreadsheet formula; then it is JSON-quoted (one line, escapes spelled out).
     """
     if isinstance(value, str):
-        if value and value == value.strip() and not value.startswith(_FORMULA_START) and not value.startswith('"'):
+        if (value and value == value.strip() and value.isprintable() and not value.startswith(_FORMULA_START)
+                and not value.startswith('"')):
             try:
                 json.loads(value)
             except ValueError:

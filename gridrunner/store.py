@@ -477,7 +477,8 @@ class GridStore:
 
     def read(self, path: Path) -> Shard:
         try:
-            text = path.read_text(encoding="utf-8")
+            with open(path, encoding="utf-8", newline="") as fh:  # newline="": keep quoted \r intact
+                text = fh.read()
         except FileNotFoundError:
             raise ShardError(path, "no such shard") from None
         except UnicodeDecodeError as err:

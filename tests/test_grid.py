@@ -138,3 +138,42 @@ def test_the_study_grids(tmp_path, name, rows, shards):
         assert [len(r) for r in shard_rows(report.grid_dir).values()] == shards
     again = make(path, tmp_path / "runs")
     assert again.new == 0 and again.kept == rows
+
+
+_cell_values = st.one_of(
+    st.integers(-10**9, 10**9), st.floats(allow_nan=False, allow_infinity=False), st.booleans(), st.none(),
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=10),
+    st.lists(st.one_of(st.integers(-5, 500), st.text(max_size=3)), max_size=4),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(_cell_values, min_size=1, max_size=6, unique_by=lambda v: (type(v).__name__, repr(v))))
+def test_rows_read_back_from_a_shard_give_the_task_the_typed_values(tmp_path_factory, values):
+    tmp = tmp_path_factory.mktemp("rt")
+    spec = {"task": "tasks.toy:noop", "grid": {"v": values, "w": [1]}, "outcomes": ["value"]}
+    grid = make(write_spec(tmp, spec), tmp / "runs").grid_dir
+    store = GridStore(grid)
+    got = []
+    for path in store.shard_paths():
+        while True:
+            _, scan = store.claim(path, "h:1", lambda *a: False, 3)
+            if scan.claim is None:
+                break
+            got.append(scan.claim.params)
+            store.record(scan.claim, Result("done", {"value": 1.0}))
+    expected = [r.params for r in expand(saved_spec(grid))]
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert a == b and all(type(a[k]) is type(b[k]) for k in a)
+
+
+def test_the_readme_spec_example_validates():
+    import re
+
+    from gridrunner.spec import validate
+
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```yaml\n(# grids/example.yaml.*?)```", text, re.S).group(1)
+    spec = validate(yaml.safe_load(block), check_task=False)
+    assert spec.size() == 3 * 3 * 2 * 2 * 3 * 10
