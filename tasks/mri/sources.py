@@ -153,8 +153,8 @@ def _read_image(path: Path) -> np.ndarray:
 def _slice_volume(volume: np.ndarray, volume_id: int, axes, min_foreground: float):
     volume = _normalise(volume)
     for axis in axes:
-        for index in range(volume.shape[axis]):
-            image = np.take(volume, index, axis=axis)
+        along = np.moveaxis(volume, axis, 0)  # a view; np.take would copy the volume per slice
+        for index, image in enumerate(along):
             if _foreground(image) >= min_foreground:
                 yield image, volume_id, axis, index
 
