@@ -146,7 +146,12 @@ def status(grid, runs_dir):
 
     from gridrunner.status import grid_status, render
 
-    render(grid_status(_find(grid, runs_dir)), Console())
+    from gridrunner.submit import job_states
+
+    grid_dir = _find(grid, runs_dir)
+    status = grid_status(grid_dir)
+    status.jobs = job_states(grid_dir)
+    render(status, Console())
 
 
 @main.command()
@@ -178,6 +183,78 @@ def split(grid, runs_dir, shard, into):
 
     paths = GridStore(_find(grid, runs_dir)).split(shard, into)
     click.echo("split into " + ", ".join(p.name for p in paths))
+
+
+@main.command()
+@_grid_options
+@click.option("--shards", "n", type=int, default=None,
+              help="Number of workers (Slurm array tasks); worker i starts on shard i mod the shard count. "
+                   "Default: one per shard file.")
+@click.option("--profile", default="default", show_default=True,
+              help="Executor profile: jobs/<PROFILE>.yaml, or a path to a YAML file.")
+@click.option("--executor", type=click.Choice(["auto", "slurm", "local"]), default=None,
+              help="Where to run (default: the profile's, else auto: Slurm if sbatch is on the PATH).")
+@click.option("--partition", default=None, help="Slurm partition (overrides profile and spec).")
+@click.option("--time", "time_min", type=click.IntRange(min=1), default=None, help="Time limit per task, minutes.")
+@click.option("--gpus", type=click.IntRange(min=0), default=None, help="GPUs per task.")
+@click.option("--cpus", type=click.IntRange(min=1), default=None, help="CPUs per task.")
+@click.option("--mem", "mem_gb", type=click.FloatRange(min=0.1), default=None, help="Memory per task, GB.")
+@click.option("--account", default=None, help="Slurm account.")
+@click.option("--max-requeues", type=click.IntRange(min=0), default=None,
+              help="Requeues per task after a time limit or preemption (default 3).")
+@click.option("--max-parallel", type=click.IntRange(min=1), default=None,
+              help="Local executor: at most this many workers at once (default: the CPU count).")
+@click.option("--wait", "wait_", is_flag=True, help="Block with a live progress bar until the work is done.")
+def submit(grid, runs_dir, n, profile, executor, partition, time_min, gpus, cpus, mem_gb, account, max_requeues,
+           max_parallel, wait_):
+    """Run workers as one Slurm job array, or as local processes where there is no Slurm.
+
+    Settings come from the profile, overridden by the spec's resources, overridden by these flags.
+    Workers checkpoint and requeue on a time limit or preemption. After `scancel` or a dead node,
+    submit again: rows of dead jobs are reclaimed at once, others after the heartbeat lease.
+    """
+    from gridrunner import submit as submission
+
+    if n is not None and n < 1:
+        raise click.BadParameter(f"must be at least 1, got {n}", param_hint="'--shards'")
+    grid_dir = _find(grid, runs_dir)
+    flags = {"partition": partition, "time_min": time_min, "gpus": gpus, "cpus": cpus, "mem_gb": mem_gb,
+             "account": account, "max_requeues": max_requeues, "max_parallel": max_parallel}
+    result = submission.submit(grid_dir, n, profile=profile, executor=executor, flags=flags)
+    for line in result.lines():
+        click.echo(line)
+    if wait_:
+        _wait_with_progress(grid_dir, submission)
+
+
+def _wait_with_progress(grid_dir, submission) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[detail]}"),
+                  TimeElapsedColumn(), transient=False) as progress:
+        task = progress.add_task(grid_dir.name, total=None, detail="")
+
+        def show(status):
+            counts = status.counts
+            progress.update(task, total=status.total, completed=counts["done"] + counts["failed"],
+                            detail=f"{counts['failed']} failed, {counts['running']} running")
+
+        submission.wait(grid_dir, on_progress=show)
+    from rich.console import Console
+
+    from gridrunner.status import grid_status, render
+
+    render(grid_status(grid_dir), Console())
+
+
+@main.command()
+@_grid_options
+def cancel(grid, runs_dir):
+    """Cancel this grid's jobs (Slurm arrays, or the local workers). Their running rows are reclaimed later."""
+    from gridrunner.submit import cancel as cancel_jobs
+
+    done = cancel_jobs(_find(grid, runs_dir))
+    click.echo("cancelled " + (", ".join(done) if done else "nothing: no job of this grid is running"))
 
 
 @main.command()
