@@ -1,0 +1,49 @@
+"""What a grid taught: regressions of the hyperparameters on the metric and on failure, tables, plots, a report.
+
+Every function takes the DataFrame of ``gridrunner.load(grid_dir)``::
+
+    import gridrunner, analysis
+    df = gridrunner.load("runs/dncnn")
+    analysis.outcome_model(df, "m_ssim")          # OLS, HC3 errors, type-II ANOVA in .extra["anova"]
+    analysis.failure_model(df)                    # logit AMEs; Firth + LPM under separation
+    analysis.build_report(df, "runs/dncnn/report")
+"""
+from analysis.failure import failure_interactions, failure_model, failure_rates, pair_rates
+from analysis.importance import importance
+from analysis.outcome import outcome_model
+from analysis.plots import (
+    coefficient_plot,
+    failure_rate_by_parameter,
+    learning_curves,
+    metric_by_parameter,
+    metric_histogram,
+    metric_vs_runtime,
+    runtime_histogram,
+)
+from analysis.report import Report, build_report
+from analysis.rows import counts_sentence, label_rows, state_counts
+from analysis.tables import level_summary, runtime_by_level, top_configurations
+
+__all__ = [
+    "Report",
+    "build_report",
+    "coefficient_plot",
+    "counts_sentence",
+    "failure_interactions",
+    "failure_model",
+    "failure_rate_by_parameter",
+    "failure_rates",
+    "importance",
+    "label_rows",
+    "learning_curves",
+    "level_summary",
+    "metric_by_parameter",
+    "metric_histogram",
+    "metric_vs_runtime",
+    "outcome_model",
+    "pair_rates",
+    "runtime_by_level",
+    "runtime_histogram",
+    "state_counts",
+    "top_configurations",
+]

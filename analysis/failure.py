@@ -315,21 +315,22 @@ def failure_interactions(df: pd.DataFrame, failure: str | None = None, alpha: fl
     data = df[df[FAILED].notna()]
     params = [p for p in params_of(df) if p.lower() not in REPLICATE_PARAMS and data[p].nunique() > 1]
     y = data[FAILED].to_numpy(float)
+    codes = {p: level_labels(data[p]).cat.codes.to_numpy() for p in params}
     rows = []
     pairs = list(itertools.combinations(params, 2))
     for a, b in pairs:
-        la, lb = level_labels(data[a]).astype(str).to_numpy(), level_labels(data[b]).astype(str).to_numpy()
-        additive = _rss_and_rank(y, [la, lb])
-        cells = _rss_and_rank(y, [np.char.add(np.char.add(la, "\x1f"), lb)])
-        df_num = cells[1] - additive[1]
-        df_den = len(y) - cells[1]
+        additive_rss, additive_rank = _additive_rss(y, codes[a], codes[b])
+        cells = codes[a].astype(np.int64) * (codes[b].max() + 1) + codes[b]
+        cells_rss, n_cells = _within_rss(y, cells)
+        df_num = n_cells - additive_rank
+        df_den = len(y) - n_cells
         if df_num <= 0 or df_den <= 0:
             continue
-        numerator = max(additive[0] - cells[0], 0.0) / df_num
-        if cells[0] <= 1e-12:
+        numerator = max(additive_rss - cells_rss, 0.0) / df_num
+        if cells_rss <= 1e-12:
             f_stat, p_value = (np.inf, 0.0) if numerator > 1e-12 else (0.0, 1.0)
         else:
-            f_stat = numerator / (cells[0] / df_den)
+            f_stat = numerator / (cells_rss / df_den)
             p_value = float(stats.f.sf(f_stat, df_num, df_den))
         rows.append({"param_a": a, "param_b": b, "F": f_stat, "df": df_num, "p_value": p_value})
     table = pd.DataFrame(rows, columns=["param_a", "param_b", "F", "df", "p_value"])
@@ -337,18 +338,34 @@ def failure_interactions(df: pd.DataFrame, failure: str | None = None, alpha: fl
     return table.sort_values("p_value", kind="stable").reset_index(drop=True)
 
 
-def _rss_and_rank(y: np.ndarray, factors: list[np.ndarray]):
-    """Residual sum of squares and rank of OLS of ``y`` on the dummies of ``factors`` (plus intercept)."""
-    blocks = [np.ones((len(y), 1))]
-    for factor in factors:
-        _, codes = np.unique(factor, return_inverse=True)
-        dummies = np.zeros((len(y), codes.max() + 1))
-        dummies[np.arange(len(y)), codes] = 1.0
-        blocks.append(dummies[:, 1:])
-    design = np.hstack(blocks)
-    coef, _, rank, _ = np.linalg.lstsq(design, y, rcond=None)
-    residual = y - design @ coef
-    return float(residual @ residual), int(rank)
+def _within_rss(y: np.ndarray, groups: np.ndarray) -> tuple[float, int]:
+    """Residual sum of squares of ``y`` around its group means, and the number of groups."""
+    _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=y)
+    return float(y @ y - np.sum(sums**2 / counts)), len(counts)
+
+
+def _additive_rss(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[float, int]:
+    """Residual sum of squares and rank of OLS of ``y`` on intercept + dummies of ``a`` + dummies of ``b``.
+
+    Solved on the cell table (counts and sums per cell), which has the same normal equations as the rows.
+    """
+    na, nb = a.max() + 1, b.max() + 1
+    cell = a.astype(np.int64) * nb + b
+    counts = np.bincount(cell, minlength=na * nb).astype(float)
+    sums = np.bincount(cell, weights=y, minlength=na * nb)
+    present = counts > 0
+    ia, ib = np.divmod(np.arange(na * nb), nb)
+    design = np.zeros((na * nb, na + nb - 1))
+    design[:, 0] = 1.0
+    design[ia > 0, ia[ia > 0]] = 1.0
+    design[ib > 0, na - 1 + ib[ib > 0]] = 1.0
+    design, counts, sums = design[present], counts[present], sums[present]
+    weight = np.sqrt(counts)
+    coef, _, rank, _ = np.linalg.lstsq(design * weight[:, None], sums / weight, rcond=None)
+    fitted = design @ coef
+    # Σ (y − ŷ_cell)² = Σ y² − 2 Σ ŷ_cell · sum_cell + Σ count · ŷ_cell²
+    return float(y @ y - 2 * fitted @ sums + counts @ fitted**2), int(rank)
 
 
 def pair_rates(df: pd.DataFrame, a: str, b: str, failure: str | None = None) -> pd.DataFrame:

@@ -121,6 +121,9 @@ def label_rows(df: pd.DataFrame, failure: str | None = None) -> pd.DataFrame:
         state[status.eq("done")] = "success"
         state[by_rule] = "failed_rule"
     out = df.copy()
+    for param in params_of(df):  # text levels as categoricals: patsy and groupby read their codes, much faster
+        if pd.api.types.is_object_dtype(out[param].dtype) or pd.api.types.is_string_dtype(out[param].dtype):
+            out[param] = out[param].astype("category")
     out[STATE] = pd.Categorical(state, categories=STATES)
     out[FAILED] = state.map({"success": 0.0, "failed_exception": 1.0, "failed_rule": 1.0}).astype(float)
     out.attrs = {**df.attrs, "failure": rule}

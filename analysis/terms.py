@@ -121,7 +121,8 @@ def aliased(matrix) -> list[tuple[str, list[str]]]:
 
 def drop_aliased(df: pd.DataFrame, terms: Terms) -> None:
     """Remove aliased terms from ``terms`` in place, with a note for each."""
-    matrix = design(df, terms.terms)
+    distinct = df[terms.params].drop_duplicates()  # repeated rows add no rank, so the check runs on distinct ones
+    matrix = design(distinct, terms.terms)
     for name, partners in aliased(matrix):
         index = terms.terms.index(name)
         param = terms.params[index]

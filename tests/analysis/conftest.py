@@ -152,3 +152,28 @@ def study_grid(seed: int = 0) -> pd.DataFrame:
         metric="m_ssim",
         grid="dncnn",
     )
+
+
+def large_grid(rows: int = 100_000, seed: int = 0) -> pd.DataFrame:
+    """``rows`` rows of a study-like grid (5 parameters, 3 outcomes, replicates), for the scale test."""
+    rng = np.random.default_rng(seed)
+    loss = rng.choice(["l1", "l2", "ssim"], rows)
+    skip = rng.choice(["dncnn", "resnet"], rows)
+    filters = rng.choice([16, 32, 64, 128], rows)
+    depth = rng.choice(np.arange(10, 26), rows)
+    lr = rng.choice([1e-4, 3e-4, 1e-3, 3e-3, 1e-2], rows)
+    m_ssim = 0.74 + 0.01 * (skip == "resnet") - 0.0002 * filters + 0.005 * (loss == "l1") - 0.002 * np.log10(lr) + rng.normal(0, 0.01, rows)
+    failed = rng.random(rows) < (0.02 + 0.3 * (loss == "ssim") * (skip == "resnet"))
+    m_ssim = np.where(failed, rng.uniform(0.1, 0.45, rows), m_ssim)
+    status = np.where(failed, "failed", "done")
+    status[rng.random(rows) < 0.02] = "not_run"
+    return make_frame(
+        {"loss": loss, "skip": skip, "filters": filters, "depth": depth, "lr": lr},
+        {"m_ssim": np.where(status == "not_run", np.nan, m_ssim), "m_mae": rng.uniform(0, 0.1, rows), "bench_ssim": np.full(rows, 0.72)},
+        status=status,
+        error=np.where(status == "failed", "rule: m_ssim < 0.5", ""),
+        runtime_s=depth * filters * rng.lognormal(0, 0.3, rows),
+        failure="m_ssim < 0.5",
+        metric="m_ssim",
+        grid="large",
+    )
