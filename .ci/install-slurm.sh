@@ -30,17 +30,28 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
+# apt's and dpkg's chatter goes to a log that is shown only if something fails.
+log=$(mktemp)
 policy=/usr/sbin/policy-rc.d
+cleanup=(rm -f "$log")
 if [ ! -e "$policy" ]; then
     printf '#!/bin/sh\nexit 101\n' > "$policy"
     chmod 755 "$policy"
-    trap 'rm -f "$policy"' EXIT
+    cleanup+=("$policy")
 fi
+trap '"${cleanup[@]}"' EXIT
 
 export DEBIAN_FRONTEND=noninteractive
 echo "install-slurm: installing ${missing[*]}"
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends \
-    -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
-    "${packages[@]}" >/dev/null
-echo "install-slurm: done"
+started=$SECONDS
+if ! {
+    apt-get update -qq &&
+        apt-get install -y -qq --no-install-recommends \
+            -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+            "${packages[@]}"
+} >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "install-slurm: apt-get failed (its output is above)" >&2
+    exit 1
+fi
+echo "install-slurm: done in $((SECONDS - started)) s"

@@ -26,16 +26,22 @@ import pytest
 #
 # Tests that need Slurm take the ``slurm_cluster`` fixture and carry
 # ``@pytest.mark.slurm``. The fixture starts the cluster once per session
-# (about 3 s; ``cluster.sh stop`` at the end takes 2-6 s) and exports
-# SLURM_CONF, so sbatch, sacct and submitit in the test process talk to it.
+# (3-10 s; ``cluster.sh stop`` at the end takes 2-6 s) and exports SLURM_CONF,
+# so sbatch, sacct and submitit in the test process talk to it.
 #
-#   GRIDRUNNER_SLURM_DIR=DIR       cluster directory (default /tmp/gridrunner-slurm).
-#                                  If a live cluster runs there, it is reused and
-#                                  left running; start one by hand with
-#                                  `tests/slurm/cluster.sh start` to save the
-#                                  start-up on repeated runs.
+#   GRIDRUNNER_SLURM_DIR=DIR       cluster directory. If a live cluster runs
+#                                  there, it is reused and left running: start
+#                                  one by hand with `tests/slurm/cluster.sh start`
+#                                  to save the start-up on repeated runs.
+#   GRIDRUNNER_SLURM_PORT=PORT     its first port (cluster.sh uses PORT..PORT+3).
 #   GRIDRUNNER_REQUIRE_SLURM=1     a cluster that cannot start is a test error,
 #                                  not a skip (CI sets this).
+#
+# Without GRIDRUNNER_SLURM_DIR, each session takes the first free slot: slot 0
+# is /tmp/gridrunner-slurm on ports 16817-16820, slot k is
+# /tmp/gridrunner-slurm-k on ports 16817+10k onwards. A lock file beside the
+# directory, held for the session, keeps concurrent sessions (several people
+# running `make test` on one machine) from stopping each other's cluster.
 #
 # Without the Debian packages or root, Slurm tests are skipped, and the end of
 # the run says so in a "SLURM TESTS SKIPPED" line.
@@ -43,6 +49,8 @@ import pytest
 
 SLURM_CLUSTER_SCRIPT = Path(__file__).parent / "slurm" / "cluster.sh"
 SLURM_DEFAULT_DIR = Path("/tmp/gridrunner-slurm")
+SLURM_DEFAULT_PORT = 16817
+SLURM_SLOTS = 8
 SLURM_START_TIMEOUT_S = 120
 SLURM_STOP_TIMEOUT_S = 120
 
@@ -74,8 +82,9 @@ class SlurmCluster:
     """A running test cluster, as the ``slurm_cluster`` fixture yields it."""
 
     directory: Path
+    port: int
     # False when the fixture reused a cluster that someone else started.
-    owned: bool
+    owned: bool = True
 
     @property
     def conf(self) -> Path:
@@ -83,6 +92,7 @@ class SlurmCluster:
 
     @property
     def environment(self) -> dict[str, str]:
+        """What a client process needs to talk to this cluster."""
         return {"SLURM_CONF": str(self.conf), "GRIDRUNNER_SLURM_DIR": str(self.directory)}
 
     def run(self, *command: str, timeout: float = 30) -> str:
@@ -129,42 +139,29 @@ class SlurmCluster:
             time.sleep(0.5)
 
 
-def _run_cluster_script(directory: Path, command: str, timeout: float) -> subprocess.CompletedProcess:
+def _run_cluster_script(
+    cluster: SlurmCluster, command: str, timeout: float
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["bash", str(SLURM_CLUSTER_SCRIPT), command],
-        env={**os.environ, "GRIDRUNNER_SLURM_DIR": str(directory)},
+        env={
+            **os.environ,
+            "GRIDRUNNER_SLURM_DIR": str(cluster.directory),
+            "GRIDRUNNER_SLURM_PORT": str(cluster.port),
+        },
         capture_output=True,
         text=True,
         timeout=timeout,
     )
 
 
-def _lock_cluster_directory(directory: Path) -> IO:
-    """Hold a lock beside the cluster directory for this session.
-
-    A second session starting a cluster in the same directory would stop this
-    one's daemons first ("start" stops a stale instance), so it must wait its turn
-    or use its own GRIDRUNNER_SLURM_DIR and GRIDRUNNER_SLURM_PORT.
-    """
-    lock_file = open(f"{directory}.lock", "w")
+def _run_or_raise_unavailable(cluster: SlurmCluster, command: str, timeout: float) -> None:
     try:
-        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock_file.close()
-        raise SlurmUnavailable(
-            f"another test session is using the cluster in {directory}; give this one "
-            "its own GRIDRUNNER_SLURM_DIR and GRIDRUNNER_SLURM_PORT"
-        ) from None
-    return lock_file
-
-
-def _start_cluster(directory: Path) -> None:
-    try:
-        result = _run_cluster_script(directory, "start", SLURM_START_TIMEOUT_S)
+        result = _run_cluster_script(cluster, command, timeout)
     except subprocess.TimeoutExpired:
         raise SlurmUnavailable(
-            f"tests/slurm/cluster.sh start took over {SLURM_START_TIMEOUT_S} s; "
-            f"see the logs in {directory}/log"
+            f"tests/slurm/cluster.sh {command} took over {timeout} s; "
+            f"see the logs in {cluster.directory}/log"
         ) from None
     except OSError as error:  # no bash
         raise SlurmUnavailable(f"cannot run tests/slurm/cluster.sh: {error}") from None
@@ -173,35 +170,90 @@ def _start_cluster(directory: Path) -> None:
         raise SlurmUnavailable(message.replace("cluster.sh: ", ""))
 
 
-def _stop_cluster(directory: Path) -> None:
-    result = _run_cluster_script(directory, "stop", SLURM_STOP_TIMEOUT_S)
+def _try_lock(cluster: SlurmCluster) -> IO | None:
+    """Lock the file beside the cluster directory; None if another session holds it.
+
+    cluster.sh start first stops whatever runs in its directory, so only the
+    session holding this lock may start or stop the cluster there.
+    """
+    try:
+        lock_file = open(f"{cluster.directory}.lock", "w")
+    except OSError as error:
+        raise SlurmUnavailable(f"cannot open the cluster's lock file: {error}") from None
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.close()
+        return None
+    return lock_file
+
+
+def _candidate_clusters() -> list[SlurmCluster]:
+    port = int(os.environ.get("GRIDRUNNER_SLURM_PORT", SLURM_DEFAULT_PORT))
+    if os.environ.get("GRIDRUNNER_SLURM_DIR"):
+        return [SlurmCluster(Path(os.environ["GRIDRUNNER_SLURM_DIR"]).absolute(), port)]
+    return [
+        SlurmCluster(
+            SLURM_DEFAULT_DIR if slot == 0 else Path(f"{SLURM_DEFAULT_DIR}-{slot}"),
+            port + 10 * slot,
+        )
+        for slot in range(SLURM_SLOTS)
+    ]
+
+
+def _start_cluster() -> tuple[SlurmCluster, IO]:
+    """Start a cluster in the first free slot; return it and the lock to hold until it stops."""
+    candidates = _candidate_clusters()
+    _run_or_raise_unavailable(candidates[0], "check", 30)
+    for cluster in candidates:
+        lock_file = _try_lock(cluster)
+        if lock_file is None:
+            continue
+        try:
+            _run_or_raise_unavailable(cluster, "start", SLURM_START_TIMEOUT_S)
+        except BaseException:
+            lock_file.close()
+            raise
+        return cluster, lock_file
+    raise SlurmUnavailable(
+        "other test sessions hold the lock of every cluster directory tried: "
+        + ", ".join(str(cluster.directory) for cluster in candidates)
+    )
+
+
+def _stop_cluster(cluster: SlurmCluster) -> None:
+    result = _run_cluster_script(cluster, "stop", SLURM_STOP_TIMEOUT_S)
     if result.returncode != 0:
         raise RuntimeError(f"tests/slurm/cluster.sh stop failed:\n{result.stderr}")
+
+
+def _running_cluster_to_reuse() -> SlurmCluster | None:
+    """The cluster in an explicitly given GRIDRUNNER_SLURM_DIR, if it runs."""
+    if not os.environ.get("GRIDRUNNER_SLURM_DIR"):
+        return None
+    (cluster,) = _candidate_clusters()
+    if _run_cluster_script(cluster, "status", 30).returncode != 0:
+        return None
+    return dataclasses.replace(cluster, owned=False)
 
 
 @pytest.fixture(scope="session")
 def slurm_cluster(request: pytest.FixtureRequest) -> Iterator[SlurmCluster]:
     """The one-node Slurm cluster, with SLURM_CONF exported to this process."""
-    explicit_dir = os.environ.get("GRIDRUNNER_SLURM_DIR")
-    directory = Path(explicit_dir or SLURM_DEFAULT_DIR).absolute()
-    required = os.environ.get("GRIDRUNNER_REQUIRE_SLURM") == "1"
-
-    reuse = bool(explicit_dir) and _run_cluster_script(directory, "status", 30).returncode == 0
+    cluster = _running_cluster_to_reuse()
     lock_file = None
-    try:
-        if not reuse:
-            lock_file = _lock_cluster_directory(directory)
-            _start_cluster(directory)
-    except SlurmUnavailable as error:
-        if lock_file is not None:
-            lock_file.close()
-        reason = f"cannot start the Slurm test cluster: {error}"
-        if required:
+    reason = None
+    if cluster is None:
+        try:
+            cluster, lock_file = _start_cluster()
+        except SlurmUnavailable as error:
+            reason = f"cannot start the Slurm test cluster: {error}"
+    if reason is not None:
+        if os.environ.get("GRIDRUNNER_REQUIRE_SLURM") == "1":
             pytest.fail(f"{reason} (GRIDRUNNER_REQUIRE_SLURM=1)", pytrace=False)
         request.config.stash[_slurm_skip_reason_key] = reason
         pytest.skip(reason)
 
-    cluster = SlurmCluster(directory=directory, owned=not reuse)
     try:
         with pytest.MonkeyPatch.context() as patch:
             for name, value in cluster.environment.items():
@@ -210,7 +262,7 @@ def slurm_cluster(request: pytest.FixtureRequest) -> Iterator[SlurmCluster]:
     finally:
         if cluster.owned:
             try:
-                _stop_cluster(directory)
+                _stop_cluster(cluster)
             finally:
                 lock_file.close()
 
@@ -233,9 +285,4 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         red=True,
         bold=True,
     )
-    if reason is not None:
-        terminalreporter.write_line(
-            "Install the packages with .ci/install-slurm.sh (as root), or set "
-            "GRIDRUNNER_REQUIRE_SLURM=1 to make this an error.",
-            red=True,
-        )
+    terminalreporter.write_line("Set GRIDRUNNER_REQUIRE_SLURM=1 to make this an error.", red=True)

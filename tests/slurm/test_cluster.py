@@ -76,7 +76,10 @@ def test_scancel_of_running_submitit_job_reads_cancelled(slurm_cluster, tmp_path
 
     slurm_cluster.run("scancel", job.job_id)
 
-    # submitit ignores SIGTERM, so the kill comes after KillWait=5 s.
     state = wait_for_submitit_state(job, {"CANCELLED"}, timeout=45)
     assert state.startswith("CANCELLED")
     assert slurm_cluster.sacct(job.job_id) == {job.job_id: "CANCELLED"}
+    # Without accounting this would wait forever. submitit ignores SIGTERM, so the
+    # kill comes after KillWait=5 s, and result() raises about 18 s after scancel.
+    with pytest.raises(submitit.core.utils.UncompletedJobError, match="CANCELLED"):
+        job.result()
