@@ -72,7 +72,7 @@ def profile_dirs(grid_dir: Path | None = None) -> list[Path]:
     dirs = [Path.cwd() / JOBS_DIR]
     if grid_dir is not None:
         project = read_resolved(grid_dir).get("project_dir")
-        if project:
+        if project and Path(project).resolve() != Path.cwd().resolve():
             dirs.append(Path(project) / JOBS_DIR)
     return dirs
 
