@@ -108,9 +108,10 @@ def _varying(df: pd.DataFrame, params: list[str] | None) -> list[str]:
 
 
 def _tick_labels(ax, labels, counts=None):
-    text = [f"{label}\nn={n:,}" if counts is not None else str(label) for label, n in zip(labels, counts if counts is not None else labels)]
-    ax.set_xticks(range(1, len(labels) + 1) if counts is not None else range(len(labels)))
+    """Level names under the ticks, with ``n=`` counts where they fit; long or many names are slanted."""
     rotate = max((len(str(label)) for label in labels), default=0) * len(labels) > 40
+    text = [str(label) if counts is None or rotate else f"{label}\nn={n:,}" for label, n in zip(labels, counts if counts is not None else labels)]
+    ax.set_xticks(range(1, len(labels) + 1) if counts is not None else range(len(labels)))
     ax.set_xticklabels(text, rotation=30 if rotate else 0, ha="right" if rotate else "center", fontsize="small")
 
 

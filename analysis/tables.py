@@ -12,12 +12,12 @@ MAX_LEVELS = 12
 
 def level_labels(series: pd.Series, max_levels: int = MAX_LEVELS) -> pd.Series:
     """The levels a table or plot groups by: the values themselves, or quantile bins of a numeric column
-    with more than ``max_levels`` distinct values (labelled ``"[0.1, 0.3]"``). Ordered, missing as ``"(missing)"``.
+    with more than ``max_levels`` distinct values (labelled ``"0.1–0.3"``, right edge included). Ordered, missing as ``"(missing)"``.
     """
     numeric = pd.api.types.is_numeric_dtype(series.dtype) and not pd.api.types.is_bool_dtype(series.dtype)
     if numeric and series.nunique() > max_levels:
         binned = pd.qcut(series, max_levels, duplicates="drop")
-        labels = [f"[{iv.left:.3g}, {iv.right:.3g}]" for iv in binned.cat.categories]
+        labels = [f"{iv.left:.3g}–{iv.right:.3g}" for iv in binned.cat.categories]
         return binned.cat.rename_categories(labels)
     if numeric:
         order = sorted(series.dropna().unique())
