@@ -127,11 +127,13 @@ def work(grid, runs_dir, shard, steal, lease_s, inline, linger, max_rows, grace_
     row failed with its reason and the worker goes on. Ctrl-C or SIGTERM asks the running row to
     checkpoint and puts it back to not_run.
     """
+    from gridrunner.submit import SchedulerView
     from gridrunner.worker import Worker
 
     _setup_logging(quiet)
-    worker = Worker(_find(grid, runs_dir), shard=shard, steal=steal, lease_s=lease_s, inline=inline, linger=linger,
-                    max_rows=max_rows, grace_s=grace_s)
+    grid_dir = _find(grid, runs_dir)
+    worker = Worker(grid_dir, shard=shard, steal=steal, lease_s=lease_s, inline=inline, linger=linger,
+                    max_rows=max_rows, grace_s=grace_s, dead_jobs=SchedulerView(grid_dir).dead_jobs)
     summary = worker.run()
     click.echo(summary.line(), err=True)
     if summary.error:
