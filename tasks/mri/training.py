@@ -19,7 +19,8 @@
    images), the same for the undersampled input (``bench_*``, the study's benchmark line),
    and for each noise in ``eval_noise`` the same six prefixed by its name (``rad15_m_ssim``,
    ``pois_bench_ssim``, ...), as in the study's generalisation test. A few test images with
-   their predictions go to ``<row>/examples.npz``.
+   their predictions go to ``<row>/examples.npz``, and every metric (also the timings, the
+   generalisation metrics, the final training loss) to ``<row>/metrics.json``.
 
 Why not ``model.fit``: a requeued row must resume at the step it stopped at, not at an epoch
 boundary, and a NaN must end the row with its step; a custom step does both in a few lines.
@@ -40,6 +41,7 @@ import numpy as np
 from tasks.mri import dataset, losses
 
 EXAMPLES_FILE = "examples.npz"
+METRICS_FILE = "metrics.json"
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,7 @@ def train_and_evaluate(build_model, loss: str, batch_size: int, config: Training
         test_pairs=float(len(tests[""])),
         parameters=float(model.count_params()),
     )
+    _write_json(ctx.row_dir / METRICS_FILE, metrics)  # every metric, also those the spec's outcomes leave out
     return metrics
 
 
@@ -245,6 +248,12 @@ def _save_examples(path, test: dataset.Pairs, predictions: np.ndarray, count: in
         y=test.y[chosen, ..., 0].astype(np.float16),
         source=test.source[chosen],
     )
+
+
+def _write_json(path, data: dict) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    temporary.replace(path)
 
 
 def _as_noise_list(value) -> tuple:
