@@ -152,7 +152,8 @@ def build_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     df = label_rows(df, failure)
     rule = df.attrs.get("failure")
-    metric = resolve_metric(df, metric if formula is None else (metric or _response(formula)))
+    response = _response(formula) if formula else None
+    metric = resolve_metric(df, metric or (response if response in df.columns else None))
     goal = resolve_goal(df, metric, goal)
     grid = df.attrs.get("grid") or out_dir.parent.name
     report = Report(

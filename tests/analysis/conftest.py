@@ -165,7 +165,7 @@ def large_grid(rows: int = 100_000, seed: int = 0) -> pd.DataFrame:
     m_ssim = 0.74 + 0.01 * (skip == "resnet") - 0.0002 * filters + 0.005 * (loss == "l1") - 0.002 * np.log10(lr) + rng.normal(0, 0.01, rows)
     failed = rng.random(rows) < (0.02 + 0.3 * (loss == "ssim") * (skip == "resnet"))
     m_ssim = np.where(failed, rng.uniform(0.1, 0.45, rows), m_ssim)
-    status = np.where(failed, "failed", "done")
+    status = np.where(failed, "failed", "done").astype(object)
     status[rng.random(rows) < 0.02] = "not_run"
     return make_frame(
         {"loss": loss, "skip": skip, "filters": filters, "depth": depth, "lr": lr},

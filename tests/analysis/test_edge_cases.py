@@ -75,3 +75,10 @@ def test_unknown_metric_is_a_user_error(tmp_path):
 
     with pytest.raises(GridError, match="unknown metric"):
         build_report(planted_grid(), tmp_path / "report", metric="psnr")
+
+
+def test_own_formula_with_a_transformed_response(tmp_path):
+    report, text = report_of(planted_grid(), tmp_path, formula="np.log(score + 2) ~ x + I(x**2) + C(loss)")
+    assert report.outcome.formula == "np.log(score + 2) ~ x + I(x**2) + C(loss)"
+    assert report.metric == "score" and report.outcome.fitted
+    assert "I(x ** 2)" in set(report.outcome.table["term"])
