@@ -4,7 +4,7 @@ import pytest
 
 from analysis.report import build_report
 
-from conftest import make_frame, planted_grid
+from analysis_grids import make_frame, planted_grid
 
 
 def report_of(frame, tmp_path, **options):

@@ -6,7 +6,7 @@ import pytest
 from analysis.failure import failure_interactions, failure_model, failure_rates, firth_logit, pair_rates, separation, wilson
 from analysis.rows import label_rows
 
-from conftest import make_frame, planted_grid, study_grid
+from analysis_grids import make_frame, planted_grid, study_grid
 
 
 def row(table, term):

@@ -1,7 +1,7 @@
 """Random-forest functional ANOVA puts the planted effects first and the null parameter last."""
 from analysis.importance import importance
 
-from conftest import planted_grid
+from analysis_grids import planted_grid
 
 
 def test_planted_parameters_explain_the_variance_and_the_null_one_does_not():

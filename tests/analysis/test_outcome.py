@@ -6,7 +6,7 @@ from analysis.outcome import outcome_model
 from analysis.terms import choose_terms
 from gridrunner.errors import GridError
 
-from conftest import make_frame, planted_grid
+from analysis_grids import make_frame, planted_grid
 
 FORMULA = "score ~ x + I(x**2) + depth + C(loss) + z"
 

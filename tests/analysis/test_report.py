@@ -7,7 +7,7 @@ import pytest
 import gridrunner
 from analysis.report import build_report
 
-from conftest import study_grid, write_grid
+from analysis_grids import study_grid, write_grid
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -5,7 +5,7 @@ import pytest
 from analysis.rows import counts_sentence, label_rows, resolve_goal, resolve_metric, rule_thresholds, state_counts
 from gridrunner.errors import ExprError, GridError
 
-from conftest import make_frame
+from analysis_grids import make_frame
 
 
 def mixed():

@@ -3,7 +3,7 @@ import time
 
 from analysis.report import build_report
 
-from conftest import large_grid
+from analysis_grids import large_grid
 
 
 def test_report_on_100k_rows_is_fast(tmp_path):

@@ -1,4 +1,4 @@
-"""Grids for the analysis tests: DataFrames shaped like ``gridrunner.load``'s, and real shard files.
+"""Grids for the analysis tests (imported by name: a second ``conftest`` module would clash with tests/conftest.py): DataFrames shaped like ``gridrunner.load``'s, and real shard files.
 
 ``planted_grid`` is the reference data the toy ``quadratic`` task follows (see ``planted_metric``):
 the analysis must find exactly these effects.
@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 
 BOOKKEEPING = ["row_id", "status", "attempts", "worker", "started_at", "finished_at", "runtime_s", "error"]
 
@@ -122,11 +121,6 @@ def planted_grid(seed: int = 0, repeats: int = 2, noise: float = 0.05, failure: 
         metric="score",
         grid="quadratic",
     )
-
-
-@pytest.fixture
-def planted():
-    return planted_grid()
 
 
 def study_grid(seed: int = 0) -> pd.DataFrame:
