@@ -31,6 +31,7 @@ from analysis.outcome import robust_cov_type
 from analysis.rows import FAILED, REPLICATE_PARAMS, dropped_reasons, ensure_labelled, params_of
 from analysis.tables import level_labels
 from analysis.terms import choose_terms, describe_value, formula_notes, is_numeric
+from gridrunner.errors import GridError
 
 #: Symptoms of separation in an ordinary logit fit: any |log-odds| above this, or fitted probabilities this close to 0 or 1.
 HUGE_LOG_ODDS = 15.0
@@ -68,8 +69,6 @@ def failure_model(df: pd.DataFrame, failure: str | None = None, formula: str | N
     try:
         y, x = patsy.dmatrices(fit.formula, data, return_type="dataframe", NA_action="drop")
     except (patsy.PatsyError, NameError, SyntaxError, TypeError, ValueError) as err:
-        from gridrunner.errors import GridError
-
         raise GridError(f"the failure formula {fit.formula!r} does not fit the grid's columns: {err}") from None
     if len(y) <= x.shape[1]:
         fit.notes.append(f"too few rows: {len(y)} finished rows for {x.shape[1]} coefficients; no model fitted")

@@ -13,7 +13,7 @@ from statsmodels.stats.anova import anova_lm
 
 from analysis.fit import Fit, result_table
 from analysis.rows import FAILED, STATE, dropped_reasons, ensure_labelled, resolve_metric
-from analysis.terms import choose_terms, formula_notes
+from analysis.terms import choose_terms, formula_notes, unit_columns
 from gridrunner.errors import GridError
 
 
@@ -74,8 +74,7 @@ def response_of(formula: str) -> str:
 
 def robust_cov_type(model, notes: list[str]) -> str:
     """HC3, unless some row has leverage 1 (a level seen once), where HC3 divides by zero: then HC1."""
-    exog = model.exog
-    q, _ = np.linalg.qr(exog / np.where(np.linalg.norm(exog, axis=0) > 0, np.linalg.norm(exog, axis=0), 1.0))
+    q, _ = np.linalg.qr(unit_columns(model.exog))
     leverage = np.einsum("ij,ij->i", q, q)
     if leverage.max() > 1 - 1e-8:
         notes.append(

@@ -27,7 +27,6 @@ from analysis.fit import COLUMNS, Fit, baselines_of, pretty_term, strongest
 from analysis.importance import importance
 from analysis.outcome import outcome_model
 from analysis.rows import (
-    FAILED,
     counts_sentence,
     label_rows,
     params_of,
@@ -208,10 +207,6 @@ def _split_parameter(df: pd.DataFrame, rates: pd.DataFrame, split_by: str | None
     return spread.idxmax() if len(spread) and spread.max() > 0 else None
 
 
-def _model_table(fit: Fit) -> pd.DataFrame:
-    return fit.table[COLUMNS]
-
-
 def _sections(df: pd.DataFrame, report: Report, rates: pd.DataFrame, split_by: str | None) -> list[Section]:
     out, metric = report.out_dir, report.metric
     thresholds = rule_thresholds(report.failure, metric)
@@ -226,7 +221,7 @@ def _sections(df: pd.DataFrame, report: Report, rates: pd.DataFrame, split_by: s
 
     fit = report.outcome
     outcome = Section(f"Outcome model: {metric}", [fit.method + ".", f"Formula: `{fit.formula}`.", fit.usage] + [f"Note: {n}." for n in fit.notes])
-    outcome.tables.append(("outcome_model", _model_table(fit)))
+    outcome.tables.append(("outcome_model", fit.table[COLUMNS]))
     if "anova" in fit.extra:
         outcome.tables.append(("outcome_anova", fit.extra["anova"]))
     outcome.images.append((_save(plots.coefficient_plot(fit, f"effect on {metric} (95% interval; dark: p < 0.05)"), out, "outcome_coefficients", report), "Outcome coefficients"))
@@ -235,7 +230,7 @@ def _sections(df: pd.DataFrame, report: Report, rates: pd.DataFrame, split_by: s
     fit = report.failure_fit
     failing = Section("Failure model", [fit.method + ".", f"Formula: `{fit.formula}`." if fit.formula else "", fit.usage] + [f"Note: {n}." for n in fit.notes])
     failing.text.append("Estimates are average marginal effects: the mean change in the probability of failure (0 to 1).")
-    failing.tables.append(("failure_model", _model_table(fit)))
+    failing.tables.append(("failure_model", fit.table[COLUMNS]))
     for key, caption in (("logit", "failure_logit"), ("firth_logit", "failure_firth_logit"), ("lpm", "failure_lpm"), ("term_tests", "failure_term_tests")):
         if key in fit.extra:
             failing.tables.append((caption, fit.extra[key][COLUMNS] if key != "term_tests" else fit.extra[key]))

@@ -97,9 +97,7 @@ def aliased(matrix) -> list[tuple[str, list[str]]]:
     Columns are scaled to unit length first, so the rank tolerance does not depend on units.
     """
     info = matrix.design_info
-    values = np.asarray(matrix, dtype=float)
-    norms = np.linalg.norm(values, axis=0)
-    values = values / np.where(norms > 0, norms, 1.0)
+    values = unit_columns(np.asarray(matrix, dtype=float))
     kept: list[int] = []
     kept_owner: list[str] = []
     found = []
@@ -149,16 +147,18 @@ def alias_words(df: pd.DataFrame, param: str, partner_terms: list[str], terms: T
 def formula_notes(result) -> list[str]:
     """Notes on a fitted formula model: rank deficiency that statsmodels would otherwise hide."""
     exog = result.model.exog
-    rank = np.linalg.matrix_rank(exog / np.where(np.linalg.norm(exog, axis=0) > 0, np.linalg.norm(exog, axis=0), 1))
+    rank = np.linalg.matrix_rank(unit_columns(exog))
     if rank >= exog.shape[1]:
         return []
     info = getattr(result.model.data, "design_info", None) or result.model.data.model_spec
-    names = [f"{name} (with {', '.join(p) or 'the intercept'})" for name, p in aliased(_as_matrix(exog, info))]
+    names = [f"{name} (with {', '.join(p) or 'the intercept'})" for name, p in aliased(patsy.DesignMatrix(exog, info))]
     return [
         f"the design has rank {rank} for {exog.shape[1]} coefficients: collinear terms {', '.join(names)}; "
         "their estimates are not identified (statsmodels reports a minimum-norm solution)"
     ]
 
 
-def _as_matrix(exog, info):
-    return patsy.DesignMatrix(exog, info)
+def unit_columns(values: np.ndarray) -> np.ndarray:
+    """``values`` with each non-zero column scaled to unit length, so rank tolerances ignore units."""
+    norms = np.linalg.norm(values, axis=0)
+    return values / np.where(norms > 0, norms, 1.0)
