@@ -48,7 +48,7 @@ BOOK_COLUMNS = ("row_id", "status", "attempts", "worker", "started_at", "finishe
 STATUSES = ("not_run", "running", "done", "failed")
 TOP_KEYS = (
     "name", "task", "grid", "fixed", "exclude", "repeat", "random", "max_len", "outcomes",
-    "failure", "resources", "cost", "lease_s", "max_attempts",
+    "failure", "resources", "cost", "lease_s", "max_attempts", "metric", "goal",
 )
 RESOURCE_KEYS = ("time_min", "gpus", "cpus", "mem_gb", "partition")
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
@@ -183,6 +183,8 @@ class Spec:
     cost: str | None = None
     lease_s: float = DEFAULT_LEASE_S
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    metric: str | None = None
+    goal: str | None = None
     raw: dict = field(default_factory=dict)
     path: str | None = None
 
@@ -235,6 +237,8 @@ class Spec:
             "cost": self.cost,
             "lease_s": self.lease_s,
             "max_attempts": self.max_attempts,
+            "metric": self.metric,
+            "goal": self.goal,
         }
         return out
 
@@ -311,6 +315,13 @@ class _Validator:
         spec.failure = self.expr(data, "failure", outcomes + params, "outcome or parameter")
         spec.cost = self.expr(data, "cost", params + list(fixed), "parameter")
         spec.resources = self.resources(data.get("resources"))
+        spec.metric = data.get("metric")
+        if spec.metric is not None and spec.metric not in outcomes:
+            self.fail(("metric",), f"the metric to analyse must be one of the outcomes ({', '.join(outcomes)}), "
+                                   f"got {spec.metric!r}")
+        spec.goal = data.get("goal")
+        if spec.goal not in (None, "max", "min"):
+            self.fail(("goal",), f"expected max (larger is better) or min, got {spec.goal!r}")
         if spec.size() == 0:
             self.fail(("grid",), "the grid is empty: every parameter needs at least one value")
         return spec

@@ -123,10 +123,10 @@ BAD_SPECS = [
     ("", "g.yaml: the spec is empty; it needs at least `task`, `grid` and `outcomes`"),
     ("task: [unclosed\n", "g.yaml:2: invalid YAML: expected ',' or ']', but got '<stream end>'"),
     ("- just\n- a list\n", "g.yaml:1: the spec must be a mapping of keys (name, task, grid, fixed, exclude, repeat, "
-                           "random, max_len, outcomes, failure, resources, cost, lease_s, max_attempts), got a list"),
+                           "random, max_len, outcomes, failure, resources, cost, lease_s, max_attempts, metric, goal), got a list"),
     (GOOD + "outcome: [x]\n", "g.yaml:4, at key outcome: unknown key 'outcome'; did you mean 'outcomes'? (valid: "
                               "name, task, grid, fixed, exclude, repeat, random, max_len, outcomes, failure, "
-                              "resources, cost, lease_s, max_attempts)"),
+                              "resources, cost, lease_s, max_attempts, metric, goal)"),
     ("task: tasks.toy:noop\noutcomes: [value]\n", "g.yaml:1: missing required key 'grid'"),
     ("task: no_such_module:run\ngrid: {x: [1]}\noutcomes: [value]\n",
      "g.yaml:1, at key task: cannot import task 'no_such_module:run': no module 'no_such_module' in the current "
@@ -169,6 +169,9 @@ BAD_SPECS = [
     ("task: tasks.toy:noop\ngrid: {x: [!!python/object/apply:os.system [echo hi]]}\noutcomes: [value]\n",
      "g.yaml:2: invalid YAML: could not determine a constructor for the tag "
      "'tag:yaml.org,2002:python/object/apply:os.system'"),
+    (GOOD + "metric: m_ssim\n", "g.yaml:4, at key metric: the metric to analyse must be one of the outcomes (value), "
+                               "got 'm_ssim'"),
+    (GOOD + "goal: maximise\n", "g.yaml:4, at key goal: expected max (larger is better) or min, got 'maximise'"),
     (GOOD + "lease_s: -5\n", "g.yaml:4, at key lease_s: expected a positive number of seconds, got -5"),
     ("task: tasks.toy:noop\ngrid: {x: [1]}\noutcomes: [value, value]\n", "g.yaml:3, at key outcomes: metric names repeat"),
 ]
