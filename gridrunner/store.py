@@ -26,6 +26,10 @@ NFSv3 and later) holding ``host pid time token``. Assumptions and race windows:
 * Before the final rename a holder checks that the lock file still holds its token. A holder stalled for
   longer than ``stale_s`` whose lock was broken finds out here and aborts its write instead of clobbering
   the newer state. The window left is a stall of more than ``stale_s`` between that check and the rename.
+* A holder killed in the middle of a write leaves its temporary file. Only a lock holder writes a shard's
+  temporary files, so whoever takes the lock after breaking a stale one deletes them.
+* A holder that cannot write its name into the lock file (a full disk) deletes the file and fails, rather
+  than leave an empty lock that others must wait out.
 
 Shards stay small (``max_len`` rows), so a transaction reads and writes one small file and nothing here
 scans the whole grid per row.
@@ -34,8 +38,10 @@ from __future__ import annotations
 
 import csv
 import errno
+import glob
 import io
 import os
+import re
 import secrets
 import socket
 import time
@@ -100,6 +106,7 @@ class ShardLock:
         self.stale_s = stale_s
         self.timeout_s = timeout_s
         self.token = ""
+        self.broke_stale = False  # set when this holder broke a dead holder's lock on its way in
 
     def acquire(self) -> None:
         start = time.monotonic()
@@ -115,9 +122,13 @@ class ShardLock:
                     continue  # broke a stale lock: try again at once
             else:
                 try:
-                    os.write(fd, f"{HOST} {os.getpid()} {time.time():.3f} {token}\n".encode())
-                finally:
-                    os.close(fd)
+                    try:
+                        os.write(fd, f"{HOST} {os.getpid()} {time.time():.3f} {token}\n".encode())
+                    finally:
+                        os.close(fd)
+                except OSError:
+                    os.unlink(self.path)  # ours, and empty: nobody else may take it for a live holder's
+                    raise
                 self.token = token
                 return
             if time.monotonic() - start > self.timeout_s:
@@ -185,6 +196,8 @@ class ShardLock:
                 os.link(taken, self.path)
             except FileExistsError:
                 pass
+        else:
+            self.broke_stale = True
         try:
             os.unlink(taken)
         except FileNotFoundError:
@@ -423,6 +436,23 @@ class StoreWriteError(GridError):
     """A shard could not be written (disk full, read-only, quota). The shard keeps its previous content."""
 
 
+def _why(err: OSError) -> str:
+    return "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+
+
+def remove_orphaned_temps(path: Path) -> list[Path]:
+    """Delete the temporary files of ``path`` that a killed writer left. Call it holding the shard's lock:
+    then no live process is writing one (a holder whose lock was broken for staleness only loses a write
+    it would have abandoned anyway)."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{12}}\.tmp")
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if pattern.fullmatch(tmp.name):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 # --------------------------------------------------------------------------- claims and results
 
 @dataclass
@@ -464,6 +494,8 @@ class GridStore:
         self.grid_dir = Path(grid_dir)
         self.shard_dir = self.grid_dir / SHARD_DIR
         self.lock_stale_s = lock_stale_s
+        # path -> (text, header, records) of shards this process wrote last: see read()
+        self._written: dict[Path, tuple[str, list[str], list[list[str]]]] = {}
 
     # ---- files
 
@@ -483,7 +515,34 @@ class GridStore:
             raise ShardError(path, "no such shard") from None
         except UnicodeDecodeError as err:
             raise ShardError(path, f"not UTF-8 text: {err}") from None
+        written = self._written.get(path)
+        if written is not None and written[0] == text:
+            # Unchanged since this process wrote it (the usual case: a worker on its own shard), so its
+            # parse is the one we hold: skip the parse and the row-id checks, which cost more than the I/O.
+            _, header, records = written
+            return Shard(path, header, [r[:] for r in records], {}, list(range(2, len(records) + 2)))
         return Shard.parse(path, text)
+
+    def _remember(self, path: Path, text: str, shard: Shard) -> None:
+        """Keep what this process just wrote to ``path``, if it is clean, for :meth:`read`."""
+        self._written.pop(path, None)
+        if shard.errors or "\r" in text or text.count("\n") != len(shard.records) + 1:
+            return  # bad rows or multi-line cells: their line numbers come from a real parse
+        self._written[path] = (text, shard.header, [r[:] for r in shard.records])
+        if len(self._written) > 8:
+            del self._written[next(iter(self._written))]
+
+    def glance(self, path: Path) -> tuple[bool, bool]:
+        """Without the lock: (may ``path`` hold ``not_run`` rows, may it hold ``running`` rows).
+
+        A shard is replaced atomically, so this reads one whole version. A status cell is one of the
+        words in STATUSES, quoted or not, so (False, False) means that version has nothing to claim;
+        True may be a false alarm (a parameter value containing the word), which the claim settles.
+        Lets a worker pass over finished shards without taking their locks.
+        """
+        with open(path, "rb") as fh:
+            data = fh.read()
+        return b"not_run" in data, b"running" in data
 
     def read_all(self) -> list[Shard]:
         return [self.read(p) for p in self.shard_paths()]
@@ -492,17 +551,28 @@ class GridStore:
     def transaction(self, path: Path) -> Iterator[Shard]:
         """Lock ``path``, yield it parsed; if the body changed it (``shard.dirty``), write it back atomically."""
         lock = ShardLock(str(path) + ".lock", stale_s=self.lock_stale_s)
-        lock.acquire()
+        try:
+            lock.acquire()
+        except OSError as err:
+            raise StoreWriteError(f"{path}: cannot create the shard's lock file ({_why(err)}); the shard keeps "
+                                  f"its previous content") from err
+        if lock.broke_stale:
+            remove_orphaned_temps(path)
         try:
             shard = self.read(path)
             yield shard
             if shard.dirty:
+                text = shard.render()
                 try:
-                    write_atomic(path, shard.render(), lock)
+                    write_atomic(path, text, lock)
                 except OSError as err:
-                    what = "the disk is full" if err.errno == errno.ENOSPC else err.strerror
-                    raise StoreWriteError(f"{path}: cannot write the shard ({what}); it keeps its previous "
+                    self._written.pop(path, None)
+                    raise StoreWriteError(f"{path}: cannot write the shard ({_why(err)}); it keeps its previous "
                                           f"content") from err
+                except BaseException:
+                    self._written.pop(path, None)
+                    raise
+                self._remember(path, text, shard)
         finally:
             lock.release()
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -171,53 +172,180 @@ def submissions(grid_dir: Path) -> list[dict]:
     return out
 
 
+class DeadJobs(frozenset):
+    """Ids of scheduler jobs that can no longer run a worker, and when the scheduler was asked.
+
+    :class:`gridrunner.worker.Liveness` applies a job's death only to rows claimed before
+    ``observed_at``: a job requeued since may run again under the same id.
+    """
+
+    observed_at: float = float("-inf")
+
+    def __new__(cls, ids=(), observed_at: float = float("-inf")):
+        out = super().__new__(cls, ids)
+        out.observed_at = observed_at
+        return out
+
+
 class SchedulerView:
-    """The scheduler's state of this grid's jobs: one ``sacct`` call, reused for ``cache_s`` seconds."""
+    """The scheduler's state of this grid's Slurm jobs, from one ``sacct`` call (submitit's watcher).
+
+    Answers are reused for ``cache_s`` seconds, and shared through ``<grid>/jobs/scheduler-states.json``
+    by every process of the grid (the workers of an array included), so a grid asks sacct about once
+    per ``cache_s`` however many workers it has; a lock file makes one process refresh while the others
+    keep the previous answer.
+    """
+
+    SHARED = "scheduler-states.json"
+    REFRESH_LOCK = "scheduler-states.lock"
+    REFRESH_LOCK_STALE_S = 60.0
 
     def __init__(self, grid_dir: Path, cache_s: float = 30.0):
         self.grid_dir = Path(grid_dir)
         self.cache_s = cache_s
         self._states: dict[str, str] = {}
-        self._when = float("-inf")
+        self._observed_at = float("-inf")  # time.time() of the sacct call that gave _states
+        self._checked = float("-inf")  # time.monotonic() of the last look at the shared file or sacct
+        self.sacct_calls = 0
 
     def slurm_job_ids(self) -> list[str]:
         return [job for entry in submissions(self.grid_dir) if entry.get("executor") == "slurm"
                 for job in entry.get("job_ids", [])]
 
+    @property
+    def observed_at(self) -> float:
+        return self._observed_at
+
     def states(self, refresh: bool = False) -> dict[str, str]:
-        if not refresh and time.monotonic() - self._when < self.cache_s:
+        """State of every Slurm job of the grid (``UNKNOWN`` until sacct knows it). ``refresh``: ask sacct now."""
+        if not refresh and time.monotonic() - self._checked < self.cache_s:
             return self._states
-        self._when = time.monotonic()
+        self._checked = time.monotonic()
         ids = self.slurm_job_ids()
         if not ids or not shutil.which("sacct"):
-            self._states = {}
+            self._states, self._observed_at = {}, time.time()
             return self._states
+        if not refresh:
+            shared = self._read_shared()
+            fresh = shared is not None and time.time() - shared[0] < self.cache_s
+            if fresh and set(ids) <= set(shared[1]):
+                self._observed_at, self._states = shared
+                return self._states
+            if not self._lock_refresh():
+                if shared is not None and shared[0] > self._observed_at:  # another process is asking sacct
+                    self._observed_at, self._states = shared
+                return self._states
+            try:
+                return self._query(ids)
+            finally:
+                self._unlock_refresh()
+        return self._query(ids)
+
+    def _query(self, ids: list[str]) -> dict[str, str]:
         from submitit.slurm.slurm import SlurmInfoWatcher
 
         watcher = SlurmInfoWatcher(delay_s=0)
         for job in ids:
             watcher.register_job(job)
-        watcher.update()  # one sacct call for every array
+        observed = time.time()
+        watcher.update()  # one sacct call for every array ("-j ARRAY" lists all its tasks)
+        self.sacct_calls += 1
+        if watcher.num_calls and not watcher._output:  # sacct failed (submitit logged why): keep what we had
+            return self._states
+        # "CANCELLED by 0" reads as CANCELLED; a task sacct does not list yet is UNKNOWN.
         self._states = {job: (watcher.get_info(job, mode="cache").get("State") or "UNKNOWN").split()[0]
                         for job in ids}
+        self._observed_at = observed
+        self._write_shared()
         return self._states
 
-    def dead_jobs(self) -> set[str]:
-        return {job for job, state in self.states().items() if state in DEAD_STATES}
+    def _read_shared(self) -> tuple[float, dict] | None:
+        try:
+            data = json.loads((jobs_dir(self.grid_dir) / self.SHARED).read_text(encoding="utf-8"))
+            return float(data["observed_at"]), dict(data["states"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _write_shared(self) -> None:
+        path = jobs_dir(self.grid_dir) / self.SHARED
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps({"observed_at": self._observed_at, "states": self._states}), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+    def _lock_refresh(self) -> bool:
+        path = jobs_dir(self.grid_dir) / self.REFRESH_LOCK
+        for _ in range(2):
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                return True
+            except FileExistsError:
+                try:
+                    if time.time() - path.stat().st_mtime < self.REFRESH_LOCK_STALE_S:
+                        return False
+                    path.unlink()  # left by a killed process
+                except FileNotFoundError:
+                    pass
+            except OSError:
+                return True  # no lock possible here (read-only directory?): ask anyway
+        return False
+
+    def _unlock_refresh(self) -> None:
+        try:
+            (jobs_dir(self.grid_dir) / self.REFRESH_LOCK).unlink()
+        except OSError:
+            pass
+
+    def dead_jobs(self) -> DeadJobs:
+        """Jobs whose worker is gone for good (ended, or waiting to be started again after a requeue)."""
+        states = self.states()
+        return DeadJobs((job for job, state in states.items() if state in DEAD_STATES), self._observed_at)
+
+
+# Array tasks listed one by one in ``status`` up to this many per submission; beyond, counted by state.
+STATUS_TASKS_LISTED = 20
+# Scheduler states of a job that may still run (or run again).
+LIVE_STATES = {"PENDING", "REQUEUED", "RUNNING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD", "REQUEUE_FED",
+               "SIGNALING", "STAGE_OUT", "COMPLETING", "CONFIGURING", "UNKNOWN", "PREEMPTED"}
 
 
 def job_states(grid_dir: Path) -> list[dict]:
-    """The jobs of the latest submission with their states (for ``status``)."""
+    """The jobs to show in ``status``, with their states from one sacct call.
+
+    Every task of the latest submission, and the tasks of earlier ones that may still run. A
+    submission of more than ``STATUS_TASKS_LISTED`` tasks is summed up by state.
+    """
     entries = submissions(grid_dir)
     if not entries:
         return []
     last = entries[-1]
-    if last.get("executor") == "slurm":
+    out = []
+    slurm = [e for e in entries if e.get("executor") == "slurm"]
+    if slurm:
         states = SchedulerView(grid_dir).states(refresh=True)
-        return [{"job_id": job, "state": states.get(job, "UNKNOWN")} for job in last.get("job_ids", [])]
-    out = [{"job_id": f"local supervisor {last.get('supervisor_pid')}",
-            "state": "RUNNING" if pid_alive(int(last.get("supervisor_pid") or -1)) else "ENDED",
-            "detail": f"{last.get('workers')} workers, at most {last.get('max_parallel')} at a time"}]
+        for entry in slurm:
+            ids = entry.get("job_ids", [])
+            if entry is not last:
+                ids = [j for j in ids if states.get(j, "UNKNOWN") in LIVE_STATES - {"UNKNOWN"}]
+            if len(ids) <= STATUS_TASKS_LISTED:
+                out += [{"job_id": job, "state": states.get(job, "UNKNOWN")} for job in ids]
+                continue
+            by_state: dict[str, list[str]] = {}
+            for job in ids:
+                by_state.setdefault(states.get(job, "UNKNOWN"), []).append(job)
+            array = ids[0].split("_")[0]
+            for state, jobs in sorted(by_state.items(), key=lambda kv: -len(kv[1])):
+                shown = ", ".join(jobs[:5]) + (", …" if len(jobs) > 5 else "")
+                out.append({"job_id": f"array {array}", "state": state, "detail": f"{len(jobs)} task(s): {shown}"})
+    if last.get("executor") == "local":
+        out.append({"job_id": f"local supervisor {last.get('supervisor_pid')}",
+                    "state": "RUNNING" if pid_alive(int(last.get("supervisor_pid") or -1)) else "ENDED",
+                    "detail": f"{last.get('workers')} workers, at most {last.get('max_parallel')} at a time"})
     return out
 
 
@@ -268,7 +396,19 @@ except ImportError:  # pragma: no cover - submitit is a dependency
 
 
 class WorkerJob(_Checkpointable):
-    """One array task: a worker on shard ``SLURM_ARRAY_TASK_ID mod shards``, requeued on USR2."""
+    """One array task: a worker on shard ``SLURM_ARRAY_TASK_ID mod shards``, requeued on USR2.
+
+    submitit installs its signal handlers in the main thread before calling this job, so the worker
+    runs in a thread and the main thread only waits for it:
+
+    * USR2 (time limit, preemption, ``scancel --signal=USR2``): submitit calls :meth:`checkpoint`,
+      which asks the running row to stop, waits while it saves its checkpoint and is given back as
+      ``not_run``, and returns a new ``WorkerJob``; submitit then requeues the task (``scontrol
+      requeue``), counting the requeue against ``max_num_timeout`` (our ``max_requeues``).
+    * SIGTERM (``scancel``, the start of a preemption): the worker stops the same way, so the row goes
+      back to ``not_run`` with its checkpoint if the task stops within Slurm's KillWait. A row still
+      running at the SIGKILL stays ``running`` until a worker sees that this job is dead.
+    """
 
     def __init__(self, grid_dir: str, lease_s: float | None = None, grace_s: float = 60.0, steal: bool = True):
         self.grid_dir = str(grid_dir)
@@ -287,24 +427,35 @@ class WorkerJob(_Checkpointable):
         self._thread = None
 
     def __call__(self) -> dict:
-        import logging
         import threading
 
         from gridrunner.worker import Worker
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+        _log_to_stderr()
+        terminated = []
+        previous_term = signal.getsignal(signal.SIGTERM)
+
+        def on_term(signum, frame):
+            terminated.append(signum)
+            self._stop_worker()
+            if callable(previous_term):
+                previous_term(signum, frame)  # submitit's: it logs the signal
+
+        signal.signal(signal.SIGTERM, on_term)
         shard = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
         view = SchedulerView(Path(self.grid_dir))
         self._worker = Worker(self.grid_dir, shard=shard, steal=self.steal, lease_s=self.lease_s,
                               grace_s=self.grace_s, handle_signals=False, dead_jobs=view.dead_jobs)
+        if terminated:
+            self._worker.request_stop()
         result = {}
 
         def body():
             result["summary"] = self._worker.run()
 
-        # The worker runs in a thread so that the main thread stays free for submitit's signal handler.
         self._thread = threading.Thread(target=body, name="gridrunner-worker")
         self._thread.start()
+        # Python runs signal handlers in the main thread between waits: keep them short.
         while self._thread.is_alive():
             self._thread.join(timeout=0.5)
         summary = result.get("summary")
@@ -313,17 +464,38 @@ class WorkerJob(_Checkpointable):
         if summary.error:
             raise GridError(summary.error)
         return {"worker": summary.worker, "done": summary.done, "failed": summary.failed,
-                "given_back": summary.given_back, "stale": summary.stale}
+                "given_back": summary.given_back, "stale": summary.stale, "stopped": summary.stopped}
+
+    def _stop_worker(self) -> None:
+        """Ask the worker to stop once (a second request would kill the running row at once)."""
+        worker = self._worker
+        if worker is not None and not worker.stopping:
+            worker.request_stop()
 
     def checkpoint(self, *args, **kwargs):
         """Called by submitit on USR2: stop the running row, let it checkpoint and give it back, requeue."""
         from submitit.helpers import DelayedSubmission
 
-        if self._worker is not None:
-            self._worker.request_stop()
-        if self._thread is not None:
+        self._stop_worker()
+        if self._thread is not None and self._thread.is_alive():
+            # The row is killed after grace_s; recording it takes a moment more.
             self._thread.join(timeout=self.grace_s + 15)
+            if self._thread.is_alive():
+                logging.getLogger("gridrunner.submit").warning(
+                    "the worker did not stop within %.0f s; requeuing anyway (its row is reclaimed once "
+                    "this job is seen requeued)", self.grace_s + 15)
         return DelayedSubmission(WorkerJob(self.grid_dir, self.lease_s, self.grace_s, self.steal))
+
+
+def _log_to_stderr() -> None:
+    """Worker logs to the job's stderr (submitit's own logger has its handler already)."""
+    logger = logging.getLogger("gridrunner")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 # --------------------------------------------------------------------------- submitting
@@ -389,15 +561,23 @@ def _submit_slurm(grid_dir: Path, spec, shards: int, settings: dict, source: str
         params["mem"] = f"{int(float(settings['mem_gb']) * 1024)}MB"
     if settings.get("slurm"):
         params["additional_parameters"] = dict(settings["slurm"])
-    executor.update_parameters(**params)
+    try:
+        executor.update_parameters(**params)
+    except ValueError as err:  # an option submitit does not know
+        raise ProfileError(f"{source}: {str(err).splitlines()[0]}") from None
+    # The row gets the signal delay less 20 s to checkpoint; the rest is for recording it and requeuing.
     grace = max(5.0, float(settings["signal_delay_s"]) - 20.0)
     job = WorkerJob(str(grid_dir.resolve()), settings.get("lease_s"), grace)
-    jobs = _submit_array(executor, job, shards)
+    try:
+        jobs = _submit_array(executor, job, shards)
+    except submitit.core.utils.FailedJobError as err:  # sbatch refused: say what it said
+        message = " ".join(str(err).split()) or "no message"
+        raise GridError(f"sbatch refused the job array ({source}): {message}") from None
     ids = [j.job_id for j in jobs]
+    logs = str(folder.parent.resolve())
     record_submission(grid_dir, {"time": now_iso(), "executor": "slurm", "job_ids": ids, "array_size": shards,
-                                 "profile": source, "settings": settings, "command": sys.argv,
-                                 "folder": str(folder.parent)})
-    return Submission("slurm", ids, settings, source, str(folder.parent))
+                                 "profile": source, "settings": settings, "command": sys.argv, "folder": logs})
+    return Submission("slurm", ids, settings, source, logs)
 
 
 def _submit_array(executor, job: WorkerJob, shards: int):
@@ -489,24 +669,36 @@ def cancel(grid_dir: Path) -> list[str]:
     return done
 
 
-def wait(grid_dir: Path, poll_s: float = 2.0, on_progress=None) -> None:
-    """Block until the latest submission has ended (local) or the grid has no runnable rows left (Slurm)."""
+def wait(grid_dir: Path, poll_s: float = 2.0, on_progress=None) -> bool:
+    """Block until the latest submission's work is over; True if the grid is finished.
+
+    Local: until the supervisor has ended. Slurm: until no row is left to run, or every task of the
+    latest submission has ended for good (a requeued task is waiting, not ended) — then rows that are
+    still open need another ``submit``. Job states are asked of sacct at most every 10 s.
+    """
     from gridrunner.status import grid_status
 
     last = submissions(grid_dir)[-1]
     view = SchedulerView(grid_dir, cache_s=max(poll_s, 10.0))
+    ended_since = None
     while True:
         status = grid_status(grid_dir)
         if on_progress is not None:
             on_progress(status)
         if last["executor"] == "local":
             if not pid_alive(int(last["supervisor_pid"])):
-                return
+                return grid_status(grid_dir).finished
         else:
+            if status.finished:
+                return True
             states = view.states()
-            alive = [j for j in last["job_ids"] if states.get(j, "UNKNOWN") not in DEAD_STATES - {"PENDING", "REQUEUED"}]
-            if status.finished or not alive:
-                return
+            if all(states.get(job, "UNKNOWN") not in LIVE_STATES for job in last["job_ids"]):
+                # Every task ended. A worker records its last row just before it exits, so look once more.
+                if ended_since is not None and time.monotonic() - ended_since > poll_s:
+                    return grid_status(grid_dir).finished
+                ended_since = ended_since or time.monotonic()
+            else:
+                ended_since = None
         time.sleep(poll_s)
 
 

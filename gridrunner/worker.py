@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import random
 import signal
 import sys
 import threading
@@ -37,7 +38,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from gridrunner.context import Context, seed_from_row_id
 from gridrunner.errors import GridError, Interrupted
@@ -50,6 +51,12 @@ log = logging.getLogger("gridrunner.worker")
 WORKERS_DIR = "workers"
 TRACEBACK_FILE = "traceback.txt"
 DEFAULT_GRACE_S = 60.0
+#: A scheduler's "job ended" counts for rows claimed at least this long before it was asked.
+JOB_STATE_MARGIN_S = 2.0
+#: How often a worker lists the shard files again (new ones come from ``make`` and ``split``).
+RELIST_S = 5.0
+#: A worker with nothing to claim while others run rows looks again after this, then backs off.
+LINGER_FIRST_POLL_S = 0.05
 
 
 def current_job_id() -> str | None:
@@ -133,13 +140,28 @@ class Liveness:
         self._cache[holder] = (now, stale)
         return stale
 
+    def _job_dead(self, job: str, started_at: str) -> bool:
+        """True if the scheduler says ``job`` ended after this row was claimed.
+
+        A collection from ``dead_jobs`` may carry ``observed_at`` (when the scheduler was asked, epoch
+        seconds). A job requeued since then runs again under the same id and may hold new rows, so its
+        death only counts for rows claimed before that moment (with a margin for the claim time's
+        whole seconds and clock skew between nodes); later claims wait for a newer answer or the lease.
+        """
+        dead = self.dead_jobs()
+        if job not in dead:
+            return False
+        observed = getattr(dead, "observed_at", None)
+        claimed = parse_iso(started_at)
+        return observed is None or claimed is None or claimed + JOB_STATE_MARGIN_S < observed
+
     def _judge(self, holder: str, started_at: str, now: float) -> bool:
         if holder == self.me:
             return True  # a previous life of this very id: this process is not running it
         host, pid, job = parse_worker_id(holder)
         if host == HOST and not pid_alive(pid):
             return True
-        if job and self.dead_jobs is not None and job in self.dead_jobs():
+        if job and self.dead_jobs is not None and self._job_dead(job, started_at):
             return True
         path = heartbeat_path(self.grid_dir, holder)
         lease = self.lease_s
@@ -214,6 +236,9 @@ class Worker:
         self._ctx: Context | None = None
         self._kill_timer: threading.Timer | None = None
         self._skip: dict[Path, tuple] = {}
+        self._paths: list[Path] = []
+        self._listed_at = -math.inf
+        self._tour: list[Path] = []
 
     # ---- stopping
 
@@ -279,6 +304,7 @@ class Worker:
     def _loop(self, summary: Summary) -> None:
         finish = None
         current = None
+        idle_s = LINGER_FIRST_POLL_S
         while True:
             if self._stop.is_set() or (self.max_rows is not None and len(summary.rows) >= self.max_rows):
                 if finish is not None:
@@ -289,67 +315,134 @@ class Worker:
                 self._note(summary, finish, finish_recorded)
                 finish = None
             if claim is None:
+                if self._relist():
+                    continue  # shards were added (make, split) since the list was read: look at them too
                 if self.linger and running_elsewhere and not self._stop.is_set():
-                    self._skip.clear()
-                    self._stop.wait(min(self.lease_s / 4.0, 2.0))
+                    # Poll soon (the last rows of a grid often end within milliseconds), then back off.
+                    self._stop.wait(idle_s)
+                    idle_s = min(idle_s * 2, self.lease_s / 4.0, 2.0)
                     continue
                 return
+            idle_s = LINGER_FIRST_POLL_S
             current = claim.path
             result = self.execute(claim)
             summary.rows.append(claim.row_id)
             finish = (claim, result)
 
-    def _order(self, current: Path | None) -> list[Path]:
+    def _list_paths(self) -> list[Path]:
+        """The shard files, listed again at most every ``RELIST_S`` (a glob costs O(shards) per row)."""
+        if time.monotonic() - self._listed_at > RELIST_S:
+            self._relist()
+        return self._paths
+
+    def _relist(self) -> bool:
+        """List the shard files now; True if the list changed."""
         paths = self.store.shard_paths()
+        self._listed_at = time.monotonic()
+        if paths == self._paths:
+            return False
+        self._paths = paths
+        # Each worker tours the other shards in its own order, so workers whose shards run out spread
+        # over the rest instead of queueing on the same lock one shard after another.
+        self._tour = random.Random(self.worker_id).sample(paths, len(paths))
+        return True
+
+    def _order(self, current: Path | None) -> Iterator[Path]:
+        """The shards to try: the current one (else the home shard), then, when stealing, every other."""
+        paths = self._list_paths()
         if not paths:
-            return []
-        indexes = [shard_index(p) for p in paths]
+            return
         if current is not None and current in paths:
-            start = paths.index(current)
+            first = current
         elif self.home is not None:
-            start = self.home % len(paths) if self.home not in indexes else indexes.index(self.home)
+            indexes = [shard_index(p) for p in paths]
+            first = paths[self.home % len(paths) if self.home not in indexes else indexes.index(self.home)]
+        elif self.steal:
+            first = self._tour[0]
         else:
-            start = 0
-        ordered = paths[start:] + paths[:start]
-        return ordered if self.steal else ordered[:1]
+            first = paths[0]
+        yield first
+        if not self.steal:
+            return
+        for path in self._tour:
+            if path != first:
+                yield path
 
     def _next_claim(self, current: Path | None, finish):
-        """Record ``finish`` (in its own shard's transaction) and claim the next row, home shard first."""
+        """Record ``finish`` (in its own shard's transaction) and claim the next row, home shard first.
+
+        Other shards are first looked at without their lock (:meth:`GridStore.glance`): finished ones
+        are passed over, and shards another worker is on (they have running rows) are tried last.
+        """
         running_elsewhere = 0
         recorded = None
         pending = finish
-        for path in self._order(current):
+        busy = []
+        for k, path in enumerate(self._order(current)):
             if pending is not None and path != pending[0].path:
                 recorded = self.store.record(*pending)
                 pending = None
-            if pending is None and self._skippable(path):
-                continue
+            if pending is None:
+                remembered = self._skippable(path)
+                if remembered is not None:
+                    running_elsewhere += remembered
+                    continue
+                if k > 0:
+                    try:
+                        may_open, may_run = self.store.glance(path)
+                    except OSError:
+                        continue  # deleted by hand, or unreadable: the claim below would say why
+                    if not may_open and not may_run:
+                        self._remember_exhausted(path, 0)
+                        continue
+                    if may_open and may_run:
+                        busy.append(path)
+                        continue
             if self._stop.is_set():
                 if pending is not None:
                     recorded = self.store.record(*pending)
                 return None, 0, recorded
-            try:
-                rec, scan = self.store.claim(path, self.worker_id, self.liveness, self.spec.max_attempts,
-                                             finish=pending)
-            except FileNotFoundError:
-                continue  # a shard deleted by hand
-            except GridError as err:
-                if isinstance(err, StoreWriteError):
-                    raise
-                log.error("%s (skipping this shard)", err)
+            attempt = self._try_claim(path, pending)
+            if attempt is None:
                 continue
+            rec, scan = attempt
             if pending is not None:
                 recorded, pending = rec, None
-            if scan.gave_up:
-                log.warning("%s: %d row(s) failed after their workers died %d times", path.name, scan.gave_up,
-                            self.spec.max_attempts)
             if scan.claim is not None:
                 return scan.claim, running_elsewhere, recorded
             running_elsewhere += scan.running_elsewhere
-            self._remember_exhausted(path)
+            self._remember_exhausted(path, scan.running_elsewhere)
         if pending is not None:
             recorded = self.store.record(*pending)
+        for path in busy:
+            if self._stop.is_set():
+                break
+            attempt = self._try_claim(path, None)
+            if attempt is None:
+                continue
+            scan = attempt[1]
+            if scan.claim is not None:
+                return scan.claim, running_elsewhere, recorded
+            running_elsewhere += scan.running_elsewhere
+            self._remember_exhausted(path, scan.running_elsewhere)
         return None, running_elsewhere, recorded
+
+    def _try_claim(self, path: Path, pending):
+        """One claim transaction on ``path`` (recording ``pending`` first); None if the shard is unusable."""
+        try:
+            rec, scan = self.store.claim(path, self.worker_id, self.liveness, self.spec.max_attempts,
+                                         finish=pending)
+        except FileNotFoundError:
+            return None  # a shard deleted by hand
+        except GridError as err:
+            if isinstance(err, StoreWriteError):
+                raise
+            log.error("%s (skipping this shard)", err)
+            return None
+        if scan.gave_up:
+            log.warning("%s: %d row(s) failed after their workers died %d times", path.name, scan.gave_up,
+                        self.spec.max_attempts)
+        return rec, scan
 
     def _signature(self, path: Path):
         try:
@@ -358,19 +451,20 @@ class Worker:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    def _remember_exhausted(self, path: Path) -> None:
-        self._skip[path] = (self._signature(path), time.monotonic())
+    def _remember_exhausted(self, path: Path, running: int) -> None:
+        self._skip[path] = (self._signature(path), time.monotonic(), running)
 
-    def _skippable(self, path: Path) -> bool:
-        """A shard seen exhausted, unchanged since, and recently enough that no lease can have run out."""
+    def _skippable(self, path: Path) -> int | None:
+        """For a shard seen exhausted, unchanged since, and recently enough that no lease can have run out:
+        how many rows other workers were running in it then. None if it must be looked at again."""
         seen = self._skip.get(path)
         if seen is None:
-            return False
-        signature, when = seen
+            return None
+        signature, when, running = seen
         if time.monotonic() - when > min(self.lease_s / 2.0, 5.0) or self._signature(path) != signature:
             del self._skip[path]
-            return False
-        return True
+            return None
+        return running
 
     def _note(self, summary: Summary, finish, recorded: bool | None) -> None:
         claim, result = finish
