@@ -127,7 +127,7 @@ def test_find_grid_takes_the_newest(tmp_path):
         find_grid(None, tmp_path / "elsewhere")
 
 
-@pytest.mark.parametrize("name, rows, shards", [("dncnn", 504, [72] * 7), ("unet", 200, None)])
+@pytest.mark.parametrize("name, rows, shards", [("dncnn", 504, [72] * 7), ("unet", 200, [40] * 5), ("demo", 24, [12, 12]), ("toy", 450, [75] * 6)])
 def test_the_study_grids(tmp_path, name, rows, shards):
     path = ROOT / "grids" / f"{name}.yaml"
     if not path.exists():

@@ -1,0 +1,103 @@
+"""Real TensorFlow training of the MRI tasks: every loss and skip scheme, resume, determinism, failures.
+
+Rows run at 32 x 32 for a few dozen steps on one thread (see conftest.py), in this process:
+the tasks are called as a worker calls them, ``run(params, ctx)``, with a real Context.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from gridrunner.context import Context
+from gridrunner.errors import Interrupted
+from gridrunner.grid import make
+from tasks import dncnn, unet
+from tasks.mri import losses, training
+
+MAIN_METRICS = ("m_mae", "m_mse", "m_ssim", "bench_mae", "bench_mse", "bench_ssim")
+
+
+def dncnn_row(small_row, **changes):
+    return {**small_row, "depth": 2, "filters": 8, "batch_size": 4, "steps": 20, "bn_momentum": 0.9, **changes}
+
+
+@pytest.mark.parametrize("skip", ["dncnn", "resnet"])
+@pytest.mark.parametrize("loss", losses.LOSSES)
+def test_twenty_steps_of_every_loss_and_skip_scheme_give_finite_metrics(tmp_path, small_row, loss, skip):
+    ctx = Context(tmp_path / "rows" / "r1")
+    metrics = dncnn.run(dncnn_row(small_row, loss=loss, skip=skip), ctx)
+    assert all(math.isfinite(metrics[name]) for name in MAIN_METRICS), metrics
+    assert -1 <= metrics["m_ssim"] <= 1 and metrics["steps_run"] == 20
+    history = ctx.history()
+    assert history[-1]["step"] == 20 and all(math.isfinite(point["loss"]) for point in history)
+    assert json.loads((ctx.row_dir / training.METRICS_FILE).read_text())["m_ssim"] == metrics["m_ssim"]
+
+
+def test_a_stopped_row_resumes_at_its_checkpoint_step(tmp_path, small_row):
+    row = dncnn_row(small_row, steps=30, checkpoint_every=10)
+    stops = iter([False] * 15 + [True])  # asked to stop before step 15
+    ctx = Context(tmp_path / "rows" / "r1", should_stop=lambda: next(stops, True))
+    with pytest.raises(Interrupted, match="stopped at step 15 of 30"):
+        dncnn.run(row, ctx)
+    assert [point["step"] for point in ctx.history()] == list(range(1, 16))
+
+    again = Context(tmp_path / "rows" / "r1")
+    metrics = dncnn.run(row, again)
+    assert metrics["resumed_from"] == 15 and metrics["steps_run"] == 15
+    steps = [point["step"] for point in again.history()]
+    assert steps[:15] == list(range(1, 16)) and steps[15:] == list(range(16, 31))  # continued, not restarted
+
+
+def test_a_resumed_run_trains_exactly_like_an_uninterrupted_one(tmp_path, small_row):
+    row = dncnn_row(small_row, steps=24, checkpoint_every=6, seed=3)
+    straight = dncnn.run(row, Context(tmp_path / "rows" / "straight"))
+    stops = iter([False] * 12 + [True])
+    ctx = Context(tmp_path / "rows" / "resumed", should_stop=lambda: next(stops, True))
+    with pytest.raises(Interrupted):
+        dncnn.run(row, ctx)
+    resumed = dncnn.run(row, Context(tmp_path / "rows" / "resumed"))
+    assert resumed["resumed_from"] == 12
+    for name in MAIN_METRICS:
+        assert resumed[name] == pytest.approx(straight[name], rel=1e-5), name
+
+
+def test_two_runs_with_the_same_seed_give_identical_metrics(tmp_path, small_row):
+    row = dncnn_row(small_row, seed=11, steps=15)
+    first = dncnn.run(row, Context(tmp_path / "rows" / "a"))
+    second = dncnn.run(row, Context(tmp_path / "rows" / "b"))
+    assert {k: first[k] for k in MAIN_METRICS} == {k: second[k] for k in MAIN_METRICS}
+    other = dncnn.run({**row, "seed": 12}, Context(tmp_path / "rows" / "c"))
+    assert other["m_mae"] != first["m_mae"]
+
+
+def test_a_unet_trains_and_reports_the_benchmark(tmp_path, small_row):
+    row = {**small_row, "filters": [8, 16, 8], "reps": [1, 1, 1], "batch": 4, "steps": 10, "lossflavour": "ms_ssim"}
+    metrics = unet.run(row, Context(tmp_path / "rows" / "u"))
+    assert all(math.isfinite(metrics[name]) for name in MAIN_METRICS)
+    assert metrics["bench_ssim"] < 1
+
+
+def test_a_loss_that_diverges_ends_the_row_with_its_step(tmp_path, small_row):
+    # An absurd learning rate makes the weights overflow within a few steps.
+    row = dncnn_row(small_row, loss="l2", learning_rate=1e30, steps=50, skip="none")
+    with pytest.raises(FloatingPointError, match=r"(loss became (nan|inf) at step \d+)|non-finite"):
+        dncnn.run(row, Context(tmp_path / "rows" / "nan"))
+
+
+def test_impossible_models_fail_in_the_worker_before_any_training(tmp_path, small_row):
+    # A U-Net whose lists differ in length is recorded as the row's failure, with a clear message.
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(json.dumps({
+        "task": "unet", "outcomes": list(MAIN_METRICS),
+        "grid": {"filters": [[8, 8, 8]], "reps": [[1, 1]]}, "fixed": {**small_row, "steps": 1},
+    }))
+    grid = make(spec, tmp_path / "runs").grid_dir
+    from gridrunner.worker import Worker
+
+    summary = Worker(grid, inline=True, linger=False, handle_signals=False).run()
+    assert summary.failed == 1
+    (shard,) = (grid / "shards").glob("*.csv")
+    text = shard.read_text()
+    assert "ValueError: " in text and "filters and reps" in text
