@@ -319,7 +319,7 @@ def failure_interactions(df: pd.DataFrame, failure: str | None = None, alpha: fl
     pairs = list(itertools.combinations(params, 2))
     for a, b in pairs:
         additive_rss, additive_rank = _additive_rss(y, codes[a], codes[b])
-        cells = codes[a].astype(np.int64) * (codes[b].max() + 1) + codes[b]
+        cells = codes[a].astype(np.int64) * (int(codes[b].max()) + 1) + codes[b]
         cells_rss, n_cells = _within_rss(y, cells)
         df_num = n_cells - additive_rank
         df_den = len(y) - n_cells
@@ -349,7 +349,7 @@ def _additive_rss(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[float, i
 
     Solved on the cell table (counts and sums per cell), which has the same normal equations as the rows.
     """
-    na, nb = a.max() + 1, b.max() + 1
+    na, nb = int(a.max()) + 1, int(b.max()) + 1  # Python ints: category codes may be int8
     cell = a.astype(np.int64) * nb + b
     counts = np.bincount(cell, minlength=na * nb).astype(float)
     sums = np.bincount(cell, weights=y, minlength=na * nb)

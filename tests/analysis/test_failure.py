@@ -116,3 +116,12 @@ def test_joint_separation_without_a_single_culprit_still_falls_back():
     assert any("jointly separate" in note for note in fit.notes)
     assert np.isfinite(fit.table["estimate"]).all()
     assert isinstance(fit.extra["lpm"], pd.DataFrame)
+
+
+def test_interactions_of_parameters_with_many_levels():
+    # 20 x 20 levels: the cell index no longer fits the int8 category codes pandas uses
+    p, q, _ = np.meshgrid([f"p{i}" for i in range(20)], [f"q{j}" for j in range(20)], [0, 1], indexing="ij")
+    rng = np.random.default_rng(0)
+    status = np.where(rng.random(p.size) < 0.3, "failed", "done")
+    table = failure_interactions(make_frame({"p": p.ravel(), "q": q.ravel()}, status=status))
+    assert len(table) == 1 and np.isfinite(table["p_value"]).all()
