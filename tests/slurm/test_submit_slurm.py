@@ -1,0 +1,240 @@
+"""`gridrunner submit` on the real one-node Slurm cluster: arrays, kills, time limits, failures, chaos.
+
+Every test makes a grid of toy tasks in its own project directory, submits it with the `gridrunner`
+command, and checks the shards and the tasks' side file (``record_to``: one ``<event> <row_id> <pid>``
+line per start, finish and step), which counts executions across every process and job.
+"""
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from gridrunner.cli import main
+from gridrunner.status import grid_status
+from gridrunner.submit import submissions
+from gridtools import events, make_grid, wait_until
+from test_worker import rows_by
+
+pytestmark = pytest.mark.slurm
+
+# --------------------------------------------------------------------------- helpers
+
+def gridrunner(*args: str, exit_code: int = 0) -> str:
+    """Run the `gridrunner` command in this process (SLURM_CONF comes from the fixture); return its output."""
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == exit_code, result.output
+    return result.output
+
+
+def task_ids(grid: Path) -> list[str]:
+    """Every array task id of every submission of the grid, in submission order."""
+    return [job for entry in submissions(grid) for job in entry["job_ids"]]
+
+
+def array_states(cluster, grid: Path) -> dict[str, str]:
+    """sacct's state of each array task of the grid; a task sacct does not list yet reads as UNKNOWN."""
+    arrays = sorted({job.split("_")[0] for job in task_ids(grid)})
+    states = {}
+    for array in arrays:
+        states.update(cluster.sacct(array))
+    return {job: states.get(job, "UNKNOWN") for job in task_ids(grid)}
+
+
+def live_tasks(cluster, grid: Path) -> list[str]:
+    """The grid's array tasks that slurmctld still holds (pending, running or being killed)."""
+    held = set(cluster.run("squeue", "-h", "--array", "-o", "%i").split())
+    return [job for job in task_ids(grid) if job in held]
+
+
+def wait_all_ended(cluster, grid: Path, timeout_s: float) -> None:
+    assert wait_until(lambda: not live_tasks(cluster, grid), timeout_s, interval_s=0.5), live_tasks(cluster, grid)
+
+
+def wait_all_completed(cluster, grid: Path, timeout_s: float) -> None:
+    """Until sacct says COMPLETED for every array task of the grid (accounting lags the jobs by a moment)."""
+    assert wait_until(lambda: set(array_states(cluster, grid).values()) == {"COMPLETED"}, timeout_s,
+                      interval_s=0.5), array_states(cluster, grid)
+
+
+def resubmit(shards: int) -> bool:
+    """`gridrunner submit` again; False if it found nothing to run (every open row is in a live worker)."""
+    result = CliRunner().invoke(main, ["submit", "--shards", str(shards)], catch_exceptions=False)
+    if result.exit_code == 1 and "Error: nothing to run in" in result.output:
+        return False
+    assert result.exit_code == 0, result.output
+    return True
+
+
+def wait_finished(grid: Path, timeout_s: float) -> None:
+    """Until every row is done or failed."""
+    assert wait_until(lambda: grid_status(grid).finished, timeout_s, interval_s=0.25), \
+        grid_status(grid).counts
+
+
+def running_rows(grid: Path) -> dict[str, str]:
+    """row_id -> the Slurm job (``array_task``) of the worker running it."""
+    return {row_id: row["worker"].split(":")[2] for row_id, row in rows_by(grid).items()
+            if row["status"] == "running" and row["worker"].count(":") == 2}
+
+
+def counts_of(side_file: Path, event: str, rows) -> dict[str, int]:
+    counted = events(side_file)
+    return {row_id: counted[(event, row_id)] for row_id in rows}
+
+
+def assert_each_row_done_once(grid: Path, side_file: Path) -> None:
+    rows = rows_by(grid)
+    assert Counter(row["status"] for row in rows.values()) == {"done": len(rows)}
+    assert counts_of(side_file, "finish", rows) == {row_id: 1 for row_id in rows}
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, slurm_cluster):
+    """An empty project directory as the working directory; at the end no job of it is left running."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "jobs").mkdir()
+    yield tmp_path
+    for grid in (tmp_path / "runs").glob("*/"):
+        arrays = sorted({job.split("_")[0] for job in task_ids(grid)})
+        if arrays:
+            slurm_cluster.run("scancel", *arrays)
+            wait_all_ended(slurm_cluster, grid, 60)
+
+
+def sleep_grid(project: Path, rows: int, duration: float, max_len: int, name: str = "g") -> Path:
+    return make_grid(project, {"task": "tasks.toy:sleep", "outcomes": ["slept"], "max_len": max_len,
+                               "grid": {"i": list(range(rows))},
+                               "fixed": {"duration": duration, "record_to": str(project / "side.log")}}, name)
+
+
+# --------------------------------------------------------------------------- the tests
+
+@pytest.mark.timeout(240)
+def test_submit_runs_one_array_task_per_shard_and_every_row_once(project, slurm_cluster):
+    grid = sleep_grid(project, rows=40, duration=0.5, max_len=5)
+
+    output = gridrunner("submit", "--shards", "8")
+
+    (entry,) = submissions(grid)
+    array = entry["job_ids"][0].split("_")[0]
+    assert entry["executor"] == "slurm" and entry["array_size"] == 8
+    assert entry["job_ids"] == [f"{array}_{i}" for i in range(8)]
+    assert output.startswith(f"submitted 8 Slurm array task(s) {array}_0 … {array}_7")
+    assert wait_until(lambda: "RUNNING" in gridrunner("status"), 60, interval_s=0.5)
+    wait_finished(grid, 120)
+    assert_each_row_done_once(grid, project / "side.log")
+    assert {row["worker"].split(":")[2] for row in rows_by(grid).values()} <= set(entry["job_ids"])
+    wait_all_completed(slurm_cluster, grid, 60)
+    status = gridrunner("status")
+    assert "40/40 finished" in status
+    for job in entry["job_ids"]:
+        assert f"job {job}: COMPLETED" in status
+
+
+@pytest.mark.timeout(240)
+def test_rows_of_cancelled_array_tasks_are_run_again_by_the_next_submit(project, slurm_cluster):
+    side = project / "side.log"
+    # Each of the 8 shards starts with a 10 s row (cost ranks it first), longer than Slurm's KillWait:
+    # a task cancelled a moment after it started is killed in the middle of its row.
+    grid = make_grid(project, {"task": "tasks.toy:sleep", "outcomes": ["slept"], "max_len": 4, "cost": "duration",
+                               "grid": [{"i": list(range(8)), "duration": [10]},
+                                        {"i": list(range(8, 32)), "duration": [0.5]}],
+                               "fixed": {"record_to": str(side)}})
+    gridrunner("submit", "--shards", "8")
+    assert wait_until(lambda: len(set(running_rows(grid).values())) >= 3, 60, interval_s=0.2)
+    running = running_rows(grid)
+    victims = sorted(set(running.values()))[:3]
+    killed_rows = [row_id for row_id, job in running.items() if job in victims]
+
+    slurm_cluster.run("scancel", *victims)
+    assert wait_until(lambda: all(array_states(slurm_cluster, grid)[job] == "CANCELLED" for job in victims), 30)
+    output = gridrunner("submit", "--shards", "8")
+
+    assert output.startswith("submitted 8 Slurm array task(s)")
+    wait_finished(grid, 120)
+    assert_each_row_done_once(grid, side)
+    # The killed rows started again, in another job.
+    assert counts_of(side, "start", killed_rows) == {row_id: 2 for row_id in killed_rows}
+    assert all(rows_by(grid)[row_id]["worker"].split(":")[2] not in victims for row_id in killed_rows)
+
+
+@pytest.mark.timeout(360)
+def test_a_row_stopped_by_the_time_limit_resumes_from_its_checkpoint_after_the_requeue(project, slurm_cluster):
+    side = project / "side.log"
+    # USR2 comes 15-45 s into a 1-minute task; the row needs 60 s, so it is stopped at least once.
+    (project / "jobs" / "short.yaml").write_text("time_min: 1\nsignal_delay_s: 15\n")
+    grid = make_grid(project, {"task": "tasks.toy:steps", "outcomes": ["final_step", "steps_run", "resumed_from"],
+                               "grid": {"i": [0]},
+                               "fixed": {"steps": 120, "step_s": 0.5, "checkpoint_every": 1000,
+                                         "record_to": str(side)}})
+
+    gridrunner("submit", "--shards", "1", "--profile", "short", "--max-requeues", "5")
+
+    wait_finished(grid, 300)
+    ((row_id, row),) = rows_by(grid).items()
+    assert row["status"] == "done" and float(row["final_step"]) == 120
+    lines = [line.split()[0] for line in side.read_text().splitlines()]
+    stops = [int(event.split("@")[1]) for event in lines if event.startswith("interrupted@")]
+    starts = [int(event.split("@")[1]) for event in lines if event.startswith("start@")]
+    assert stops, "the time limit never stopped the row"
+    # Every run starts where the previous one stopped, so no step ran twice.
+    assert starts == [0, *stops]
+    assert lines.count("step") == 120
+    assert float(row["resumed_from"]) == stops[-1] and float(row["steps_run"]) == 120 - stops[-1]
+    assert counts_of(side, "finish", [row_id]) == {row_id: 1}
+    wait_all_completed(slurm_cluster, grid, 60)
+
+
+@pytest.mark.timeout(180)
+def test_a_task_exception_in_a_slurm_job_is_recorded_like_a_local_one(project, slurm_cluster):
+    spec = {"task": "tasks.toy:crash", "outcomes": ["value"], "grid": {"mode": ["raise", "ok"]}}
+    local = make_grid(project, spec, name="local")
+    gridrunner("work", "--grid", str(local), "--quiet")
+    on_slurm = make_grid(project, spec, name="slurm")
+
+    gridrunner("submit", "--grid", str(on_slurm), "--shards", "1")
+
+    wait_finished(on_slurm, 120)
+    for grid in (local, on_slurm):
+        by_mode = {row["mode"]: row for row in rows_by(grid).values()}
+        assert (by_mode["ok"]["status"], by_mode["ok"]["error"]) == ("done", "")
+        failed = by_mode["raise"]
+        assert (failed["status"], failed["error"]) == ("failed", "RuntimeError: planted failure from the crash task")
+        traceback = (grid / "rows" / failed["row_id"] / "traceback.txt").read_text()
+        assert traceback.startswith(f"--- attempt 1 by {failed['worker']} at {failed['started_at']}\n")
+        assert traceback.rstrip().endswith("RuntimeError: planted failure from the crash task")
+    (job,) = task_ids(on_slurm)
+    assert rows_by(on_slurm)[failed["row_id"]]["worker"].endswith(f":{job}")
+
+
+@pytest.mark.timeout(300)
+def test_random_cancels_and_resubmits_run_every_row_exactly_once(project, slurm_cluster):
+    seed = random.randrange(1 << 16)
+    print(f"chaos seed {seed}")
+    chance = random.Random(seed)
+    side = project / "side.log"
+    grid = make_grid(project, {"task": "tasks.toy:sleep", "outcomes": ["slept"], "max_len": 6,
+                               "grid": {"i": list(range(36)), "duration": [0.5, 3.0]},
+                               "fixed": {"record_to": str(side)}})
+    gridrunner("submit", "--shards", "6")
+    deadline = time.monotonic() + 200
+    for _ in range(4):
+        time.sleep(chance.uniform(1.0, 6.0))
+        live = live_tasks(slurm_cluster, grid)
+        if live:
+            slurm_cluster.run("scancel", *chance.sample(live, min(len(live), chance.randint(1, 3))))
+        if grid_status(grid).finished:
+            break
+        resubmit(chance.randint(1, 4))
+    while not grid_status(grid).finished:
+        assert time.monotonic() < deadline, grid_status(grid).counts
+        if not live_tasks(slurm_cluster, grid):
+            resubmit(6)
+        time.sleep(1.0)
+
+    assert_each_row_done_once(grid, side)
