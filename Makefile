@@ -16,13 +16,20 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 install: $(VENV)/.installed
 
+DEMO_DIR = $(RUNS)/$(basename $(notdir $(GRID)))
+
+# A second `make demo` keeps the finished grid and only rebuilds the report (`make clean-demo` starts over).
 demo: $(VENV)/.installed
 	$(VENV)/bin/gridrunner make $(GRID) --runs $(RUNS)
-	$(VENV)/bin/gridrunner submit --grid $(RUNS)/$(basename $(notdir $(GRID))) --shards 2 --executor local --wait
-	$(VENV)/bin/gridrunner analyze --grid $(RUNS)/$(basename $(notdir $(GRID)))
+	@if $(VENV)/bin/python -c "import sys; from gridrunner.status import grid_status; sys.exit(not grid_status('$(DEMO_DIR)').finished)"; then \
+		echo "$(DEMO_DIR): every row has finished already"; \
+	else \
+		$(VENV)/bin/gridrunner submit --grid $(DEMO_DIR) --shards 2 --executor local --wait; \
+	fi
+	$(VENV)/bin/gridrunner analyze --grid $(DEMO_DIR)
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest
 
 clean-demo:
-	rm -rf $(RUNS)/$(basename $(notdir $(GRID)))
+	rm -rf $(DEMO_DIR)

@@ -18,9 +18,9 @@ faster in short runs), the training parameters of :mod:`tasks.mri.training` (``s
 parameters of :mod:`tasks.mri.dataset` (``size``, ``noise``, ``copies``, ``augment``, ``data``,
 ``cache_dir``, ...). Returns ``m_mae``, ``m_mse``, ``m_ssim`` and the benchmark ``bench_*``.
 
-How long: the study's rows (4,000 steps of batch 3 at 256 x 256) take from about a minute (depth
-10, 16 filters, 3 x 3) to about 40 minutes (depth 25, 128 filters, 7 x 7) on one GPU. On one CPU
-core a depth-5, 16-filter model trains at about 190 images/s at 64 x 64 (L1 loss).
+How long: the study's 504 rows (4,000 steps of batch 3 at 256 x 256) took 530 GPU hours, most
+under an hour and the largest (depth 25, 128 filters, 7 x 7) up to 12 hours. On one CPU core a
+depth-5, 16-filter model trains at about 190 images/s at 64 x 64 (L1 loss).
 """
 from __future__ import annotations
 
