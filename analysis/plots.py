@@ -165,9 +165,10 @@ def failure_rate_by_parameter(df: pd.DataFrame, failure: str | None = None, para
     return fig
 
 
-def metric_histogram(df: pd.DataFrame, metric: str | None = None, by: str | None = None, failure: str | None = None, thresholds=()) -> Figure:
+def metric_histogram(df: pd.DataFrame, metric: str | None = None, by: str | None = None, failure: str | None = None, thresholds=(), benchmark: float | None = None) -> Figure:
     """Histogram of the metric over every row that has it (failed by rule included), one panel per level
-    of ``by``, with the failure rule's thresholds as dashed lines."""
+    of ``by``, with the failure rule's thresholds as dashed lines and the ``benchmark`` (the score of
+    the undersampled input, :func:`analysis.rows.benchmark_value`) as a dotted one."""
     df = ensure_labelled(df, failure)
     metric = resolve_metric(df, metric)
     rows = df[df[metric].notna()]
@@ -185,12 +186,17 @@ def metric_histogram(df: pd.DataFrame, metric: str | None = None, by: str | None
         ax.hist([ok, bad], bins=bins, stacked=True, color=[SUCCESS_COLOUR, FAILURE_COLOUR], label=["succeeded", "failed by rule"])
         for threshold in thresholds:
             ax.axvline(threshold, color="black", linestyle="--", linewidth=1)
+        if benchmark is not None:
+            ax.axvline(benchmark, color="grey", linestyle=":", linewidth=1.5)
         share = f"{len(ok) / len(part):.0%} succeeded" if len(part) else ""
         ax.set_title(f"{by}={level}: {share}" if by else share, fontsize="medium")
         ax.set_xlabel(metric)
         ax.set_ylabel("rows")
     axes[0].legend(fontsize="small", loc="best")
-    line = f" (dashed: failure threshold {', '.join(f'{t:g}' for t in thresholds)})" if thresholds else ""
+    lines = [f"dashed: failure threshold {', '.join(f'{t:g}' for t in thresholds)}"] if thresholds else []
+    if benchmark is not None:
+        lines.append(f"dotted: benchmark {benchmark:.3g}")
+    line = f" ({'; '.join(lines)})" if lines else ""
     fig.suptitle(title + line)
     return fig
 

@@ -27,6 +27,7 @@ from analysis.fit import COLUMNS, Fit, baselines_of, pretty_term, strongest
 from analysis.importance import importance
 from analysis.outcome import outcome_model
 from analysis.rows import (
+    benchmark_value,
     counts_sentence,
     label_rows,
     params_of,
@@ -253,7 +254,7 @@ def _sections(df: pd.DataFrame, report: Report, rates: pd.DataFrame, split_by: s
     tables.tables.append(("levels", level_summary(df, metric)))
     tables.tables.append(("runtime", runtime_by_level(df)))
     tables.images.append((_save(plots.metric_by_parameter(df, metric), out, "metric_by_parameter", report), f"{metric} by parameter"))
-    tables.images.append((_save(plots.metric_histogram(df, metric, split, thresholds=thresholds), out, "metric_histogram", report), f"{metric} histogram"))
+    tables.images.append((_save(plots.metric_histogram(df, metric, split, thresholds=thresholds, benchmark=benchmark_value(df, metric)), out, "metric_histogram", report), f"{metric} histogram"))
     tables.images.append((_save(plots.learning_curves(df, metric, goal=report.goal), out, "learning_curves", report), "Learning curves"))
     sections.append(tables)
     return sections

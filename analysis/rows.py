@@ -201,3 +201,19 @@ def rule_thresholds(rule: str | None, name: str) -> list[float]:
 
     walk(parse(rule).tree)
     return found
+
+
+def benchmark_value(df: pd.DataFrame, metric: str) -> float | None:
+    """The median benchmark of ``metric``: column ``bench_<x>`` for a metric ``m_<x>`` (or ``bench_<metric>``).
+
+    The MRI tasks report the undersampled input's own score as ``bench_ssim`` beside ``m_ssim``: the
+    study's benchmark line, which a model must beat to have learned anything. None without such a column.
+    """
+    names = [f"bench_{metric[2:]}"] if metric.startswith("m_") else []
+    names.append(f"bench_{metric}")
+    for name in names:
+        if name in df.columns:
+            values = pd.to_numeric(df[name], errors="coerce").dropna()
+            if len(values):
+                return float(values.median())
+    return None

@@ -1,8 +1,9 @@
 """Row states: what failed, why, and the counts every model reports."""
 import numpy as np
+import pandas as pd
 import pytest
 
-from analysis.rows import counts_sentence, label_rows, resolve_goal, resolve_metric, rule_thresholds, state_counts
+from analysis.rows import benchmark_value, counts_sentence, label_rows, resolve_goal, resolve_metric, rule_thresholds, state_counts
 from gridrunner.errors import ExprError, GridError
 
 from analysis_grids import make_frame
@@ -62,3 +63,10 @@ def test_rule_thresholds_find_the_constant_a_metric_is_compared_with():
     assert rule_thresholds("0.5 > m_ssim", "m_ssim") == [0.5]
     assert rule_thresholds("m_mae > 1", "m_ssim") == []
     assert rule_thresholds(None, "m_ssim") == []
+
+
+def test_the_benchmark_of_a_metric_is_the_median_of_its_bench_column():
+    df = pd.DataFrame({"m_ssim": [0.8, 0.9, 0.4], "bench_ssim": [0.6, 0.7, None], "score": [1, 2, 3]})
+    assert benchmark_value(df, "m_ssim") == pytest.approx(0.65)
+    assert benchmark_value(df, "score") is None
+    assert benchmark_value(df.assign(bench_score=[2.0, 2.0, 5.0]), "score") == 2.0
