@@ -253,8 +253,14 @@ class SchedulerView:
         if watcher.num_calls and not watcher._output:  # sacct failed (submitit logged why): keep what we had
             return self._states
         # "CANCELLED by 0" reads as CANCELLED; a task sacct does not list yet is UNKNOWN.
-        self._states = {job: (watcher.get_info(job, mode="cache").get("State") or "UNKNOWN").split()[0]
-                        for job in ids}
+        states = {job: (watcher.get_info(job, mode="cache").get("State") or "UNKNOWN").split()[0] for job in ids}
+        if any(state in DEAD_STATES for state in states.values()):
+            # sacct calls a cancelled, timed-out or requeued job ended at once, while slurmctld is still
+            # ending its processes (KillWait, 30 s by default): its worker may still finish or give back
+            # its row, so the row must not be reclaimed yet. Asked after sacct, so a job no longer
+            # COMPLETING here had ended before `observed`.
+            states.update({job: "COMPLETING" for job in _completing_jobs() if job in states})
+        self._states = states
         self._observed_at = observed
         self._write_shared()
         return self._states
@@ -305,6 +311,19 @@ class SchedulerView:
         """Jobs whose worker is gone for good (ended, or waiting to be started again after a requeue)."""
         states = self.states()
         return DeadJobs((job for job, state in states.items() if state in DEAD_STATES), self._observed_at)
+
+
+def _completing_jobs() -> set[str]:
+    """Ids (``array_task`` for array tasks) of the jobs slurmctld is still ending; empty if squeue fails."""
+    if not shutil.which("squeue"):
+        return set()
+    try:
+        listed = subprocess.run(["squeue", "--noheader", "--array", "--states=COMPLETING", "--format=%i"],
+                                capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        logging.getLogger("gridrunner.submit").warning("squeue failed (%s); ended jobs count as gone", err)
+        return set()
+    return set(listed.split())
 
 
 # Array tasks listed one by one in ``status`` up to this many per submission; beyond, counted by state.

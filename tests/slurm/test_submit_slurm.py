@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from gridrunner.cli import main
 from gridrunner.status import grid_status
 from gridrunner.submit import submissions
-from gridtools import events, make_grid, wait_until
+from gridtools import events, make_grid, start_worker, wait_until
 from test_worker import rows_by
 
 pytestmark = pytest.mark.slurm
@@ -100,9 +100,9 @@ def project(tmp_path, monkeypatch, slurm_cluster):
     (tmp_path / "jobs").mkdir()
     yield tmp_path
     for grid in (tmp_path / "runs").glob("*/"):
-        arrays = sorted({job.split("_")[0] for job in task_ids(grid)})
-        if arrays:
-            slurm_cluster.run("scancel", *arrays)
+        left = live_tasks(slurm_cluster, grid)
+        if left:
+            slurm_cluster.run("scancel", *left)
             wait_all_ended(slurm_cluster, grid, 60)
 
 
@@ -161,6 +161,31 @@ def test_rows_of_cancelled_array_tasks_are_run_again_by_the_next_submit(project,
     # The killed rows started again, in another job.
     assert counts_of(side, "start", killed_rows) == {row_id: 2 for row_id in killed_rows}
     assert all(rows_by(grid)[row_id]["worker"].split(":")[2] not in victims for row_id in killed_rows)
+    wait_all_ended(slurm_cluster, grid, 60)  # the workers left exit by themselves
+
+
+@pytest.mark.timeout(120)
+def test_a_cancelled_job_keeps_its_row_until_slurm_has_ended_its_processes(project, slurm_cluster):
+    side = project / "side.log"
+    # The row outlives the cancel by 3 s, within Slurm's KillWait (5 s): the cancelled job finishes it.
+    grid = make_grid(project, {"task": "tasks.toy:sleep", "outcomes": ["slept"], "grid": {"i": [0]},
+                               "fixed": {"duration": 4.5, "record_to": str(side)}})
+    gridrunner("submit", "--shards", "1")
+    assert wait_until(lambda: running_rows(grid), 60)
+    ((row_id, job),) = running_rows(grid).items()
+    time.sleep(1.5)  # past the margin within which a job's end does not count for a fresh claim
+
+    slurm_cluster.run("scancel", job)
+    assert wait_until(lambda: array_states(slurm_cluster, grid)[job] == "CANCELLED", 10)
+    # A new worker asks sacct at once, which already says CANCELLED, while the job is still COMPLETING.
+    helper = start_worker(grid)
+    _, stderr = helper.communicate(timeout=60)
+
+    assert helper.returncode == 0, stderr
+    row = rows_by(grid)[row_id]
+    assert (row["status"], row["worker"].endswith(f":{job}")) == ("done", True), row["worker"]
+    assert counts_of(side, "start", [row_id]) == {row_id: 1}
+    assert not list((grid / "rows" / row_id).glob("stale-result-*"))
 
 
 @pytest.mark.timeout(360)
@@ -210,6 +235,7 @@ def test_a_task_exception_in_a_slurm_job_is_recorded_like_a_local_one(project, s
         assert traceback.rstrip().endswith("RuntimeError: planted failure from the crash task")
     (job,) = task_ids(on_slurm)
     assert rows_by(on_slurm)[failed["row_id"]]["worker"].endswith(f":{job}")
+    wait_all_completed(slurm_cluster, on_slurm, 60)  # a failed row is the row's failure, not the job's
 
 
 @pytest.mark.timeout(300)
@@ -238,3 +264,4 @@ def test_random_cancels_and_resubmits_run_every_row_exactly_once(project, slurm_
         time.sleep(1.0)
 
     assert_each_row_done_once(grid, side)
+    wait_all_ended(slurm_cluster, grid, 60)
