@@ -188,7 +188,8 @@ class DeadJobs(frozenset):
 
 
 class SchedulerView:
-    """The scheduler's state of this grid's Slurm jobs, from one ``sacct`` call (submitit's watcher).
+    """The scheduler's state of this grid's Slurm jobs, from one ``sacct`` call (submitit's watcher), and
+    one ``squeue`` call when sacct says some job ended: a job slurmctld is still ending reads COMPLETING.
 
     Answers are reused for ``cache_s`` seconds, and shared through ``<grid>/jobs/scheduler-states.json``
     by every process of the grid (the workers of an array included), so a grid asks sacct about once

@@ -116,7 +116,7 @@ def sleep_grid(project: Path, rows: int, duration: float, max_len: int, name: st
 
 @pytest.mark.timeout(240)
 def test_submit_runs_one_array_task_per_shard_and_every_row_once(project, slurm_cluster):
-    grid = sleep_grid(project, rows=40, duration=0.5, max_len=5)
+    grid = sleep_grid(project, rows=40, duration=1.0, max_len=5)
 
     output = gridrunner("submit", "--shards", "8")
 
