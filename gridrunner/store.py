@@ -40,6 +40,7 @@ import csv
 import errno
 import glob
 import io
+import logging
 import os
 import re
 import secrets
@@ -61,6 +62,7 @@ SOURCE_FILE = "spec.source.yaml"
 SHARD_GLOB = "shard-*.csv"
 _NB = len(BOOK_COLUMNS)
 HOST = socket.gethostname()
+log = logging.getLogger("gridrunner.store")
 
 # Column offsets of the bookkeeping block, relative to the first one (row_id).
 ROW_ID, STATUS, ATTEMPTS, WORKER, STARTED, FINISHED, RUNTIME, ERROR = range(_NB)
@@ -228,6 +230,14 @@ def pid_alive(pid: int) -> bool:
 _VERIFIED: dict = {}  # (row_id, param cells) -> None: rows whose id was checked against their parameters
 
 
+class _BadRecord(list):
+    """The fields of a row that breaks the CSV contract, and ``raw``, its text in the file, written back as is."""
+
+    def __init__(self, fields: list[str], raw: str):
+        super().__init__(fields)
+        self.raw = raw
+
+
 class Shard:
     """A parsed shard: its header and every record, bad ones kept verbatim so a rewrite loses nothing."""
 
@@ -256,11 +266,13 @@ class Shard:
             raise ShardError(path, f"unreadable header: {err}", 1) from None
         cls.check_header(path, header)
         records, lines, errors = [], [], {}
+        spans: dict[int, tuple[int, int]] = {}  # bad record index -> its physical lines [start, end)
         seen: dict[str, int] = {}
         n = len(header)
         p = header.index("row_id")
         outcome_slice = slice(p + _NB, n)
         while True:
+            start = reader.line_num
             try:
                 fields = next(reader)
             except StopIteration:
@@ -269,6 +281,7 @@ class Shard:
                 records.append([])
                 lines.append(reader.line_num)
                 errors[len(records) - 1] = f"unreadable line: {err}"
+                spans[len(records) - 1] = (start, reader.line_num)
                 continue
             if not fields:
                 continue
@@ -285,6 +298,13 @@ class Shard:
                     seen[rid] = line
             if message is not None:
                 errors[index] = message
+                spans[index] = (start, line)
+        if spans:
+            # A bad row is written back exactly as the user left it: its fields re-quoted by the csv module
+            # would change its text, and an unreadable line has no fields at all.
+            physical = io.StringIO(text, newline="").readlines()  # the lines the reader counted
+            for index, (start, end) in spans.items():
+                records[index] = _BadRecord(records[index], "".join(physical[start:end]))
         return cls(path, header, records, errors, lines)
 
     @staticmethod
@@ -388,7 +408,12 @@ class Shard:
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(self.header)
-        writer.writerows(self.records)
+        for record in self.records:
+            raw = getattr(record, "raw", None)
+            if raw is None:
+                writer.writerow(record)
+            else:
+                out.write(raw if raw.endswith(("\n", "\r")) else raw + "\n")
         return out.getvalue()
 
 
@@ -496,6 +521,7 @@ class GridStore:
         self.lock_stale_s = lock_stale_s
         # path -> (text, header, records) of shards this process wrote last: see read()
         self._written: dict[Path, tuple[str, list[str], list[list[str]]]] = {}
+        self._reported: set[tuple[Path, int, str]] = set()  # bad rows already reported by claim()
 
     # ---- files
 
@@ -588,6 +614,7 @@ class GridStore:
         scan = ClaimScan()
         recorded = None
         with self.transaction(path) as shard:
+            self._report_bad_rows(shard)
             if finish is not None:
                 recorded = self._record(shard, *finish)
             p = shard.n_params
@@ -624,6 +651,16 @@ class GridStore:
                 scan.claim = Claim(path, fields[p], shard.row_params(i), attempt, worker, started_at)
                 break
         return recorded, scan
+
+    def _report_bad_rows(self, shard: Shard) -> None:
+        """Warn once per process about each row of ``shard`` that breaks the CSV contract (a hand edit):
+        workers pass over it and write it back as it is, so only the user can fix it."""
+        for line, message in shard.bad_rows():
+            key = (shard.path, line, message)
+            if key not in self._reported:
+                self._reported.add(key)
+                log.warning("%s:%d: %s (bad row: never claimed, kept as it is; fix or delete it)", shard.path, line,
+                            message)
 
     def record(self, claim: Claim, result: Result) -> bool:
         """Write a result for ``claim``. False (and nothing written) if the row is no longer ours."""
