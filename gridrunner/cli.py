@@ -127,17 +127,31 @@ def work(grid, runs_dir, shard, steal, lease_s, inline, linger, max_rows, grace_
     row failed with its reason and the worker goes on. Ctrl-C or SIGTERM asks the running row to
     checkpoint and puts it back to not_run.
     """
-    from gridrunner.submit import SchedulerView
     from gridrunner.worker import Worker
 
     _setup_logging(quiet)
     grid_dir = _find(grid, runs_dir)
     worker = Worker(grid_dir, shard=shard, steal=steal, lease_s=lease_s, inline=inline, linger=linger,
-                    max_rows=max_rows, grace_s=grace_s, dead_jobs=SchedulerView(grid_dir).dead_jobs)
+                    max_rows=max_rows, grace_s=grace_s, dead_jobs=_scheduler_dead_jobs(grid_dir))
     summary = worker.run()
     click.echo(summary.line(), err=True)
     if summary.error:
         raise click.ClickException(summary.error)
+
+
+def _scheduler_dead_jobs(grid_dir):
+    """The grid's ended Slurm jobs, as ``SchedulerView.dead_jobs``, importing submission (and submitit) at the
+    first question: a worker forks a child per row, and every imported module makes each fork dearer."""
+    view = []
+
+    def dead_jobs():
+        if not view:
+            from gridrunner.submit import SchedulerView
+
+            view.append(SchedulerView(grid_dir))
+        return view[0].dead_jobs()
+
+    return dead_jobs
 
 
 @main.command()

@@ -57,6 +57,8 @@ JOB_STATE_MARGIN_S = 2.0
 RELIST_S = 5.0
 #: A worker with nothing to claim while others run rows looks again after this, then backs off.
 LINGER_FIRST_POLL_S = 0.05
+#: A lingering worker looks again this long after a running row's lease runs out (it must have run out).
+EXPIRY_MARGIN_S = 0.01
 
 
 def current_job_id() -> str | None:
@@ -129,15 +131,22 @@ class Liveness:
         self.lease_s = lease_s
         self.me = me
         self.dead_jobs = dead_jobs
-        self._cache: dict[str, tuple[float, bool]] = {}
+        self._cache: dict[str, tuple[float, bool, float]] = {}  # holder -> (valid until, stale, expiry)
+        #: The earliest time (``time.time()``) at which a holder judged alive runs out of its lease, unless
+        #: it beats again: the worker looks again then. Whoever reads it sets it back to infinity.
+        self.next_expiry = math.inf
 
     def __call__(self, holder: str, started_at: str) -> bool:
         now = time.time()
         cached = self._cache.get(holder)
-        if cached and now - cached[0] < 1.0:
-            return cached[1]
-        stale = self._judge(holder, started_at, now)
-        self._cache[holder] = (now, stale)
+        if cached and now < cached[0]:
+            stale, expiry = cached[1], cached[2]
+        else:
+            stale, expiry = self._judge(holder, started_at, now)
+            # A verdict is reused for a second at most, and an "alive" never past the holder's lease.
+            self._cache[holder] = (now + 1.0 if stale else min(now + 1.0, expiry), stale, expiry)
+        if not stale:
+            self.next_expiry = min(self.next_expiry, expiry)
         return stale
 
     def _job_dead(self, job: str, started_at: str) -> bool:
@@ -155,14 +164,15 @@ class Liveness:
         claimed = parse_iso(started_at)
         return observed is None or claimed is None or claimed + JOB_STATE_MARGIN_S < observed
 
-    def _judge(self, holder: str, started_at: str, now: float) -> bool:
+    def _judge(self, holder: str, started_at: str, now: float) -> tuple[bool, float]:
+        """(whether ``holder`` is gone, when its lease runs out if it beats no more)."""
         if holder == self.me:
-            return True  # a previous life of this very id: this process is not running it
+            return True, now  # a previous life of this very id: this process is not running it
         host, pid, job = parse_worker_id(holder)
         if host == HOST and not pid_alive(pid):
-            return True
+            return True, now
         if job and self.dead_jobs is not None and self._job_dead(job, started_at):
-            return True
+            return True, now
         path = heartbeat_path(self.grid_dir, holder)
         lease = self.lease_s
         try:
@@ -173,7 +183,7 @@ class Liveness:
                 pass
         except FileNotFoundError:
             last = parse_iso(started_at) or 0.0
-        return now - last > lease
+        return now - last > lease, last + lease
 
 
 @dataclass
@@ -318,8 +328,10 @@ class Worker:
                 if self._relist():
                     continue  # shards were added (make, split) since the list was read: look at them too
                 if self.linger and running_elsewhere and not self._stop.is_set():
-                    # Poll soon (the last rows of a grid often end within milliseconds), then back off.
-                    self._stop.wait(idle_s)
+                    # Poll soon (the last rows of a grid often end within milliseconds), then back off,
+                    # but wake when the first of those rows' workers runs out of its lease.
+                    until_expiry = self._soonest_expiry() - time.time() + EXPIRY_MARGIN_S
+                    self._stop.wait(max(min(idle_s, until_expiry), EXPIRY_MARGIN_S))
                     idle_s = min(idle_s * 2, self.lease_s / 4.0, 2.0)
                     continue
                 return
@@ -429,6 +441,7 @@ class Worker:
 
     def _try_claim(self, path: Path, pending):
         """One claim transaction on ``path`` (recording ``pending`` first); None if the shard is unusable."""
+        self.liveness.next_expiry = math.inf  # so that _remember_exhausted learns this shard's soonest expiry
         try:
             rec, scan = self.store.claim(path, self.worker_id, self.liveness, self.spec.max_attempts,
                                          finish=pending)
@@ -452,19 +465,28 @@ class Worker:
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def _remember_exhausted(self, path: Path, running: int) -> None:
-        self._skip[path] = (self._signature(path), time.monotonic(), running)
+        expiry = self.liveness.next_expiry if running else math.inf
+        self._skip[path] = (self._signature(path), time.monotonic(), running, expiry)
 
     def _skippable(self, path: Path) -> int | None:
-        """For a shard seen exhausted, unchanged since, and recently enough that no lease can have run out:
-        how many rows other workers were running in it then. None if it must be looked at again."""
+        """For a shard seen exhausted, unchanged since, seen recently (a dead pid or an ended job is noticed
+        within min(lease / 2, 5 s)) and before any of its running rows' workers can have run out of their
+        lease: how many rows other workers were running in it then. None if it must be looked at again."""
         seen = self._skip.get(path)
         if seen is None:
             return None
-        signature, when, running = seen
-        if time.monotonic() - when > min(self.lease_s / 2.0, 5.0) or self._signature(path) != signature:
+        signature, when, running, expiry = seen
+        if (time.monotonic() - when > min(self.lease_s / 2.0, 5.0) or time.time() > expiry
+                or self._signature(path) != signature):
             del self._skip[path]
             return None
         return running
+
+    def _soonest_expiry(self) -> float:
+        """The earliest lease expiry still ahead among the rows of the shards remembered as exhausted (those
+        already past are looked at again by the next pass over the shards)."""
+        now = time.time()
+        return min((seen[3] for seen in self._skip.values() if seen[3] > now), default=math.inf)
 
     def _note(self, summary: Summary, finish, recorded: bool | None) -> None:
         claim, result = finish
