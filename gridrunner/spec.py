@@ -127,7 +127,7 @@ def _read_yaml(path: Path) -> tuple[Any, dict]:
         if node is None:
             raise SpecError(path, None, "the spec is empty; it needs at least `task`, `grid` and `outcomes`")
         lines: dict[tuple, int] = {}
-        _walk(node, (), lines, path)
+        _walk(node, (), lines, path, [MAX_YAML_VALUES])
         data = loader.construct_document(node)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
@@ -139,7 +139,18 @@ def _read_yaml(path: Path) -> tuple[Any, dict]:
     return data, lines
 
 
-def _walk(node, keypath: tuple, lines: dict, path: Path) -> None:
+#: A spec may hold at most this many YAML values, counting each use of an alias anew. Aliases of aliases
+#: grow exponentially ("billion laughs"): ten levels of ten make 10^10 values from 20 lines, and walking
+#: them would hang every command that reads the spec.
+MAX_YAML_VALUES = 1_000_000
+
+
+def _walk(node, keypath: tuple, lines: dict, path: Path, budget: list) -> None:
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise SpecError(path, _dotted(keypath[:1]) or None, f"the spec holds more than {MAX_YAML_VALUES:,} values "
+                                                            f"(aliases of aliases?); write it out with fewer nested "
+                                                            f"aliases", lines.get(keypath[:1]))
     lines[keypath] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         seen: dict = {}
@@ -149,10 +160,10 @@ def _walk(node, keypath: tuple, lines: dict, path: Path) -> None:
                 raise SpecError(path, _dotted(keypath + (key,)),
                                 f"duplicate key {key!r} (first at line {seen[key]})", key_node.start_mark.line + 1)
             seen[key] = key_node.start_mark.line + 1
-            _walk(value_node, keypath + (key,), lines, path)
+            _walk(value_node, keypath + (key,), lines, path, budget)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _walk(item, keypath + (i,), lines, path)
+            _walk(item, keypath + (i,), lines, path, budget)
 
 
 def _dotted(keypath: tuple) -> str:
