@@ -303,9 +303,11 @@ def _eval(node, values, text):
     if kind == "neg":
         return -_number(_eval(node[1], values, text))
     if kind == "arith":
-        left, right = _eval(node[2], values, text), _eval(node[3], values, text)
+        left, right = _number(_eval(node[2], values, text)), _number(_eval(node[3], values, text))
+        if node[1] == "**":
+            return _power(left, right)
         try:
-            return _ARITH[node[1]](_number(left), _number(right))
+            return _ARITH[node[1]](left, right)
         except ZeroDivisionError:
             return math.nan
     if kind == "call":
@@ -313,9 +315,30 @@ def _eval(node, values, text):
         args = [_eval(n, values, text) for n in node[2]]
         try:
             return func(*args)
+        except OverflowError:
+            return math.inf  # exp(1000): too large for a float, as numpy has it
         except (ValueError, TypeError) as err:
             raise ExprError(text, f"{node[1]}() failed: {err}") from None
     raise AssertionError(kind)  # unreachable: the parser builds only the kinds above
+
+
+#: An integer power whose result would need more bits than this is computed in floating point: Python's
+#: exact ``9 ** 9 ** 9`` would take minutes and gigabytes, and a rule is evaluated on every row.
+MAX_EXACT_POWER_BITS = 4096
+
+
+def _power(base, exponent):
+    """``base ** exponent``, never hanging on huge integers; a result too large for a float is ±inf."""
+    if (isinstance(base, int) and isinstance(exponent, int) and exponent > 0
+            and base.bit_length() * exponent > MAX_EXACT_POWER_BITS):
+        base = float(base)
+    try:
+        return base ** exponent
+    except OverflowError:
+        negative = base < 0 and isinstance(exponent, int) and exponent % 2 == 1
+        return -math.inf if negative else math.inf
+    except ZeroDivisionError:  # 0 ** -1
+        return math.nan
 
 
 def _truth(node, values, text) -> bool:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from gridrunner.context import Context, seed_from_row_id
-from gridrunner.errors import GridError, Interrupted
+from gridrunner.errors import ExprError, GridError, Interrupted
 from gridrunner.grid import read_resolved, saved_spec
 from gridrunner.spec import resolve_task, task_params
 from gridrunner.store import HOST, Claim, GridStore, Result, StoreWriteError, parse_iso, pid_alive, shard_index
@@ -598,8 +598,15 @@ class Worker:
         if bad:
             return Result("failed", metrics={k: v for k, v in metrics.items() if math.isfinite(v)}, runtime_s=runtime,
                           error=f"NonFiniteMetric: {bad[0]} is {metrics[bad[0]]}")
-        if self.rule is not None and self.rule.evaluate({**params, **metrics}):
-            return Result("failed", metrics=metrics, runtime_s=runtime, error=f"rule: {self.rule.text}")
+        if self.rule is not None:
+            try:
+                fired = self.rule.evaluate({**params, **metrics})
+            except ExprError as err:
+                # The rule cannot be evaluated on this row (log of 0, len of a number): record that as the
+                # row's failure. Raising here would stop the worker and leave the row running, to be run again.
+                return Result("failed", metrics=metrics, runtime_s=runtime, error=f"RuleError: {err}")
+            if fired:
+                return Result("failed", metrics=metrics, runtime_s=runtime, error=f"rule: {self.rule.text}")
         return Result("done", metrics=metrics, runtime_s=runtime)
 
 
