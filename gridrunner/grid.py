@@ -84,6 +84,7 @@ def make(spec_path: str | Path, runs_dir: str | Path = DEFAULT_RUNS, dry_run: bo
     if dry_run:
         for _ in rows:
             pass
+        _check_not_empty(spec, spec_path, report)
         report.shards = [None] * -(-report.new // spec.max_len)
         return report
 
@@ -99,6 +100,7 @@ def make(spec_path: str | Path, runs_dir: str | Path = DEFAULT_RUNS, dry_run: bo
         (staging / SHARD_DIR).mkdir(parents=True)
         try:
             report.shards = write_shards(staging / SHARD_DIR, header, rows, spec.max_len, first, fsync=False)
+            _check_not_empty(spec, spec_path, report)
             write_atomic(staging / SOURCE_FILE, source_text, fsync=False)
             write_atomic(staging / SPEC_FILE, spec_text, fsync=False)
             os.sync()
@@ -111,9 +113,17 @@ def make(spec_path: str | Path, runs_dir: str | Path = DEFAULT_RUNS, dry_run: bo
         report.shards = [grid_dir / SHARD_DIR / p.name for p in report.shards]
     else:
         report.shards = write_shards(grid_dir / SHARD_DIR, header, rows, spec.max_len, first, fsync=True)
+        _check_not_empty(spec, spec_path, report)  # no rows: write_shards wrote no file
         write_atomic(grid_dir / SOURCE_FILE, source_text)
         write_atomic(grid_dir / SPEC_FILE, spec_text)
     return report
+
+
+def _check_not_empty(spec: Spec, spec_path: Path, report: MakeReport) -> None:
+    """A spec whose ``exclude`` drops every row is a mistake; call it once the rows were counted."""
+    if report.total == 0:
+        raise SpecError(spec_path, "exclude", f"every one of the grid's {spec.size()} rows is excluded; the grid "
+                                              f"would be empty")
 
 
 def _rows_to_write(spec: Spec, existing: dict, report: MakeReport):
