@@ -249,6 +249,7 @@ class Worker:
         self._paths: list[Path] = []
         self._listed_at = -math.inf
         self._tour: list[Path] = []
+        self._unusable: set[str] = set()  # the errors of unreadable shards, reported once each
 
     # ---- stopping
 
@@ -450,7 +451,9 @@ class Worker:
         except GridError as err:
             if isinstance(err, StoreWriteError):
                 raise
-            log.error("%s (skipping this shard)", err)
+            if str(err) not in self._unusable:  # once: a lingering worker looks at every shard again and again
+                self._unusable.add(str(err))
+                log.error("%s (skipping this shard)", err)
             return None
         if scan.gave_up:
             log.warning("%s: %d row(s) failed after their workers died %d times", path.name, scan.gave_up,

@@ -17,11 +17,13 @@ from gridrunner.store import GridStore
 LEFTOVER = re.compile(r"^\.shard-.*\.tmp$|\.lock$|\.broken-|\.pending$")
 
 
-def rows(grid: Path) -> dict[str, dict]:
-    """Every valid row of a grid, by row id, as {column: cell}."""
+def rows(grid: Path, skip: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Every valid row of a grid (but of the shards named in ``skip``), by row id, as {column: cell}."""
     store = GridStore(grid)
     out = {}
     for path in store.shard_paths():
+        if path.name in skip:
+            continue
         shard = store.read(path)
         for i in shard.valid():
             record = dict(zip(shard.header, shard.records[i]))
