@@ -24,6 +24,7 @@ from gridrunner.store import (
     header_for,
     now_iso,
     shard_index,
+    why_failed,
     write_atomic,
     write_shards,
 )
@@ -107,15 +108,23 @@ def make(spec_path: str | Path, runs_dir: str | Path = DEFAULT_RUNS, dry_run: bo
             if grid_dir.exists():
                 grid_dir.rmdir()  # empty (checked above)
             os.rename(staging, grid_dir)
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(err, OSError):  # a full disk or a quota is the user's to fix, not a bug
+                raise GridError(f"cannot write {grid_dir} ({why_failed(err)}); nothing was written") from err
             raise
         report.shards = [grid_dir / SHARD_DIR / p.name for p in report.shards]
     else:
-        report.shards = write_shards(grid_dir / SHARD_DIR, header, rows, spec.max_len, first, fsync=True)
-        _check_not_empty(spec, spec_path, report)  # no rows: write_shards wrote no file
-        write_atomic(grid_dir / SOURCE_FILE, source_text)
-        write_atomic(grid_dir / SPEC_FILE, spec_text)
+        try:
+            report.shards = write_shards(grid_dir / SHARD_DIR, header, rows, spec.max_len, first, fsync=True)
+            _check_not_empty(spec, spec_path, report)  # no rows: write_shards wrote no file
+            write_atomic(grid_dir / SOURCE_FILE, source_text)
+            write_atomic(grid_dir / SPEC_FILE, spec_text)
+        except OSError as err:
+            # Each new shard file appears whole or not at all, and existing ones are never touched; running
+            # make again adds the rows still missing.
+            raise GridError(f"cannot add rows to {grid_dir} ({why_failed(err)}); existing rows are unchanged, and "
+                            f"`gridrunner make` again adds the rows still missing") from err
     return report
 
 

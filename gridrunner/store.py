@@ -461,7 +461,8 @@ class StoreWriteError(GridError):
     """A shard could not be written (disk full, read-only, quota). The shard keeps its previous content."""
 
 
-def _why(err: OSError) -> str:
+def why_failed(err: OSError) -> str:
+    """Why a write failed, in words for an error message."""
     return "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
 
 
@@ -580,7 +581,7 @@ class GridStore:
         try:
             lock.acquire()
         except OSError as err:
-            raise StoreWriteError(f"{path}: cannot create the shard's lock file ({_why(err)}); the shard keeps "
+            raise StoreWriteError(f"{path}: cannot create the shard's lock file ({why_failed(err)}); the shard keeps "
                                   f"its previous content") from err
         if lock.broke_stale:
             remove_orphaned_temps(path)
@@ -593,7 +594,7 @@ class GridStore:
                     write_atomic(path, text, lock)
                 except OSError as err:
                     self._written.pop(path, None)
-                    raise StoreWriteError(f"{path}: cannot write the shard ({_why(err)}); it keeps its previous "
+                    raise StoreWriteError(f"{path}: cannot write the shard ({why_failed(err)}); it keeps its previous "
                                           f"content") from err
                 except BaseException:
                     self._written.pop(path, None)
