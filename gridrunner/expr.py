@@ -81,11 +81,28 @@ def _tokenize(text: str) -> list[_Tok]:
     return tokens
 
 
+#: How deeply parentheses, lists, calls, signs, ``not`` and powers may nest. The parser recurses up to ten
+#: times per level, the evaluator once or twice: without a limit, "((((...1...))))" from a spec would overflow
+#: Python's stack instead of giving an error.
+MAX_NESTING = 50
+
+
 class _Parser:
     def __init__(self, text: str):
         self.text = text
         self.tokens = _tokenize(text)
         self.i = 0
+        self.depth = 0
+
+    def nested(self, parse):
+        """``parse()`` one level deeper; an :class:`ExprError` past ``MAX_NESTING`` levels."""
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise ExprError(self.text, f"nested more than {MAX_NESTING} levels deep", self.tokens[self.i].pos)
+        try:
+            return parse()
+        finally:
+            self.depth -= 1
 
     def peek(self, *texts: str) -> bool:
         tok = self.tokens[self.i]
@@ -128,7 +145,7 @@ class _Parser:
     def not_(self):
         if self.peek("not"):
             self.take()
-            return ("not", self.not_())
+            return ("not", self.nested(self.not_))
         return self.cmp()
 
     def cmp(self):
@@ -161,7 +178,7 @@ class _Parser:
     def unary(self):
         if self.peek("-", "+"):
             op = self.take().text
-            operand = self.unary()
+            operand = self.nested(self.unary)
             return ("neg", operand) if op == "-" else operand
         return self.power()
 
@@ -169,7 +186,7 @@ class _Parser:
         node = self.atom()
         if self.peek("**"):
             self.take()
-            node = ("arith", "**", node, self.unary())
+            node = ("arith", "**", node, self.nested(self.unary))
         return node
 
     def atom(self):
@@ -191,7 +208,7 @@ class _Parser:
                 return ("call", tok.text, args)
             return ("name", tok.text)
         if tok.text == "(":
-            node = self.or_()
+            node = self.nested(self.or_)
             self.expect(")")
             return node
         if tok.text == "[":
@@ -200,10 +217,10 @@ class _Parser:
         raise ExprError(self.text, f"expected a number, string, name or '(', found {found}", tok.pos)
 
     def items(self, closing: str) -> list:
-        items = [self.or_()]
+        items = [self.nested(self.or_)]
         while self.peek(","):
             self.take()
-            items.append(self.or_())
+            items.append(self.nested(self.or_))
         self.expect(closing)
         return items
 

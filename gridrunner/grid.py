@@ -180,6 +180,11 @@ def read_resolved(grid_dir: str | Path) -> dict:
             data = yaml.safe_load(fh)
     except FileNotFoundError:
         raise GridError(f"{grid_dir} is not a grid directory (no {SPEC_FILE}); run `gridrunner make SPEC` first") from None
+    except yaml.YAMLError as err:  # a hand edit; safe_load never runs code, whatever the tags say
+        mark = getattr(err, "problem_mark", None)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SpecError(path, None, f"invalid YAML: {problem}; re-run `gridrunner make` on the source spec",
+                        mark.line + 1 if mark else None) from None
     if not isinstance(data, dict):
         raise SpecError(path, None, "the saved spec is not a mapping; re-run `gridrunner make` on the source spec")
     return data
