@@ -14,8 +14,8 @@ and counts every execution in a side file, so duplicates and missing rows are me
 * **floor**: lock (an ``O_EXCL`` lock file) → read a 100-row shard → write a temporary file → fsync
   → rename → unlock, in a loop, on the same disk: the cost of one durable shard transaction.
 
-    .venv/bin/python bench/bench_overhead.py            # the full run (about 20 minutes)
-    .venv/bin/python bench/bench_overhead.py --quick    # 2,000 rows only, one repeat
+    .venv/bin/python bench/bench_overhead.py            # the full run (about 20 minutes on 2 cores)
+    .venv/bin/python bench/bench_overhead.py --quick    # 2,000 no-op and 400 sleep rows, once (about 2 minutes)
 """
 from __future__ import annotations
 
@@ -248,6 +248,12 @@ def render(results: list[dict], floors: dict, args, load_before: str, minutes: f
         "*missing*: rows never finished (or not `done` in the shards), both counted from the side file "
         "every execution appends to.",
         "",
+        f"The baselines ran only where the table lists them (nothing is extrapolated): Optuna up to R = "
+        f"{args.optuna_max:,} (on the sleep task with N = {', '.join(map(str, args.optuna_sleep_workers))} only), "
+        f"the naive scheme where R / N ≤ {args.naive_rows_per_worker:,} rows per CSV, because each of its rows "
+        f"reads and writes the worker's whole CSV. Optuna and the naive scheme run the task inside the worker "
+        f"process; gridrunner forks a child per row.",
+        "",
     ]
     if floor1:
         line = f"**Floor** (lock → read → write temp → fsync → rename → unlock, 100-row shard): " \
@@ -286,23 +292,47 @@ def render(results: list[dict], floors: dict, args, load_before: str, minutes: f
     return "\n".join(out)
 
 
+def plan(args) -> list[tuple[str, str, int, int, int]]:
+    """The cases to run: (system, task, R, N, repeats)."""
+    cases = []
+    for kind, sizes in (("noop", args.rows), ("sleep", args.sleep_rows)):
+        for rows in sizes:
+            workers = args.workers if rows <= args.all_workers_max else args.big_workers
+            for n in workers:
+                repeats = args.repeats if rows <= args.repeat_max else 1
+                if kind == "sleep":
+                    repeats = args.sleep_repeats
+                cases.append(("gridrunner", kind, rows, n, repeats))
+                optuna_ok = rows <= args.optuna_max and (kind == "noop" or n in args.optuna_sleep_workers)
+                if optuna_ok:
+                    cases.append(("optuna", kind, rows, n, args.baseline_repeats))
+                if rows / n <= args.naive_rows_per_worker:
+                    cases.append(("naive", kind, rows, n, args.baseline_repeats))
+    return cases
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2,000 rows, one repeat, N = 1 and 8")
+    parser.add_argument("--quick", action="store_true", help="2,000 no-op rows and 400 sleep rows, N = 1 and 8, once")
     parser.add_argument("--rows", type=int, nargs="+", default=[2000, 20000, 200000], help="no-op grid sizes")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 8])
-    parser.add_argument("--repeats", type=int, default=3, help="repeats of each case up to --repeat-max rows")
-    parser.add_argument("--repeat-max", type=int, default=20000, help="larger cases run once")
-    parser.add_argument("--big-workers", type=int, nargs="+", default=[8],
-                        help="worker counts for cases above --repeat-max rows")
-    parser.add_argument("--sleep-rows", type=int, nargs="+", default=[2000], help="sleep-task grid sizes")
+    parser.add_argument("--all-workers-max", type=int, default=20000,
+                        help="larger no-op grids run with --big-workers only")
+    parser.add_argument("--big-workers", type=int, nargs="+", default=[8])
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of gridrunner's no-op cases up to --repeat-max")
+    parser.add_argument("--repeat-max", type=int, default=2000, help="larger cases run once")
+    parser.add_argument("--sleep-rows", type=int, nargs="+", default=[1000], help="sleep-task grid sizes")
+    parser.add_argument("--sleep-repeats", type=int, default=1)
     parser.add_argument("--optuna-max", type=int, default=2000, help="largest R for the Optuna baseline")
-    parser.add_argument("--naive-max", type=int, default=20000, help="largest R for the naive baseline")
+    parser.add_argument("--optuna-sleep-workers", type=int, nargs="+", default=[8],
+                        help="worker counts of the Optuna baseline on the sleep task")
+    parser.add_argument("--naive-rows-per-worker", type=int, default=2500,
+                        help="the naive baseline runs where R / N is at most this (its cost per row grows with R / N)")
     parser.add_argument("--baseline-repeats", type=int, default=1)
     parser.add_argument("--no-readme", action="store_true", help="print the table, leave bench/README.md alone")
     args = parser.parse_args()
     if args.quick:
-        args.rows, args.workers, args.repeats, args.sleep_rows = [2000], [1, 8], 1, [2000]
+        args.rows, args.workers, args.repeats, args.sleep_rows = [2000], [1, 8], 1, [400]
     load_before = common.load_average()
     started = time.perf_counter()
 
@@ -315,18 +345,7 @@ def main() -> None:
     floors = {n: median([measure_floor(shard, n) for _ in range(3)]) for n in (1, 8)}
     print(f"floor: {floors}", flush=True)
 
-    cases = []
-    for kind, sizes in (("noop", args.rows), ("sleep", args.sleep_rows)):
-        for rows in sizes:
-            workers = args.workers if rows <= args.repeat_max else args.big_workers
-            for n in workers:
-                for system in SYSTEMS:
-                    limit = {"gridrunner": None, "optuna": args.optuna_max, "naive": args.naive_max}[system]
-                    if limit is not None and rows > limit:
-                        continue
-                    repeats = args.repeats if system == "gridrunner" and rows <= args.repeat_max else (
-                        args.baseline_repeats if system != "gridrunner" else 1)
-                    cases.append((system, kind, rows, n, repeats))
+    cases = plan(args)
     results = []
     for system, kind, rows, n, repeats in cases:
         runs = []

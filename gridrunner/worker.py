@@ -472,14 +472,16 @@ class Worker:
         self._skip[path] = (self._signature(path), time.monotonic(), running, expiry)
 
     def _skippable(self, path: Path) -> int | None:
-        """For a shard seen exhausted, unchanged since, seen recently (a dead pid or an ended job is noticed
-        within min(lease / 2, 5 s)) and before any of its running rows' workers can have run out of their
-        lease: how many rows other workers were running in it then. None if it must be looked at again."""
+        """For a shard seen exhausted and unchanged since: how many rows other workers were running in it
+        then; None if it must be looked at again. A shard with such rows is looked at again after
+        min(lease / 2, 5 s) (to notice a dead pid or an ended job) and when the first of their workers can
+        have run out of its lease. A finished shard stays skipped until its file changes, so a worker
+        looking for rows late in a grid of thousands of shards pays a ``stat`` per finished shard."""
         seen = self._skip.get(path)
         if seen is None:
             return None
         signature, when, running, expiry = seen
-        if (time.monotonic() - when > min(self.lease_s / 2.0, 5.0) or time.time() > expiry
+        if ((running and (time.monotonic() - when > min(self.lease_s / 2.0, 5.0) or time.time() > expiry))
                 or self._signature(path) != signature):
             del self._skip[path]
             return None
