@@ -249,7 +249,8 @@ def render(results: list[dict], floors: dict, args, load_before: str, minutes: f
         "every execution appends to.",
         "",
         f"The baselines ran only where the table lists them (nothing is extrapolated): Optuna up to R = "
-        f"{args.optuna_max:,} (on the sleep task with N = {', '.join(map(str, args.optuna_sleep_workers))} only), "
+        f"{args.optuna_max:,} with N = {', '.join(map(str, args.optuna_workers))} (sleep: N = "
+        f"{', '.join(map(str, args.optuna_sleep_workers))}), as its trials cost 50–120 ms of CPU each, "
         f"the naive scheme where R / N ≤ {args.naive_rows_per_worker:,} rows per CSV, because each of its rows "
         f"reads and writes the worker's whole CSV. Optuna and the naive scheme run the task inside the worker "
         f"process; gridrunner forks a child per row.",
@@ -303,7 +304,8 @@ def plan(args) -> list[tuple[str, str, int, int, int]]:
                 if kind == "sleep":
                     repeats = args.sleep_repeats
                 cases.append(("gridrunner", kind, rows, n, repeats))
-                optuna_ok = rows <= args.optuna_max and (kind == "noop" or n in args.optuna_sleep_workers)
+                optuna_ok = rows <= args.optuna_max and n in (
+                    args.optuna_workers if kind == "noop" else args.optuna_sleep_workers)
                 if optuna_ok:
                     cases.append(("optuna", kind, rows, n, args.baseline_repeats))
                 if rows / n <= args.naive_rows_per_worker:
@@ -324,6 +326,8 @@ def main() -> None:
     parser.add_argument("--sleep-rows", type=int, nargs="+", default=[1000], help="sleep-task grid sizes")
     parser.add_argument("--sleep-repeats", type=int, default=1)
     parser.add_argument("--optuna-max", type=int, default=2000, help="largest R for the Optuna baseline")
+    parser.add_argument("--optuna-workers", type=int, nargs="+", default=[1, 8],
+                        help="worker counts of the Optuna baseline on the no-op task")
     parser.add_argument("--optuna-sleep-workers", type=int, nargs="+", default=[8],
                         help="worker counts of the Optuna baseline on the sleep task")
     parser.add_argument("--naive-rows-per-worker", type=int, default=2500,
