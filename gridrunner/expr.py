@@ -334,6 +334,8 @@ def _eval(node, values, text):
             return func(*args)
         except OverflowError:
             return math.inf  # exp(1000): too large for a float, as numpy has it
+        except ZeroDivisionError:
+            return math.nan  # log(x, 1), like a division by zero in arithmetic
         except (ValueError, TypeError) as err:
             raise ExprError(text, f"{node[1]}() failed: {err}") from None
     raise AssertionError(kind)  # unreachable: the parser builds only the kinds above
