@@ -614,7 +614,7 @@ class GridStore:
         """
         scan = ClaimScan()
         recorded = None
-        with self.transaction(path) as shard:
+        with _telling_what_was_lost(finish), self.transaction(path) as shard:
             self._report_bad_rows(shard)
             if finish is not None:
                 recorded = self._record(shard, *finish)
@@ -665,7 +665,7 @@ class GridStore:
 
     def record(self, claim: Claim, result: Result) -> bool:
         """Write a result for ``claim``. False (and nothing written) if the row is no longer ours."""
-        with self.transaction(claim.path) as shard:
+        with _telling_what_was_lost((claim, result)), self.transaction(claim.path) as shard:
             return self._record(shard, claim, result)
 
     @staticmethod
@@ -762,6 +762,19 @@ class GridStore:
             for fields in shard.records:
                 ids[fields[p]] = shard.path
         return ids
+
+
+@contextmanager
+def _telling_what_was_lost(finish: tuple[Claim, Result] | None) -> Iterator[None]:
+    """A failed write that carried a result loses that result: say so in the error (the row stays
+    ``running`` in the shard, so it is reclaimed and run again once its worker is gone)."""
+    try:
+        yield
+    except StoreWriteError as err:
+        if finish is None or finish[1].status == "not_run":
+            raise
+        raise StoreWriteError(f"{err}; the result of row {finish[0].row_id} was not recorded, and the row runs "
+                              f"again once this worker has stopped") from err
 
 
 def write_shards(shard_dir: Path, header: list[str], rows: Iterable[tuple], max_len: int, first_index: int,

@@ -4,7 +4,8 @@ The grid lives on a tmpfs of 512 KiB (the ``small_disk`` fixture). A worker runs
 disk at a random instant, leaving no page free (the lock file cannot be written) or one page (the lock
 fits, the shard's temporary file does not). Then:
 
-* the worker exits 1 with one ``Error: ...`` line saying which file and that the disk is full;
+* the worker exits 1 with one ``Error: ...`` line saying which file, that the disk is full, and which
+  row's result could not be recorded;
 * every shard still parses and follows the contract: the rows recorded before stay recorded, the row the
   worker was running stays ``running`` (its result could not be written; the row is run again), and no
   temporary or lock file is left;
@@ -44,15 +45,16 @@ def test_a_full_disk_keeps_the_shard_whole_and_the_worker_stops_with_a_clear_err
     _, err = worker.communicate(timeout=120)
     summary = stop_reader(reader, stop, summary_file)
 
-    assert worker.returncode == 1, err
-    last = err.strip().splitlines()[-1]
-    assert re.fullmatch(rf"Error: {re.escape(str(grid))}/shards/shard-00[01]\.csv: {what} \(the disk is full\); "
-                        rf"(it|the shard) keeps its previous content", last), err
     assert summary["failures"] == [] and summary["reads"] > 0
     assert leftovers(grid) == []
     before = rows(grid)
     running = [r for r in before.values() if r["status"] == "running"]
     assert len(running) == 1 and running[0]["worker"] == f"{HOST}:{worker.pid}"
+    assert worker.returncode == 1, err
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"Error: {re.escape(str(grid))}/shards/shard-00[01]\.csv: {what} \(the disk is full\); "
+                        rf"(it|the shard) keeps its previous content; the result of row {running[0]['row_id']} was "
+                        rf"not recorded, and the row runs again once this worker has stopped", last), err
     runs = executions(side)
     assert {r["row_id"] for r in before.values() if r["status"] == "done"} == \
         {run.row_id for run in runs.values() if run.finished} - {running[0]["row_id"]}
