@@ -89,7 +89,7 @@ ALLOWED_BUILTINS = {
     *(("builtins", name) for name in ("abs", "min", "max", "len", "sum", "isinstance")),
     *(("math", name) for name in ("log", "log2", "log10", "sqrt", "exp", "isnan")),
     *(("_operator", name) for name in ("lt", "le", "gt", "ge", "eq", "ne", "add", "sub", "mul", "truediv", "mod")),
-    (None, "int.bit_length"),  # sizing an integer power before computing it
+    (None, "int.bit_length"), (None, "bool.bit_length"),  # sizing an integer power before computing it
 }
 
 
