@@ -549,10 +549,21 @@ class Worker:
         sys.stdout.flush()
         sys.stderr.flush()
         parent = os.getpid()
-        pid = os.fork()
-        if pid == 0:  # the child: never returns
-            os.close(read_fd)
-            _child(write_fd, parent, self.spec.task, params, self._context(row_dir, row_id, seed, isolated=True))
+        # A stop asked for while the child starts (SIGUSR1 from request_stop, or scancel's SIGTERM to the
+        # process group) must reach the child's handler, not kill it with the signal's default action and
+        # turn a stopped row into a failed one: the child starts with both blocked, installs its handlers,
+        # then unblocks, and a signal sent in between waits for it.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM})
+        pid = -1
+        try:
+            pid = os.fork()
+            if pid == 0:  # the child: never returns
+                os.close(read_fd)
+                _child(write_fd, parent, self.spec.task, params, self._context(row_dir, row_id, seed, isolated=True),
+                       mask)
+        finally:
+            if pid != 0:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(write_fd)
         self._child_pid = pid
         try:
@@ -681,8 +692,12 @@ def _call_task(task: str, params: dict, ctx: Context) -> dict:
                 "traceback": traceback.format_exc()}
 
 
-def _child(write_fd: int, parent: int, task: str, params: dict, ctx: Context) -> None:
-    """Body of the forked child: run the task, send the payload up the pipe, exit without cleanup."""
+def _child(write_fd: int, parent: int, task: str, params: dict, ctx: Context, mask=frozenset()) -> None:
+    """Body of the forked child: run the task, send the payload up the pipe, exit without cleanup.
+
+    It starts with SIGUSR1 and SIGTERM blocked (see ``Worker._run_forked``) and unblocks them, restoring
+    ``mask``, once its handlers are in place.
+    """
     code = 0
     try:
         _die_with_parent(parent)
@@ -690,6 +705,7 @@ def _child(write_fd: int, parent: int, task: str, params: dict, ctx: Context) ->
         signal.signal(signal.SIGTERM, lambda *_: ctx.request_stop())
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the worker, which asks us via SIGUSR1
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         payload = _call_task(task, params, ctx)
         data = json.dumps(payload).encode()
         view = memoryview(data)

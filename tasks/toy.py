@@ -100,7 +100,9 @@ def crash(params: dict, ctx) -> dict:
         os._exit(3)
     if mode == "segfault":
         import ctypes
+        import faulthandler
 
+        faulthandler.disable()  # a planted crash: no stack dump from a faulthandler the caller enabled (pytest's)
         ctypes.string_at(0)
     if mode == "memory":
         cap_mb = int(params.get("cap_mb", 256))

@@ -165,3 +165,15 @@ def test_liveness_uses_pid_on_this_host_and_the_heartbeat_lease_elsewhere(tmp_pa
     os.utime(beat, (old, old))
     assert Liveness(tmp_path, 1.0, "me:1")(other, "2020-01-01T00:00:00Z") is True
     assert Liveness(tmp_path, 1.0, "me:1", dead_jobs=lambda: {"1234_5"})(other, "2099-01-01T00:00:00Z") is True
+
+
+def test_a_stop_that_comes_as_the_row_starts_gives_the_row_back_instead_of_killing_it(tmp_path):
+    # A stop asked for before the child has its handlers (the worker signals it at once) must reach the
+    # task as should_stop(), not kill the child with SIGUSR1's default action and fail the row.
+    grid = make_grid(tmp_path, {"task": "tasks.toy:steps", "outcomes": ["step"], "grid": {"i": [1]},
+                                "fixed": {"steps": 3, "step_s": 0.01}})
+    worker = Worker(grid, linger=False, handle_signals=False)
+    worker.request_stop()
+    for attempt in range(20):
+        payload = worker._run_forked({"i": 1, "steps": 3, "step_s": 0.01}, tmp_path / "row", "r1", 0)
+        assert payload == {"interrupted": True}, (attempt, payload)
