@@ -34,6 +34,7 @@ from common import fmt, median, with_spread  # noqa: E402
 
 SLEEP_S = 0.05
 FLOOR_OPS = 400
+FLOOR_CASE_OPS = 100
 
 
 # --------------------------------------------------------------------------- the floor
@@ -60,17 +61,17 @@ def floor_worker(directory: Path, shard: Path, ops: int) -> None:
     print(time.perf_counter() - start)
 
 
-def measure_floor(shard: Path, processes: int) -> float:
+def measure_floor(shard: Path, processes: int, ops: int = FLOOR_OPS) -> float:
     """Transactions per second of ``processes`` floor loops at once, each on its own file."""
     base = common.scratch(f"overhead/floor-{processes}")
     commands = []
     for i in range(processes):
         (base / str(i)).mkdir()
-        commands.append([common.PYTHON, __file__, "--_floor", str(base / str(i)), str(shard), str(FLOOR_OPS)])
+        commands.append([common.PYTHON, __file__, "--_floor", str(base / str(i)), str(shard), str(ops)])
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, text=True) for c in commands]
     seconds = [float(p.communicate()[0]) for p in procs]
     shutil.rmtree(base, ignore_errors=True)
-    return processes * FLOOR_OPS / max(seconds)
+    return processes * ops / max(seconds)
 
 
 # --------------------------------------------------------------------------- the baselines' workers
@@ -146,7 +147,7 @@ def expected_rows(rows: int) -> set[str]:
     return {f"{i}-{j}" for i in range(a) for j in range(b)}
 
 
-def run_gridrunner(kind: str, rows: int, workers: int, tag: str) -> dict:
+def run_gridrunner(kind: str, rows: int, workers: int, tag: str, *extra: str) -> dict:
     base = common.scratch(f"overhead/{tag}")
     record = base / "executions.txt"
     fixed = {"record_to": str(record)}
@@ -155,7 +156,7 @@ def run_gridrunner(kind: str, rows: int, workers: int, tag: str) -> dict:
     spec = common.write_spec(base / "spec.yaml", "bench", f"tasks.toy:{kind}", rows,
                              ["value" if kind == "noop" else "slept"], fixed)
     grid = common.make_grid(spec, base)
-    timed = common.run_processes(common.gridrunner_workers(grid, workers))
+    timed = common.run_processes(common.gridrunner_workers(grid, workers, *extra))
     statuses = common.grid_row_ids(grid)
     duplicates, missing, _ = common.count_executions(record, set(statuses))
     not_done = sum(1 for s in statuses.values() if s != "done")
@@ -209,7 +210,13 @@ def run_naive(kind: str, rows: int, workers: int, tag: str) -> dict:
             "ok": all(c == 0 for c in timed.codes)}
 
 
-SYSTEMS = {"gridrunner": run_gridrunner, "optuna": run_optuna, "naive": run_naive}
+def run_gridrunner_inline(kind: str, rows: int, workers: int, tag: str) -> dict:
+    """gridrunner with ``work --inline`` (no child per row): what the fork costs, for the diagnosis."""
+    return run_gridrunner(kind, rows, workers, tag, "--inline")
+
+
+SYSTEMS = {"gridrunner": run_gridrunner, "gridrunner --inline": run_gridrunner_inline, "optuna": run_optuna,
+           "naive": run_naive}
 
 
 # --------------------------------------------------------------------------- the report
@@ -225,6 +232,7 @@ def summarise(system: str, kind: str, rows: int, workers: int, runs: list[dict])
         "cpu_ms": [1000 * r["cpu"] / rows for r in runs],
         "dup": max(r["dup"] for r in runs), "missing": max(r["missing"] for r in runs),
         "ok": all(r["ok"] for r in runs),
+        "floor_ms": median([r["floor_ms"] for r in runs if "floor_ms" in r]),
     }
 
 
@@ -257,8 +265,8 @@ def render(results: list[dict], floors: dict, args, load_before: str, minutes: f
         "",
     ]
     if floor1:
-        line = f"**Floor** (lock → read → write temp → fsync → rename → unlock, 100-row shard): " \
-               f"{fmt(floor1)} transactions/s in one process ({fmt(1000 / floor1)} ms each)"
+        line = f"**Floor** (lock → read → write temp → fsync → rename → unlock, 100-row shard), at the start of " \
+               f"the run: {fmt(floor1)} transactions/s in one process ({fmt(1000 / floor1)} ms each)"
         if floors.get(8):
             line += f", {fmt(floors[8])}/s in total from 8 processes on 8 files"
         out += [line + ".", ""]
@@ -274,17 +282,20 @@ def render(results: list[dict], floors: dict, args, load_before: str, minutes: f
         if floor1:
             # One durable transaction per row is the design's floor; the multiple compares worker time.
             per_row = median(r["overhead_ms"]) if r["kind"] == "sleep" else median(r["wall_ms"])
-            cells.insert(8, fmt(per_row / (1000 / floor1), 2) if r["system"] == "gridrunner" else "")
+            cells.insert(8, fmt(per_row / r["floor_ms"], 2) if r["system"].startswith("gridrunner") else "")
         rows.append(cells)
     out.append(common.table(header, rows))
-    out += ["", "*× floor*: gridrunner's wall ms/row (no-op) or orchestration ms/row (sleep) over one floor "
-                "transaction."]
+    out += ["", f"*× floor*: gridrunner's wall ms/row (no-op) or orchestration ms/row (sleep) over one floor "
+                f"transaction, timed ({FLOOR_CASE_OPS} transactions in one process) just before each run of the "
+                f"case, because the disk's latency changed by several times during the session. Floor at the "
+                f"end of the run: {fmt(floors['end'])} transactions/s in one process "
+                f"({fmt(1000 / floors['end'])} ms each)."]
     ratios = []
     for r in results:
         if r["system"] != "gridrunner":
             continue
         for other in results:
-            if other["system"] != "gridrunner" and (other["kind"], other["rows"], other["workers"]) == \
+            if other["system"] in ("optuna", "naive") and (other["kind"], other["rows"], other["workers"]) == \
                     (r["kind"], r["rows"], r["workers"]):
                 ratios.append(f"{r['kind']} R={r['rows']:,} N={r['workers']}: "
                               f"{fmt(median(r['rows_per_s']) / median(other['rows_per_s']), 3)}× {other['system']}")
@@ -304,6 +315,8 @@ def plan(args) -> list[tuple[str, str, int, int, int]]:
                 if kind == "sleep":
                     repeats = args.sleep_repeats
                 cases.append(("gridrunner", kind, rows, n, repeats))
+                if kind == "noop" and rows in args.inline_rows:
+                    cases.append(("gridrunner --inline", kind, rows, n, 1))
                 optuna_ok = rows <= args.optuna_max and n in (
                     args.optuna_workers if kind == "noop" else args.optuna_sleep_workers)
                 if optuna_ok:
@@ -330,9 +343,11 @@ def main() -> None:
                         help="worker counts of the Optuna baseline on the no-op task")
     parser.add_argument("--optuna-sleep-workers", type=int, nargs="+", default=[8],
                         help="worker counts of the Optuna baseline on the sleep task")
-    parser.add_argument("--naive-rows-per-worker", type=int, default=2500,
+    parser.add_argument("--naive-rows-per-worker", type=int, default=10000,
                         help="the naive baseline runs where R / N is at most this (its cost per row grows with R / N)")
     parser.add_argument("--baseline-repeats", type=int, default=1)
+    parser.add_argument("--inline-rows", type=int, nargs="*", default=[2000],
+                        help="no-op sizes also run with `work --inline` (rows in the worker, no fork)")
     parser.add_argument("--no-readme", action="store_true", help="print the table, leave bench/README.md alone")
     args = parser.parse_args()
     if args.quick:
@@ -354,11 +369,15 @@ def main() -> None:
     for system, kind, rows, n, repeats in cases:
         runs = []
         for k in range(repeats):
-            run = SYSTEMS[system](kind, rows, n, f"{system}-{kind}-{rows}-{n}-{k}")
+            floor_ms = 1000 / measure_floor(shard, 1, FLOOR_CASE_OPS) if system.startswith("gridrunner") else None
+            run = SYSTEMS[system](kind, rows, n, f"{system.replace(' --', '-')}-{kind}-{rows}-{n}-{k}")
+            if floor_ms is not None:
+                run["floor_ms"] = floor_ms
             runs.append(run)
             print(f"{system:10s} {kind:5s} R={rows:<7d} N={n} wall {run['wall']:7.2f} s  cpu {run['cpu']:7.2f} s  "
                   f"dup {run['dup']} missing {run['missing']}", flush=True)
         results.append(summarise(system, kind, rows, n, runs))
+    floors["end"] = measure_floor(shard, 1)
     text = render(results, floors, args, load_before, (time.perf_counter() - started) / 60)
     print(text)
     if not args.no_readme:

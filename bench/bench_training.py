@@ -138,8 +138,11 @@ def main() -> None:
               "log_every": args.log_every, "checkpoint_every": args.steps + 1, "threads": args.threads,
               "examples": 0, **data_params(common.RUNS / "cache")}
 
+    from tasks.mri import dataset, training
+
+    # The task sets threads, op determinism and the seed at its start; set them first, so fit runs alike.
+    training.configure_tensorflow(args.threads, True, 0)
     build_start = time.perf_counter()
-    from tasks.mri import dataset
 
     data = dataset.DataConfig.from_params(params)
     _, built = dataset.load_pairs(data, "train", common.RUNS / "cache")

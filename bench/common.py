@@ -11,6 +11,7 @@ import math
 import os
 import platform
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -34,7 +35,10 @@ if str(ROOT) not in sys.path:
 
 
 def gridrunner_command() -> list[str]:
-    """The ``gridrunner`` console script of this interpreter's environment, else ``python -m``."""
+    """The ``gridrunner`` command the benchmarks run: ``$BENCH_GRIDRUNNER`` if set (to measure another
+    build side by side), else the console script of this interpreter's environment, else ``python -m``."""
+    if os.environ.get("BENCH_GRIDRUNNER"):
+        return shlex.split(os.environ["BENCH_GRIDRUNNER"])
     script = Path(PYTHON).parent / "gridrunner"
     return [str(script)] if script.exists() else [PYTHON, "-m", "gridrunner.cli"]
 
