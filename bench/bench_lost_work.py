@@ -196,7 +196,7 @@ def run_placement(placement: str, args, seed: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=WORKERS)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--step-s", type=float, default=0.05)
     parser.add_argument("--checkpoint-every", type=int, default=10)
     parser.add_argument("--lease-s", type=float, default=2.0, help="the spec's lease_s (heartbeat every lease/4)")
