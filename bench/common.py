@@ -213,8 +213,17 @@ def load_average() -> str:
         return "?"
 
 
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+START_COMMIT = _commit()  # the code the run started with; others may commit while a long run goes on
+
+
 def machine_line(load_before: str) -> str:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = _commit()
+    if commit != START_COMMIT:
+        commit = f"{START_COMMIT} (HEAD was {commit} at the end)"
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "gridrunner"], cwd=ROOT, capture_output=True,
                            text=True).stdout.strip()
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
