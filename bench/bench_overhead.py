@@ -14,8 +14,8 @@ and counts every execution in a side file, so duplicates and missing rows are me
 * **floor**: lock (an ``O_EXCL`` lock file) → read a 100-row shard → write a temporary file → fsync
   → rename → unlock, in a loop, on the same disk: the cost of one durable shard transaction.
 
-    .venv/bin/python bench/bench_overhead.py            # the full run (about 20 minutes on 2 cores)
-    .venv/bin/python bench/bench_overhead.py --quick    # 2,000 no-op and 400 sleep rows, once (about 2 minutes)
+    .venv/bin/python bench/bench_overhead.py            # the full run (about 27 minutes on 2 cores)
+    .venv/bin/python bench/bench_overhead.py --quick    # 500 and 2,000 no-op rows, 400 sleep rows, once (about 3 minutes)
 """
 from __future__ import annotations
 
@@ -328,7 +328,8 @@ def plan(args) -> list[tuple[str, str, int, int, int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2,000 no-op rows and 400 sleep rows, N = 1 and 8, once")
+    parser.add_argument("--quick", action="store_true",
+                        help="500 and 2,000 no-op rows (Optuna at 500), 400 sleep rows, N = 1 and 8, once")
     parser.add_argument("--rows", type=int, nargs="+", default=[2000, 20000, 200000], help="no-op grid sizes")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 8])
     parser.add_argument("--all-workers-max", type=int, default=20000,
@@ -351,7 +352,7 @@ def main() -> None:
     parser.add_argument("--no-readme", action="store_true", help="print the table, leave bench/README.md alone")
     args = parser.parse_args()
     if args.quick:
-        args.rows, args.workers, args.repeats, args.sleep_rows = [2000], [1, 8], 1, [400]
+        args.rows, args.workers, args.repeats, args.sleep_rows, args.optuna_max = [500, 2000], [1, 8], 1, [400], 500
     load_before = common.load_average()
     started = time.perf_counter()
 
