@@ -243,14 +243,7 @@ def main() -> None:
             notes.append(f"{placement}: {unmatched} killed row(s) never started again (they finished first).")
     minutes = (time.perf_counter() - started) / 60
     lines = [
-        "## Lost work after kills",
-        "",
-        "```",
-        common.command_line(),
-        "```",
-        "",
-        common.machine_line(load_before) + f" The whole run took {minutes:.1f} minutes.",
-        "",
+        *common.section("Lost work after kills", load_before, minutes),
         f"{args.rows} rows of `tasks.toy:steps`, {args.steps} steps of {args.step_s:g} s, a checkpoint every "
         f"{args.checkpoint_every} steps ({fmt(args.checkpoint_every * args.step_s)} s), lease {args.lease_s:g} s "
         f"(heartbeat every {fmt(args.lease_s / 4)} s), {WORKERS} workers, a SIGKILL every "
@@ -264,10 +257,7 @@ def main() -> None:
     ]
     if notes:
         lines += [""] + notes
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_readme:
-        common.update_readme("lost_work", text)
+    common.publish("lost_work", lines, readme=not args.no_readme)
 
 
 if __name__ == "__main__":

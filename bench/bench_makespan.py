@@ -97,14 +97,7 @@ def main() -> None:
     minutes = (time.perf_counter() - started) / 60
     short = sum(1 for t in times if t < 2 * min(times))
     lines = [
-        "## Makespan with stragglers",
-        "",
-        "```",
-        common.command_line(),
-        "```",
-        "",
-        common.machine_line(load_before) + f" The whole run took {minutes:.1f} minutes.",
-        "",
+        *common.section("Makespan with stragglers", load_before, minutes),
         f"{args.rows} sleep rows, 8 workers, 8 shards of {args.rows // WORKERS}. Durations "
         f"{fmt(min(times))}–{fmt(max(times))} s (mean {fmt(sum(times) / len(times))} s, median "
         f"{fmt(median(times))} s; {short} of {args.rows} under twice the shortest). Lower bound "
@@ -118,10 +111,7 @@ def main() -> None:
                        max(r["dup"] for r in runs), max(r["missing"] for r in runs)]
                       for mode, runs in results.items()]),
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_readme:
-        common.update_readme("makespan", text)
+    common.publish("makespan", lines, readme=not args.no_readme)
 
 
 if __name__ == "__main__":

@@ -182,6 +182,11 @@ def run_optuna(kind: str, rows: int, workers: int, tag: str) -> dict:
     a, b = common.two_factors(rows)
     commands = [[common.PYTHON, __file__, "--_optuna", storage_path, f"{a}x{b}", str(record), kind]
                 for _ in range(workers)]
+    return _run_baseline(commands, record, rows, base)
+
+
+def _run_baseline(commands: list[list[str]], record: Path, rows: int, base: Path) -> dict:
+    """Run a baseline's worker processes, count their executions, and clear their scratch folder."""
     timed = common.run_processes(commands)
     duplicates, missing, _ = common.count_executions(record, expected_rows(rows))
     shutil.rmtree(base, ignore_errors=True)
@@ -203,11 +208,7 @@ def run_naive(kind: str, rows: int, workers: int, tag: str) -> dict:
         path = base / f"worker-{w}.csv"
         frame.iloc[w::workers].to_csv(path, index=False)
         commands.append([common.PYTHON, __file__, "--_naive", str(path), str(record), kind])
-    timed = common.run_processes(commands)
-    duplicates, missing, _ = common.count_executions(record, expected_rows(rows))
-    shutil.rmtree(base, ignore_errors=True)
-    return {"wall": timed.wall_s, "cpu": timed.cpu_s, "dup": duplicates, "missing": missing,
-            "ok": all(c == 0 for c in timed.codes)}
+    return _run_baseline(commands, record, rows, base)
 
 
 def run_gridrunner_inline(kind: str, rows: int, workers: int, tag: str) -> dict:
@@ -236,17 +237,10 @@ def summarise(system: str, kind: str, rows: int, workers: int, runs: list[dict])
     }
 
 
-def render(results: list[dict], floors: dict, args, load_before: str, minutes: float) -> str:
+def render(results: list[dict], floors: dict, args, load_before: str, minutes: float) -> list[str]:
     floor1 = floors.get(1)
     out = [
-        "## Orchestration overhead",
-        "",
-        "```",
-        common.command_line(),
-        "```",
-        "",
-        common.machine_line(load_before) + f" The whole run took {minutes:.1f} minutes.",
-        "",
+        *common.section("Orchestration overhead", load_before, minutes),
         "Median of the repeats, (min–max) where there were several. *wall ms/row* = 1000 · wall / R, the "
         "whole grid's time per row (its inverse is rows/s). *orchestration ms/row* = 1000 · (wall · N − "
         "R · task) / R: the worker time per row that is not the task (task = 0 for no-op, 0.05 s for sleep; "
@@ -301,7 +295,7 @@ def render(results: list[dict], floors: dict, args, load_before: str, minutes: f
                               f"{fmt(median(r['rows_per_s']) / median(other['rows_per_s']), 3)}× {other['system']}")
     if ratios:
         out += ["", "gridrunner's rows/s over the baseline's at the same R and N: " + "; ".join(ratios) + "."]
-    return "\n".join(out)
+    return out
 
 
 def plan(args) -> list[tuple[str, str, int, int, int]]:
@@ -379,10 +373,8 @@ def main() -> None:
                   f"dup {run['dup']} missing {run['missing']}", flush=True)
         results.append(summarise(system, kind, rows, n, runs))
     floors["end"] = measure_floor(shard, 1)
-    text = render(results, floors, args, load_before, (time.perf_counter() - started) / 60)
-    print(text)
-    if not args.no_readme:
-        common.update_readme("overhead", text)
+    lines = render(results, floors, args, load_before, (time.perf_counter() - started) / 60)
+    common.publish("overhead", lines, readme=not args.no_readme)
 
 
 if __name__ == "__main__":

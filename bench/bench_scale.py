@@ -125,14 +125,7 @@ def main() -> None:
                          with_spread([r.cpu_s for r in runs]), fmt(max(r.peak_rss_mb for r in runs)),
                          verdict + ("" if ok else " (the command failed)")])
     lines = [
-        "## Scale of make, status and analyze",
-        "",
-        "```",
-        common.command_line(),
-        "```",
-        "",
-        common.machine_line(load_before) + f" The whole run took {minutes:.1f} minutes.",
-        "",
+        *common.section("Scale of make, status and analyze", load_before, minutes),
         "Each command in its own subprocess; wall and CPU seconds, median of the runs (min–max); peak "
         "RSS from `wait4`, the largest of the runs. `status` and `analyze` ran on grids whose results "
         "were fabricated through `GridStore.transaction` (every row done, 5% failed; "
@@ -141,10 +134,7 @@ def main() -> None:
         "",
         common.table(["command", "rows", "runs", "wall s", "CPU s", "peak RSS MB", "target"], rows_out),
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_readme:
-        common.update_readme("scale", text)
+    common.publish("scale", lines, readme=not args.no_readme)
 
 
 if __name__ == "__main__":

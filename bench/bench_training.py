@@ -173,14 +173,7 @@ def main() -> None:
     minutes = (time.perf_counter() - started) / 60
 
     lines = [
-        "## Training throughput",
-        "",
-        "```",
-        common.command_line(),
-        "```",
-        "",
-        common.machine_line(load_before) + f" The whole run took {minutes:.1f} minutes.",
-        "",
+        *common.section("Training throughput", load_before, minutes),
         f"DnCNN depth {MODEL['depth']}, {MODEL['filters']} filters, {MODEL['kernel']}×{MODEL['kernel']}, "
         f"{args.loss} loss, batch {args.batch_size}, 64×64 MNI slices (radial, 41 spokes; {train_pairs} "
         f"training pairs), {args.steps} steps per run, TensorFlow threads: "
@@ -204,10 +197,7 @@ def main() -> None:
         f"build is {fmt(100 * median(startup) / study_s, 2)}% of it, and {fmt(100 * median(startup_traced) / study_s, 2)}% "
         f"with the first step's trace.",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_readme:
-        common.update_readme("training", text)
+    common.publish("training", lines, readme=not args.no_readme)
 
 
 if __name__ == "__main__":

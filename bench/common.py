@@ -256,3 +256,17 @@ def command_line() -> str:
         pass
     args = " ".join(sys.argv[1:])
     return f".venv/bin/python {script}{' ' + args if args else ''}"
+
+
+def section(title: str, load_before: str, minutes: float) -> list[str]:
+    """The first lines of a README section: its heading, the command that reproduces it, the machine."""
+    return [f"## {title}", "", "```", command_line(), "```", "",
+            machine_line(load_before) + f" The whole run took {minutes:.1f} minutes.", ""]
+
+
+def publish(name: str, lines: list[str], readme: bool = True) -> None:
+    """Print a section and, unless ``readme`` is false, write it between its markers in bench/README.md."""
+    text = "\n".join(lines)
+    print(text)
+    if readme:
+        update_readme(name, text)
