@@ -21,6 +21,7 @@ command returns unless ``--wait`` is given.
 from __future__ import annotations
 
 import difflib
+import getpass
 import json
 import logging
 import os
@@ -315,11 +316,13 @@ class SchedulerView:
 
 
 def _completing_jobs() -> set[str]:
-    """Ids (``array_task`` for array tasks) of the jobs slurmctld is still ending; empty if squeue fails."""
+    """Ids (``array_task`` for array tasks) of this user's jobs that slurmctld is still ending; empty if squeue
+    fails. (Only this user's: a grid's jobs are, and a large cluster's queue need not be listed.)"""
     if not shutil.which("squeue"):
         return set()
     try:
-        listed = subprocess.run(["squeue", "--noheader", "--array", "--states=COMPLETING", "--format=%i"],
+        listed = subprocess.run(["squeue", "--noheader", "--array", "--states=COMPLETING", "--format=%i",
+                                 f"--user={getpass.getuser()}"],
                                 capture_output=True, text=True, timeout=60, check=True).stdout
     except (OSError, subprocess.SubprocessError) as err:
         logging.getLogger("gridrunner.submit").warning("squeue failed (%s); ended jobs count as gone", err)
