@@ -549,6 +549,10 @@ class Worker:
         sys.stdout.flush()
         sys.stderr.flush()
         parent = os.getpid()
+        # Built before the fork: every object a fresh child creates costs it copy-on-write page faults.
+        ctx = self._context(row_dir, row_id, seed, isolated=True)
+        if self._stop.is_set():
+            ctx.request_stop()  # the child starts stopped, however late the signal below reaches it
         # A stop asked for while the child starts (SIGUSR1 from request_stop, or scancel's SIGTERM to the
         # process group) must reach the child's handler, not kill it with the signal's default action and
         # turn a stopped row into a failed one: the child starts with both blocked, installs its handlers,
@@ -559,8 +563,7 @@ class Worker:
             pid = os.fork()
             if pid == 0:  # the child: never returns
                 os.close(read_fd)
-                _child(write_fd, parent, self.spec.task, params, self._context(row_dir, row_id, seed, isolated=True),
-                       mask)
+                _child(write_fd, parent, self.spec.task, params, ctx, mask)
         finally:
             if pid != 0:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -726,16 +729,15 @@ def _child(write_fd: int, parent: int, task: str, params: dict, ctx: Context, ma
 
 
 try:
-    _LIBC = ctypes.CDLL(None, use_errno=True)
-except OSError:  # pragma: no cover - not Linux
-    _LIBC = None
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # looked up once here, not in every child
+except (OSError, AttributeError):  # pragma: no cover - not Linux
+    _PRCTL = None
+_PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent(parent: int) -> None:
     """Ask the kernel to SIGKILL this process when the worker dies (Linux); exit if it already has."""
-    try:
-        _LIBC.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except AttributeError:
-        pass
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
     if os.getppid() != parent:
         os._exit(1)

@@ -163,9 +163,9 @@ def test_rows_of_cancelled_array_tasks_are_run_again_by_the_next_submit(project,
 @pytest.mark.timeout(120)
 def test_a_cancelled_job_keeps_its_row_until_slurm_has_ended_its_processes(project, slurm_cluster):
     side = project / "side.log"
-    # The row outlives the cancel by 3 s, within Slurm's KillWait (5 s): the cancelled job finishes it.
+    # The row outlives the cancel by 2.5 s, within Slurm's KillWait (5 s): the cancelled job finishes it.
     grid = make_grid(project, {"task": "tasks.toy:sleep", "outcomes": ["slept"], "grid": {"i": [0]},
-                               "fixed": {"duration": 4.5, "record_to": str(side)}})
+                               "fixed": {"duration": 4.0, "record_to": str(side)}})
     gridrunner("submit", "--shards", "1")
     assert wait_until(lambda: running_rows(grid), 60)
     ((row_id, job),) = running_rows(grid).items()
