@@ -28,6 +28,10 @@ NFSv3 and later) holding ``host pid time token``. Assumptions and race windows:
   the newer state. The window left is a stall of more than ``stale_s`` between that check and the rename.
 * A holder killed in the middle of a write leaves its temporary file. Only a lock holder writes a shard's
   temporary files, so whoever takes the lock after breaking a stale one deletes them.
+* A breaker killed between its rename and its unlink leaves the renamed lock. Its name carries the
+  breaker's host and pid (``<shard>.lock.broken-<host>-<pid>-<hex>``), so it is deleted, without a
+  lock, once that breaker is gone (another host's after ``stale_s``): by whoever next breaks a stale
+  lock of that shard, and by every worker as it starts (:meth:`GridStore.recover`) and ends.
 * A holder that cannot write its name into the lock file (a full disk) deletes the file and fails, rather
   than leave an empty lock that others must wait out.
 
@@ -187,7 +191,7 @@ class ShardLock:
         content = self._read(self.path)
         if not self._is_stale(content, mtime):
             return content or "a holder that has not written its name yet"
-        taken = f"{self.path}.broken-{secrets.token_hex(6)}"
+        taken = f"{self.path}.{BROKEN}{HOST}-{os.getpid()}-{secrets.token_hex(6)}"
         try:
             os.rename(self.path, taken)
         except FileNotFoundError:
@@ -205,6 +209,29 @@ class ShardLock:
         except FileNotFoundError:
             pass
         return None
+
+
+BROKEN = "broken-"  # a lock being broken: ``<shard>.lock.broken-<host>-<pid>-<hex>`` (see ShardLock)
+
+
+def remove_orphaned_breaks(shard_dir: Path, name: str | None = None, stale_s: float = 60.0) -> list[Path]:
+    """Delete the renamed locks that breakers killed in the middle of a break left (of the shard ``name``,
+    or of every shard). Only a gone breaker's: a live one unlinks its own microseconds after the rename,
+    and deleting it under its feet would make it think it took a fresh lock. Needs no lock."""
+    removed = []
+    for path in Path(shard_dir).glob(f"{glob.escape(name) if name else '*'}.lock.{BROKEN}*"):
+        breaker = path.name.rsplit(f".lock.{BROKEN}", 1)[1].rsplit("-", 2)
+        try:
+            if len(breaker) == 3 and breaker[0] == HOST:
+                gone = not pid_alive(int(breaker[1]))
+            else:  # another host's (or an older name without its breaker): by age
+                gone = time.time() - path.lstat().st_ctime > stale_s
+        except (ValueError, FileNotFoundError):
+            continue
+        if gone:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def pid_alive(pid: int) -> bool:
@@ -585,6 +612,7 @@ class GridStore:
                                   f"its previous content") from err
         if lock.broke_stale:
             remove_orphaned_temps(path)
+            remove_orphaned_breaks(path.parent, path.name, self.lock_stale_s)
         try:
             shard = self.read(path)
             yield shard
@@ -743,11 +771,14 @@ class GridStore:
         return [path] + [target for _, target in pending]
 
     def recover(self) -> list[Path]:
-        """Finish a split that was interrupted after its source shard was rewritten."""
+        """Finish a split that was interrupted after its source shard was rewritten, and delete the locks
+        that breakers killed in the middle of a break left (see :class:`ShardLock`). Returns the paths."""
         done = []
         for tmp in sorted(self.shard_dir.glob("shard-*.csv.pending")):
             os.replace(tmp, tmp.with_name(tmp.name[: -len(".pending")]))
             done.append(tmp)
+        if self.shard_dir.is_dir():
+            done += remove_orphaned_breaks(self.shard_dir, stale_s=self.lock_stale_s)
         return done
 
     # ---- making

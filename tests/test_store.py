@@ -198,6 +198,36 @@ def test_lock_excludes_and_breaks_a_dead_holders_lock(tmp_path):
     assert not path.exists()
 
 
+def test_a_lock_that_a_killed_breaker_left_half_broken_is_deleted_once_its_breaker_is_gone(grid):
+    """A breaker SIGKILLed between renaming a stale lock and deleting it leaves the renamed file: it goes at
+    the next break of that shard's lock and at every worker's start, but never while its breaker lives."""
+    path = shard_file(grid)
+    host = os.uname().nodename
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+
+    def leave(breaker_pid: int, tag: str, host: str = host) -> Path:
+        left = Path(f"{path}.lock.broken-{host}-{breaker_pid}-{tag}")
+        left.write_text(f"{host} 999999999 {time.time():.3f} deadbeef\n")
+        return left
+
+    by_dead, by_live, elsewhere = leave(dead.pid, "aaaaaaaaaaaa"), leave(os.getpid(), "bbbbbbbbbbbb"), \
+        leave(4242, "cccccccccccc", host="another-node")
+    store = GridStore(grid)
+    assert store.recover() == [by_dead]
+    assert not by_dead.exists() and by_live.exists() and elsewhere.exists()  # another host's: by age only
+
+    # The next break of a stale lock deletes what dead breakers left beside that shard.
+    by_dead = leave(dead.pid, "dddddddddddd")
+    Path(f"{path}.lock").write_text(f"{host} {dead.pid} {time.time():.3f} deadbeef\n")
+    _, scan = store.claim(path, "h:1", lambda *a: False, 3)
+    assert scan.claim is not None
+    assert not by_dead.exists() and by_live.exists()
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(
+        [p.name for p in (by_live, elsewhere)] + [p.name for p in path.parent.glob("shard-*.csv")])
+    assert GridStore(grid, lock_stale_s=0.0).recover() == [elsewhere]
+
+
 def test_killed_lock_holder_in_the_middle_of_a_write_does_not_block_others(grid):
     """SIGKILL a process that holds the shard lock and has half-written its temp file."""
     path = shard_file(grid)
