@@ -113,7 +113,8 @@ def make(spec, runs_dir, dry_run):
               help="After the home shard, claim rows from the other shards.")
 @click.option("--lease", "lease_s", type=click.FloatRange(min=0.1), default=None,
               help="Seconds without a heartbeat before a running row counts as abandoned (default: the spec's lease_s).")
-@click.option("--inline", is_flag=True, help="Run tasks inside this process (debugging) instead of a child per row.")
+@click.option("--inline", is_flag=True,
+              help="Run tasks inside this process (debugging) instead of a fresh child process per row.")
 @click.option("--linger/--no-linger", default=True, show_default=True,
               help="When nothing is claimable, wait while other workers still run rows, to take over if they die.")
 @click.option("--max-rows", type=click.IntRange(min=1), default=None, help="Stop after this many rows.")
@@ -141,7 +142,7 @@ def work(grid, runs_dir, shard, steal, lease_s, inline, linger, max_rows, grace_
 
 def _scheduler_dead_jobs(grid_dir):
     """The grid's ended Slurm jobs, as ``SchedulerView.dead_jobs``, importing submission (and submitit) at the
-    first question: a worker forks a child per row, and every imported module makes each fork dearer."""
+    first question: a worker that never asks (no Slurm job holds a row) starts faster without them."""
     view = []
 
     def dead_jobs():

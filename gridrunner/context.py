@@ -16,7 +16,6 @@ Tests and notebooks can build one directly: ``Context(row_dir=tmp_path / "row")`
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -57,7 +56,9 @@ class Context:
         self.isolated = isolated
         self.checkpoint_dir = self.row_dir / CHECKPOINT_DIR
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        self._stop = threading.Event()
+        # A plain flag: set from a signal handler or another thread, read by the task (an assignment is
+        # atomic, and a forked row's process imports no threading for it).
+        self._stopped = False
         self._should_stop_hook = should_stop
 
     def log(self, step: int, **metrics: float) -> None:
@@ -69,15 +70,13 @@ class Context:
 
     def should_stop(self) -> bool:
         """True once the worker has been asked to stop; poll it between training steps."""
-        if self._stop.is_set():
-            return True
-        if self._should_stop_hook is not None and self._should_stop_hook():
-            self._stop.set()
-        return self._stop.is_set()
+        if not self._stopped and self._should_stop_hook is not None and self._should_stop_hook():
+            self._stopped = True
+        return self._stopped
 
     def request_stop(self) -> None:
         """Make :meth:`should_stop` true (the worker calls this from its signal handler)."""
-        self._stop.set()
+        self._stopped = True
 
     def history(self) -> list[dict]:
         """The records logged so far for this row (read back from ``history.jsonl``)."""

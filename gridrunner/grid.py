@@ -173,14 +173,24 @@ def _rows_to_write(spec: Spec, existing: dict, report: MakeReport):
             yield row.cells, row.row_id
 
 
+FAST_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def read_resolved(grid_dir: str | Path) -> dict:
     path = Path(grid_dir) / SPEC_FILE
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            text = fh.read()
     except FileNotFoundError:
         raise GridError(f"{grid_dir} is not a grid directory (no {SPEC_FILE}); run `gridrunner make SPEC` first") from None
-    except yaml.YAMLError as err:  # a hand edit; safe_load never runs code, whatever the tags say
+    try:
+        # libyaml's safe loader where PyYAML has it (every worker reads this file as it starts); when the
+        # file does not parse, the pure one's, whose messages are the ones documented.
+        try:
+            data = yaml.load(text, Loader=FAST_SAFE_LOADER)
+        except yaml.YAMLError:
+            data = yaml.safe_load(text)
+    except yaml.YAMLError as err:  # a hand edit; safe loaders never run code, whatever the tags say
         mark = getattr(err, "problem_mark", None)
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise SpecError(path, None, f"invalid YAML: {problem}; re-run `gridrunner make` on the source spec",
@@ -190,9 +200,10 @@ def read_resolved(grid_dir: str | Path) -> dict:
     return data
 
 
-def saved_spec(grid_dir: str | Path, check_task: bool = False) -> Spec:
-    """The grid's resolved spec as a :class:`Spec` (no task import unless asked)."""
-    data = read_resolved(grid_dir)
+def saved_spec(grid_dir: str | Path, check_task: bool = False, resolved: dict | None = None) -> Spec:
+    """The grid's resolved spec as a :class:`Spec` (no task import unless asked); ``resolved`` is what
+    :func:`read_resolved` returned, when the caller has read it already."""
+    data = read_resolved(grid_dir) if resolved is None else resolved
     clean = {k: v for k, v in data.items() if k not in ("project_dir", "source", "made_at")}
     return validate(clean, path=Path(grid_dir) / SPEC_FILE, check_task=check_task)
 

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import importlib
-import importlib.util
 import itertools
 import json
 import math
@@ -42,6 +40,7 @@ import yaml
 
 from gridrunner.errors import ExprError, SpecError
 from gridrunner.expr import Expr
+from gridrunner.spawner import resolve_task
 
 #: Bookkeeping columns, between the parameters and the outcomes (the CSV contract).
 BOOK_COLUMNS = ("row_id", "status", "attempts", "worker", "started_at", "finished_at", "runtime_s", "error")
@@ -543,40 +542,6 @@ def _unknown_param(key, params) -> str:
 
 def _kind(value) -> str:
     return {dict: "a mapping", list: "a list", str: "a string", type(None): "nothing"}.get(type(value), type(value).__name__)
-
-
-# --------------------------------------------------------------------------- tasks
-
-_RESOLVED: dict = {}
-
-
-def resolve_task(task: str):
-    """The callable for a spec's ``task``: ``name`` → ``tasks.name:run``; ``mod:fn`` → ``mod.fn``,
-    falling back to ``tasks.mod.fn`` when ``mod`` is not importable on its own."""
-    if task not in _RESOLVED:
-        _RESOLVED[task] = _resolve_task(task)
-    return _RESOLVED[task]
-
-
-def _resolve_task(task: str):
-    module_name, _, func_name = task.partition(":")
-    func_name = func_name or "run"
-    candidates = [module_name, f"tasks.{module_name}"] if ":" in task else [f"tasks.{module_name}", module_name]
-    for name in candidates:
-        try:
-            found = importlib.util.find_spec(name)
-        except (ImportError, ValueError):
-            found = None
-        if found is None:
-            continue
-        module = importlib.import_module(name)
-        func = getattr(module, func_name, None)
-        if not callable(func):
-            raise SpecError(None, "task", f"module {name!r} has no function {func_name!r}")
-        return func
-    raise SpecError(None, "task", f"cannot import task {task!r}: no module {module_name!r} in the current "
-                                  f"directory, on the Python path or in tasks/ (valid: 'module:function' or the "
-                                  f"name of a module in tasks/)")
 
 
 # --------------------------------------------------------------------------- expansion

@@ -10,11 +10,12 @@ again, when any of these holds:
 
 Heartbeats never rewrite a shard: a thread touches the worker's own file every quarter lease.
 
-Each row runs in a fresh child process by default (forked; the task module is imported in the child),
-so a segfault, an ``os._exit`` or an out-of-memory kill costs the row, not the worker, and TensorFlow's
-GPU memory goes back at the end of every row. The child dies with the worker (``PR_SET_PDEATHSIG``),
-so a killed worker never leaves a row running behind its back. ``inline=True`` runs the task in the
-worker itself, for debugging.
+Each row runs in a fresh child process by default, so a segfault, an ``os._exit`` or an out-of-memory
+kill costs the row, not the worker, and TensorFlow's GPU memory goes back at the end of every row. The
+worker's small spawner process (:mod:`gridrunner.spawner`) forks it, which is cheaper than forking the
+worker; it dies with the worker, and the row's process with it (``PR_SET_PDEATHSIG``), so a killed
+worker never leaves a row running behind its back. ``inline=True`` runs the task in the worker itself,
+for debugging.
 
 Stopping: SIGTERM, SIGINT (Ctrl-C), SIGUSR2 or :meth:`Worker.request_stop` make ``ctx.should_stop()``
 true in the running row (the child gets SIGUSR1). The task saves a checkpoint and raises
@@ -25,7 +26,6 @@ written to the shard: it is saved as ``rows/<id>/stale-result-<worker>.json`` an
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import math
@@ -35,16 +35,17 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 from gridrunner.context import Context, seed_from_row_id
-from gridrunner.errors import ExprError, GridError, Interrupted
+from gridrunner.errors import ExprError, GridError
 from gridrunner.grid import read_resolved, saved_spec
-from gridrunner.spec import resolve_task, task_params
-from gridrunner.store import HOST, Claim, GridStore, Result, StoreWriteError, parse_iso, pid_alive, shard_index
+from gridrunner.spawner import Spawner, SpawnerDied, call_task
+from gridrunner.spec import task_params
+from gridrunner.store import (HOST, Claim, GridStore, Result, StoreWriteError, parse_iso, pid_alive,
+                              remove_orphaned_breaks, shard_index)
 
 log = logging.getLogger("gridrunner.worker")
 
@@ -226,8 +227,9 @@ class Worker:
         preload: bool = True,
     ):
         self.grid_dir = Path(grid_dir)
-        self.spec = saved_spec(self.grid_dir)
-        self.project_dir = read_resolved(self.grid_dir).get("project_dir")
+        resolved = read_resolved(self.grid_dir)
+        self.spec = saved_spec(self.grid_dir, resolved=resolved)
+        self.project_dir = resolved.get("project_dir")
         self.store = GridStore(self.grid_dir)
         self.home = shard
         self.steal = steal
@@ -243,6 +245,7 @@ class Worker:
         self.preload = preload
         self._stop = threading.Event()
         self._child_pid: int | None = None
+        self._spawner: Spawner | None = None
         self._ctx: Context | None = None
         self._kill_timer: threading.Timer | None = None
         self._skip: dict[Path, tuple] = {}
@@ -294,11 +297,12 @@ class Worker:
         if self.handle_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
                 previous[sig] = signal.signal(sig, self.request_stop)
-        if self.preload and not self.inline:
-            _preload_if_light(self.spec.task)
         heartbeat = Heartbeat(self.grid_dir, self.worker_id, self.lease_s)
-        heartbeat.start()
         try:
+            if not self.inline:
+                self._spawner = Spawner(self.spec.task, preload=self.preload)
+                self._spawner.start()  # before claiming anything: a spawner that cannot start costs no row
+            heartbeat.start()
             self.store.recover()
             self._loop(summary)
         except StoreWriteError as err:
@@ -306,6 +310,14 @@ class Worker:
             log.error("%s; stopping", err)
         finally:
             heartbeat.stop()
+            if self._spawner is not None:
+                self._spawner.close()
+                self._spawner = None
+            try:
+                # Locks that breakers killed in the middle of a break left meanwhile (see ShardLock).
+                remove_orphaned_breaks(self.store.shard_dir, stale_s=self.store.lock_stale_s)
+            except OSError as err:
+                log.warning("cleaning up after killed processes: %s", err)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             summary.elapsed_s = time.monotonic() - start
@@ -540,65 +552,48 @@ class Worker:
         if self._stop.is_set():
             ctx.request_stop()
         try:
-            return _call_task(self.spec.task, params, ctx)
+            return call_task(self.spec.task, params, ctx)
         finally:
             self._ctx = None
 
     def _run_forked(self, params, row_dir, row_id, seed) -> dict:
-        read_fd, write_fd = os.pipe()
+        if self._spawner is None:
+            self._spawner = Spawner(self.spec.task, preload=self.preload)
         sys.stdout.flush()
         sys.stderr.flush()
-        parent = os.getpid()
-        # Built before the fork: every object a fresh child creates costs it copy-on-write page faults.
-        ctx = self._context(row_dir, row_id, seed, isolated=True)
-        if self._stop.is_set():
-            ctx.request_stop()  # the child starts stopped, however late the signal below reaches it
-        # A stop asked for while the child starts (SIGUSR1 from request_stop, or scancel's SIGTERM to the
-        # process group) must reach the child's handler, not kill it with the signal's default action and
-        # turn a stopped row into a failed one: the child starts with both blocked, installs its handlers,
-        # then unblocks, and a signal sent in between waits for it.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM})
-        pid = -1
+        request = {"task": self.spec.task, "params": params, "row_dir": str(row_dir), "row_id": row_id,
+                   "seed": seed, "grid_dir": str(self.grid_dir), "stopped": self._stop.is_set()}
         try:
-            pid = os.fork()
-            if pid == 0:  # the child: never returns
-                os.close(read_fd)
-                _child(write_fd, parent, self.spec.task, params, ctx, mask)
-        finally:
-            if pid != 0:
-                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        os.close(write_fd)
-        self._child_pid = pid
+            pid = self._spawner.begin(request)
+        except SpawnerDied as err:
+            return {"error": f"TaskDied: {err} before the row's process started"}
+        if pid > 0:
+            self._child_pid = pid
         try:
-            if self._stop.is_set():
-                os.kill(pid, signal.SIGUSR1)
-            chunks = []
-            while True:
-                data = os.read(read_fd, 1 << 16)
-                if not data:
-                    break
-                chunks.append(data)
-            _, status = os.waitpid(pid, 0)
+            if pid > 0 and self._stop.is_set():
+                os.kill(pid, signal.SIGUSR1)  # a stop asked for while the request was on its way
+            ended = self._spawner.end()
+        except SpawnerDied as err:
+            return {"error": f"TaskDied: {err} while the row ran (its process dies with it)"}
         finally:
-            os.close(read_fd)
             self._child_pid = None
             if self._kill_timer is not None:
                 self._kill_timer.cancel()
                 self._kill_timer = None
-        raw = b"".join(chunks)
+        raw = ended["payload"]
         if raw:
             try:
                 return json.loads(raw)
             except ValueError:
                 pass
-        if os.WIFSIGNALED(status):
-            sig = os.WTERMSIG(status)
+        sig = ended.get("signal")
+        if sig is not None:
             if self._stop.is_set() and sig == signal.SIGKILL:
                 return {"interrupted": True, "note": "killed after the stop grace period"}
             name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
             hint = " (out of memory?)" if sig == signal.SIGKILL else ""
             return {"error": f"TaskDied: the task process was killed by {name}{hint}"}
-        return {"error": f"TaskDied: the task process exited with code {os.WEXITSTATUS(status)} without a result"}
+        return {"error": f"TaskDied: the task process exited with code {ended.get('code')} without a result"}
 
     def _classify(self, payload: dict, params: dict, row_dir: Path, runtime: float, claim: Claim) -> Result:
         if payload.get("interrupted"):
@@ -629,115 +624,6 @@ class Worker:
         return Result("done", metrics=metrics, runtime_s=runtime)
 
 
-HEAVY_MODULES = ("tensorflow", "torch", "jax", "cupy", "keras")
-
-
-def _preload_if_light(task: str) -> bool:
-    """Import the task's module in the worker, so each forked row skips the import, but only if doing so
-    loads none of ``HEAVY_MODULES`` (forking after those start their threads or a GPU is unsafe).
-
-    A throwaway child imports the module first and reports what it loaded.
-    """
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(read_fd)
-            before = set(sys.modules)
-            resolve_task(task)
-            heavy = any(name.split(".")[0] in HEAVY_MODULES for name in set(sys.modules) - before)
-            os.write(write_fd, b"heavy" if heavy else b"light")
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    try:
-        answer = os.read(read_fd, 16)
-    finally:
-        os.close(read_fd)
-        os.waitpid(pid, 0)
-    if answer == b"light":
-        try:
-            resolve_task(task)
-        except Exception:  # noqa: BLE001 - the row's own run reports the import error
-            return False
-        return True
-    return False
-
-
 def _save_traceback(row_dir: Path, claim: Claim, text: str) -> None:
     with open(row_dir / TRACEBACK_FILE, "a", encoding="utf-8") as fh:
         fh.write(f"--- attempt {claim.attempt} by {claim.worker} at {claim.started_at}\n{text.rstrip()}\n")
-
-
-def _call_task(task: str, params: dict, ctx: Context) -> dict:
-    """Run the task and turn every ending into a JSON-able payload."""
-    try:
-        func = resolve_task(task)
-        metrics = func(params, ctx)
-        if not isinstance(metrics, dict):
-            raise TypeError(f"the task must return a dict of metrics, got {type(metrics).__name__}")
-        clean = {}
-        for key, value in metrics.items():
-            try:
-                clean[str(key)] = float(value)
-            except (TypeError, ValueError):
-                raise TypeError(f"metric {key!r} is not a number: {value!r}") from None
-        return {"metrics": clean}
-    except Interrupted:
-        return {"interrupted": True}
-    except BaseException as err:  # every failure is data: recorded, never lost
-        if isinstance(err, KeyboardInterrupt) and ctx.should_stop():
-            return {"interrupted": True}
-        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        return {"error": f"{type(err).__name__}: {message}" if message else type(err).__name__,
-                "traceback": traceback.format_exc()}
-
-
-def _child(write_fd: int, parent: int, task: str, params: dict, ctx: Context, mask=frozenset()) -> None:
-    """Body of the forked child: run the task, send the payload up the pipe, exit without cleanup.
-
-    It starts with SIGUSR1 and SIGTERM blocked (see ``Worker._run_forked``) and unblocks them, restoring
-    ``mask``, once its handlers are in place.
-    """
-    code = 0
-    try:
-        _die_with_parent(parent)
-        signal.signal(signal.SIGUSR1, lambda *_: ctx.request_stop())
-        signal.signal(signal.SIGTERM, lambda *_: ctx.request_stop())
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the worker, which asks us via SIGUSR1
-        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        payload = _call_task(task, params, ctx)
-        data = json.dumps(payload).encode()
-        view = memoryview(data)
-        while view:
-            view = view[os.write(write_fd, view):]
-    except BaseException:  # noqa: BLE001 - nothing may escape a forked child
-        code = 70
-        try:
-            traceback.print_exc()
-        except BaseException:  # noqa: BLE001
-            pass
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
-
-
-try:
-    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # looked up once here, not in every child
-except (OSError, AttributeError):  # pragma: no cover - not Linux
-    _PRCTL = None
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent: int) -> None:
-    """Ask the kernel to SIGKILL this process when the worker dies (Linux); exit if it already has."""
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-    if os.getppid() != parent:
-        os._exit(1)

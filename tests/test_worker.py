@@ -174,6 +174,9 @@ def test_a_stop_that_comes_as_the_row_starts_gives_the_row_back_instead_of_killi
                                 "fixed": {"steps": 3, "step_s": 0.01}})
     worker = Worker(grid, linger=False, handle_signals=False)
     worker.request_stop()
-    for attempt in range(20):
-        payload = worker._run_forked({"i": 1, "steps": 3, "step_s": 0.01}, tmp_path / "row", "r1", 0)
-        assert payload == {"interrupted": True}, (attempt, payload)
+    try:
+        for attempt in range(20):
+            payload = worker._run_forked({"i": 1, "steps": 3, "step_s": 0.01}, tmp_path / "row", "r1", 0)
+            assert payload == {"interrupted": True}, (attempt, payload)
+    finally:
+        worker._spawner.close()

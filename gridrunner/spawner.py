@@ -1,0 +1,390 @@
+"""The row spawner: a small process, one per worker, that forks the fresh process each row runs in.
+
+A worker does not fork its rows itself. A fork costs in proportion to the memory of the process that
+forks: the kernel copies its page tables, both sides then take copy-on-write faults on every page they
+write, and the child's exit tears the copies down. A worker holds the store, the spec, the rule
+language and the CLI (about 24 MB); forking it cost a no-op row 1.9 ms of CPU against 1.4 ms from this
+process, which is a fresh interpreter that imports little besides the task's module (``bench/README.md``
+has the figures). The worker starts it when it starts and asks it for each row over a pipe. Every row
+still gets a new process, forked from the spawner, so what the README promises holds: a segfault or an
+out-of-memory kill costs the row, not the worker, and a task that imports TensorFlow imports it in the
+row's process, which gives the GPU's memory back when it exits.
+
+Lifetimes: the spawner dies with its worker and a row's process with the spawner (``PR_SET_PDEATHSIG``),
+so a killed worker never leaves a row running. The spawner installs the row's signal handlers once,
+before any fork, and its row processes inherit them: SIGUSR1 and SIGTERM make ``ctx.should_stop()``
+true, SIGINT and SIGUSR2 are ignored (they are the worker's, which passes a stop on as SIGUSR1). Those two
+are blocked across each fork, so one that arrives while a row's process starts waits for its handler
+(Python would drop it) instead of being lost.
+
+The protocol, frames of a 4-byte length and a pickle (worker → spawner on one pipe, back on the other):
+
+* hello ``{"sys_path", "task", "preload"}`` → ``{"preloaded": bool}``;
+* a row ``{"task", "params", "row_dir", "row_id", "seed", "grid_dir", "stopped"}`` → ``{"pid": pid}``
+  once its process runs, then ``{"payload": bytes, "code": exit code or None, "signal": n or None}``
+  when it has ended (or only ``{"payload": ...}`` when no process could be started).
+
+A row's process is reaped only when the next request comes (``waitid`` with ``WNOWAIT`` reads its status
+and leaves it a zombie), so its pid cannot be reused while the worker may still signal it.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import importlib
+import importlib.util
+import json
+import os
+import pickle
+import signal
+import struct
+import sys
+
+from gridrunner.context import Context
+from gridrunner.errors import GridError, Interrupted, SpecError
+
+#: Modules that start threads or take a GPU on import: a task that loads one is imported in each row's
+#: process, never in the spawner (forking after they start is unsafe).
+HEAVY_MODULES = ("tensorflow", "torch", "jax", "cupy", "keras")
+_HEADER = struct.Struct("!I")
+_PR_SET_PDEATHSIG = 1
+try:
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # looked up once, not in every row's process
+except (OSError, AttributeError):  # pragma: no cover - not Linux
+    _PRCTL = None
+
+
+class SpawnerDied(GridError):
+    """The spawner process ended while the worker needed it (it is started again for the next row)."""
+
+
+# --------------------------------------------------------------------------- tasks
+
+_RESOLVED: dict = {}
+
+
+def resolve_task(task: str):
+    """The callable for a spec's ``task``: ``name`` → ``tasks.name:run``; ``mod:fn`` → ``mod.fn``,
+    falling back to ``tasks.mod.fn`` when ``mod`` is not importable on its own."""
+    if task not in _RESOLVED:
+        _RESOLVED[task] = _resolve_task(task)
+    return _RESOLVED[task]
+
+
+def _resolve_task(task: str):
+    module_name, _, func_name = task.partition(":")
+    func_name = func_name or "run"
+    candidates = [module_name, f"tasks.{module_name}"] if ":" in task else [f"tasks.{module_name}", module_name]
+    for name in candidates:
+        try:
+            found = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            found = None
+        if found is None:
+            continue
+        module = importlib.import_module(name)
+        func = getattr(module, func_name, None)
+        if not callable(func):
+            raise SpecError(None, "task", f"module {name!r} has no function {func_name!r}")
+        return func
+    raise SpecError(None, "task", f"cannot import task {task!r}: no module {module_name!r} in the current "
+                                  f"directory, on the Python path or in tasks/ (valid: 'module:function' or the "
+                                  f"name of a module in tasks/)")
+
+
+def call_task(task: str, params: dict, ctx: Context) -> dict:
+    """Run the task and turn every ending into a JSON-able payload: ``{"metrics": {...}}``,
+    ``{"interrupted": True}`` or ``{"error": "Type: message", "traceback": ...}``."""
+    try:
+        func = resolve_task(task)
+        metrics = func(params, ctx)
+        if not isinstance(metrics, dict):
+            raise TypeError(f"the task must return a dict of metrics, got {type(metrics).__name__}")
+        clean = {}
+        for key, value in metrics.items():
+            try:
+                clean[str(key)] = float(value)
+            except (TypeError, ValueError):
+                raise TypeError(f"metric {key!r} is not a number: {value!r}") from None
+        return {"metrics": clean}
+    except Interrupted:
+        return {"interrupted": True}
+    except BaseException as err:  # every failure is data: recorded, never lost
+        if isinstance(err, KeyboardInterrupt) and ctx.should_stop():
+            return {"interrupted": True}
+        import traceback
+
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return {"error": f"{type(err).__name__}: {message}" if message else type(err).__name__,
+                "traceback": traceback.format_exc()}
+
+
+# --------------------------------------------------------------------------- the worker's end
+
+
+class Spawner:
+    """The worker's handle on its spawner process: :meth:`begin` a row, then :meth:`end` it."""
+
+    def __init__(self, task: str, preload: bool = True):
+        self.task = task
+        self.preload = preload
+        self.preloaded = False
+        self.proc = None
+        self._to = self._from = None
+        self._early: dict | None = None  # the answer to a row whose process could not be started
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        """Start the spawner process and wait for it to import the task (if the task is light)."""
+        import subprocess
+
+        self.close()
+        request_r, request_w = os.pipe()
+        reply_r, reply_w = os.pipe()
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        # The worker's own gridrunner, wherever it was imported from; the rest of sys.path comes in the hello.
+        code = (f"import sys; sys.path.insert(0, {package_parent!r}); from gridrunner.spawner import main; "
+                f"main({request_r}, {reply_w}, {os.getpid()})")
+        try:
+            self.proc = subprocess.Popen([sys.executable, *subprocess._args_from_interpreter_flags(), "-c", code],
+                                         pass_fds=(request_r, reply_w))
+        except OSError as err:
+            for fd in (request_r, request_w, reply_r, reply_w):
+                os.close(fd)
+            raise GridError(f"cannot start the process that forks the rows ({sys.executable}: {err.strerror or err}); "
+                            f"`gridrunner work --inline` runs rows without it") from err
+        finally:
+            if self.proc is not None:
+                os.close(request_r)
+                os.close(reply_w)
+        self._to = os.fdopen(request_w, "wb", buffering=0)
+        self._from = os.fdopen(reply_r, "rb", buffering=0)
+        try:
+            self._send({"sys_path": list(sys.path), "task": self.task, "preload": self.preload})
+            self.preloaded = bool(self._receive()["preloaded"])
+        except SpawnerDied as err:
+            code = self.proc.wait()
+            self.close()
+            raise GridError(f"the process that forks the rows exited at its start (exit status {code}; {err})")
+
+    def begin(self, request: dict) -> int:
+        """Ask for a row's process; its pid, once it runs. Raises :class:`SpawnerDied`."""
+        if not self.alive:
+            self.start()
+        self._send(request)
+        reply = self._receive()
+        if "pid" not in reply:
+            self._early = reply
+            return -1
+        self._early = None
+        return reply["pid"]
+
+    def end(self) -> dict:
+        """Wait for the row's process to end: ``{"payload": bytes, "code": ..., "signal": ...}``."""
+        if self._early is not None:
+            reply, self._early = self._early, None
+            return reply
+        return self._receive()
+
+    def close(self) -> None:
+        """End the spawner (it exits when its request pipe closes) and reap it."""
+        for fh in (self._to, self._from):
+            if fh is not None:
+                fh.close()
+        self._to = self._from = None
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=5)
+            except Exception:  # noqa: BLE001 - a spawner that hangs at exit must not hang the worker
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def _send(self, message: dict) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            self._to.write(_HEADER.pack(len(data)) + data)
+        except (BrokenPipeError, ValueError, AttributeError) as err:
+            raise SpawnerDied(f"the process that forks the rows has died ({type(err).__name__})") from None
+
+    def _receive(self) -> dict:
+        if self._from is None:
+            raise SpawnerDied("the process that forks the rows is not running")
+        message = _read_frame(self._from.fileno())
+        if message is None:
+            code = self.proc.wait() if self.proc is not None else None
+            how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
+                   and -code in signal.Signals._value2member_map_ else f"exit status {code}")
+            raise SpawnerDied(f"the process that forks the rows died ({how})")
+        return message
+
+
+def _read_exactly(fd: int, n: int) -> bytes | None:
+    chunks, left = [], n
+    while left:
+        data = os.read(fd, left)
+        if not data:
+            return None
+        chunks.append(data)
+        left -= len(data)
+    return b"".join(chunks)
+
+
+def _read_frame(fd: int):
+    header = _read_exactly(fd, _HEADER.size)
+    if header is None:
+        return None
+    data = _read_exactly(fd, _HEADER.unpack(header)[0])
+    return None if data is None else pickle.loads(data)
+
+
+def _write_frame(fd: int, message: dict) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    _write_all(fd, _HEADER.pack(len(data)) + data)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+# --------------------------------------------------------------------------- the spawner process
+
+_CURRENT: Context | None = None  # the row being started or run: what SIGUSR1 and SIGTERM ask to stop
+_STOP_SIGNALS = {signal.SIGUSR1, signal.SIGTERM}
+
+
+def _ask_to_stop(*_args) -> None:
+    if _CURRENT is not None:
+        _CURRENT.request_stop()
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux); exit if it already has."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def main(request_fd: int, reply_fd: int, worker: int) -> None:
+    """The spawner's loop (run by :meth:`Spawner.start` in a fresh interpreter)."""
+    global _CURRENT
+    _die_with_parent(worker)
+    signal.signal(signal.SIGUSR1, _ask_to_stop)
+    signal.signal(signal.SIGTERM, _ask_to_stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the worker, which asks the row via SIGUSR1
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    hello = _read_frame(request_fd)
+    if hello is None:
+        os._exit(0)
+    sys.path[:] = hello["sys_path"]
+    preloaded = hello["preload"] and _preload_if_light(hello["task"])
+    gc.freeze()  # what exists now is never scanned again: the collector does not touch (and copy) its pages
+    _write_frame(reply_fd, {"preloaded": preloaded})
+    me = os.getpid()
+    ended = None
+    while True:
+        request = _read_frame(request_fd)
+        if ended is not None:
+            os.waitpid(ended, 0)
+            ended = None
+        if request is None:
+            os._exit(0)
+        try:
+            ctx = Context(row_dir=request["row_dir"], row_id=request["row_id"], seed=request["seed"],
+                          grid_dir=request["grid_dir"], isolated=True)
+        except Exception as err:  # noqa: BLE001 - e.g. a full disk: the row fails with the reason
+            error = {"error": f"{type(err).__name__}: the row's directories could not be made ({err})"}
+            _write_frame(reply_fd, {"payload": json.dumps(error).encode(), "code": None, "signal": None})
+            continue
+        if request["stopped"]:
+            ctx.request_stop()
+        _CURRENT = ctx  # before the fork: a stop that reaches the row's process at once finds it
+        read_fd, write_fd = os.pipe()
+        # Python drops the signals a child gets before its after-fork bookkeeping is done, and the worker
+        # may signal the pid as soon as it has it: blocked across the fork, such a signal waits instead.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_fd)
+            os.close(request_fd)
+            os.close(reply_fd)
+            _row(write_fd, me, request["task"], request["params"], ctx, mask)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        os.close(write_fd)
+        _write_frame(reply_fd, {"pid": pid})
+        chunks = []
+        while True:
+            data = os.read(read_fd, 1 << 16)
+            if not data:
+                break
+            chunks.append(data)
+        os.close(read_fd)
+        status = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        ended = pid
+        _CURRENT = None
+        killed = status.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
+        _write_frame(reply_fd, {"payload": b"".join(chunks), "code": None if killed else status.si_status,
+                                "signal": status.si_status if killed else None})
+
+
+def _row(write_fd: int, spawner: int, task: str, params: dict, ctx: Context, mask) -> None:
+    """Body of a row's process: run the task, send the payload up the pipe, exit without cleanup. It starts
+    with SIGUSR1 and SIGTERM blocked and unblocks them (restoring ``mask``) first: one sent meanwhile
+    reaches its handler now."""
+    code = 0
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        _die_with_parent(spawner)
+        payload = call_task(task, params, ctx)
+        _write_all(write_fd, json.dumps(payload).encode())
+    except BaseException:  # noqa: BLE001 - nothing may escape a forked process
+        code = 70
+        try:
+            import traceback
+
+            traceback.print_exc()
+        except BaseException:  # noqa: BLE001
+            pass
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _preload_if_light(task: str) -> bool:
+    """Import the task's module here, so each row's process skips the import, but only if doing so loads
+    none of ``HEAVY_MODULES``. A throwaway process imports it first and reports what it loaded."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read_fd)
+            before = set(sys.modules)
+            resolve_task(task)
+            heavy = any(name.split(".")[0] in HEAVY_MODULES for name in set(sys.modules) - before)
+            os.write(write_fd, b"heavy" if heavy else b"light")
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    try:
+        answer = os.read(read_fd, 16)
+    finally:
+        os.close(read_fd)
+        os.waitpid(pid, 0)
+    if answer == b"light":
+        try:
+            resolve_task(task)
+        except Exception:  # noqa: BLE001 - the row's own run reports the import error
+            return False
+        return True
+    return False
