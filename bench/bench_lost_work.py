@@ -3,7 +3,7 @@
 The rows are ``tasks.toy:steps``: ``--steps`` steps of ``--step-s`` seconds, a checkpoint every
 ``--checkpoint-every`` steps, resumed from the checkpoint by whoever runs the row next, and a ``step``
 line in the side file for every step executed. Two workers run a grid of two long rows. At random
-times (exponential gaps, seeded) one of them is killed with SIGKILL (its row's child dies with it) and
+times (exponential gaps, seeded) one of them is killed with SIGKILL (its spawner and its row's process die with it) and
 a replacement is started at once, as a requeued job would be. With as many rows as workers the
 replacement has nothing else to claim, so the delay measured is the reclaim itself, not a wait for a
 free worker. The harness reads the side file every 10 ms and times
@@ -123,6 +123,17 @@ def children(pid: int) -> list[int]:
         return []
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``: the worker's spawner and the row's process it forked (and, for other
+    hosts, what runs under ``sh`` and ``unshare``)."""
+    out, todo = [], children(pid)
+    while todo:
+        child = todo.pop()
+        out.append(child)
+        todo += children(child)
+    return out
+
+
 def start_worker(grid: Path, host: str | None) -> subprocess.Popen:
     command = [*common.gridrunner_command(), "work", "--grid", str(grid), "-q"]
     if host is not None:
@@ -158,10 +169,8 @@ def run_placement(placement: str, args, seed: int) -> dict:
             workers.append(start_worker(grid, next(hosts) if remote else None))  # the grid is not done
         if now >= next_kill and len(kills) + idle_kills < args.kills and live:
             victim = rng.choice(live)
-            # the worker runs its row in a child (under sh and unshare for other hosts: look one level down)
-            pids = children(victim.pid)
-            if remote:
-                pids = [c for p in pids for c in children(p)] + pids
+            # the row runs in a process forked by the worker's spawner: look at every level below the worker
+            pids = descendants(victim.pid)
             os.kill(victim.pid, signal.SIGKILL)
             if remote:
                 for p in pids:

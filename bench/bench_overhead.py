@@ -4,7 +4,7 @@ Every system runs the same grid of ``tasks.toy:noop`` rows (or 50 ms sleeps) wit
 and counts every execution in a side file, so duplicates and missing rows are measured, not assumed:
 
 * **gridrunner**: N ``gridrunner work --shard i`` processes on one grid (the default 100-row shards,
-  work stealing on). Each row runs in a forked child, as always.
+  work stealing on). Each row runs in a fresh process, forked by the worker's spawner, as always.
 * **Optuna**: ``GridSampler`` over the same parameters with ``JournalStorage(JournalFileBackend)`` on
   one file; N processes run ``study.optimize`` until the sampler stops the study. The task runs
   inside the worker process.
@@ -212,7 +212,7 @@ def run_naive(kind: str, rows: int, workers: int, tag: str) -> dict:
 
 
 def run_gridrunner_inline(kind: str, rows: int, workers: int, tag: str) -> dict:
-    """gridrunner with ``work --inline`` (no child per row): what the fork costs, for the diagnosis."""
+    """gridrunner with ``work --inline`` (no process per row): what the fresh process costs, for the diagnosis."""
     return run_gridrunner(kind, rows, workers, tag, "--inline")
 
 
@@ -245,7 +245,7 @@ def render(results: list[dict], floors: dict, args, load_before: str, minutes: f
         "whole grid's time per row (its inverse is rows/s). *orchestration ms/row* = 1000 · (wall · N − "
         "R · task) / R: the worker time per row that is not the task (task = 0 for no-op, 0.05 s for sleep; "
         "for no-op rows it is N · wall ms/row). *CPU ms/row*: user + system time of every process "
-        "(workers and their per-row children) per row; it does not depend on how busy the machine was. "
+        "(workers, their spawners and the rows' processes) per row; it does not depend on how busy the machine was. "
         "Wall times include starting the N worker processes. *dup*: rows executed more than once; "
         "*missing*: rows never finished (or not `done` in the shards), both counted from the side file "
         "every execution appends to.",
@@ -255,7 +255,7 @@ def render(results: list[dict], floors: dict, args, load_before: str, minutes: f
         f"{', '.join(map(str, args.optuna_sleep_workers))}), as its trials cost 50–120 ms of CPU each, "
         f"the naive scheme where R / N ≤ {args.naive_rows_per_worker:,} rows per CSV, because each of its rows "
         f"reads and writes the worker's whole CSV. Optuna and the naive scheme run the task inside the worker "
-        f"process; gridrunner forks a child per row.",
+        f"process; gridrunner runs each row in a fresh process, forked by the worker's spawner.",
         "",
     ]
     if floor1:
@@ -342,7 +342,7 @@ def main() -> None:
                         help="the naive baseline runs where R / N is at most this (its cost per row grows with R / N)")
     parser.add_argument("--baseline-repeats", type=int, default=1)
     parser.add_argument("--inline-rows", type=int, nargs="*", default=[2000],
-                        help="no-op sizes also run with `work --inline` (rows in the worker, no fork)")
+                        help="no-op sizes also run with `work --inline` (rows in the worker, no process per row)")
     parser.add_argument("--no-readme", action="store_true", help="print the table, leave bench/README.md alone")
     args = parser.parse_args()
     if args.quick:
