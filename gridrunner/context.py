@@ -2,9 +2,10 @@
 
 A task gets:
 
-* ``ctx.row_id``, ``ctx.grid_dir`` and ``ctx.row_dir`` (``<grid>/rows/<row_id>/``, created);
-* ``ctx.checkpoint_dir`` (``<row_dir>/checkpoint/``, created), which survives re-runs of the row,
-  so a requeued or reclaimed row can resume;
+* ``ctx.row_id``, ``ctx.grid_dir`` and ``ctx.row_dir`` (``<grid>/rows/<row_id>/``);
+* ``ctx.checkpoint_dir`` (``<row_dir>/checkpoint/``), which survives re-runs of the row, so a requeued
+  or reclaimed row can resume. Both directories exist once the task has asked for them (they are made
+  then: a row that writes nothing leaves no directory);
 * ``ctx.seed``: the row's ``seed`` parameter where there is one, else a seed derived from the row id;
 * ``ctx.log(step, **metrics)``: appends one JSON line to ``<row_dir>/history.jsonl`` (the learning curve
   the report draws);
@@ -48,18 +49,35 @@ class Context:
         should_stop: Callable[[], bool] | None = None,
         isolated: bool = False,
     ):
-        self.row_dir = Path(row_dir)
-        self.row_id = row_id if row_id is not None else self.row_dir.name
-        self.grid_dir = Path(grid_dir) if grid_dir is not None else self.row_dir.parent.parent
+        self._row_dir = Path(row_dir)
+        self._made: set[str] = set()  # the directories made so far
+        self.row_id = row_id if row_id is not None else self._row_dir.name
+        self.grid_dir = Path(grid_dir) if grid_dir is not None else self._row_dir.parent.parent
         self.seed = seed if seed is not None else seed_from_row_id(self.row_id)
         #: True when the task runs in its own child process (so it may, for example, cap its own memory).
         self.isolated = isolated
-        self.checkpoint_dir = self.row_dir / CHECKPOINT_DIR
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         # A plain flag: set from a signal handler or another thread, read by the task (an assignment is
         # atomic, and a forked row's process imports no threading for it).
         self._stopped = False
         self._should_stop_hook = should_stop
+
+    @property
+    def row_dir(self) -> Path:
+        """``<grid>/rows/<row_id>/``, made the first time it is asked for."""
+        return self._made_dir("row", self._row_dir)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """``<row_dir>/checkpoint/``, made the first time it is asked for; it survives re-runs of the row."""
+        return self._made_dir("checkpoint", self._row_dir / CHECKPOINT_DIR)
+
+    def _made_dir(self, name: str, path: Path) -> Path:
+        # Made on first use rather than for every row: a directory costs a row that writes nothing
+        # more than the rest of its bookkeeping (an inode and a journal entry, under the rows/ lock).
+        if name not in self._made:
+            path.mkdir(parents=True, exist_ok=True)
+            self._made.add(name)
+        return path
 
     def log(self, step: int, **metrics: float) -> None:
         """Append ``{"step": step, "time": <unix s>, **metrics}`` to the row's learning curve."""
@@ -80,7 +98,7 @@ class Context:
 
     def history(self) -> list[dict]:
         """The records logged so far for this row (read back from ``history.jsonl``)."""
-        path = self.row_dir / HISTORY_FILE
+        path = self._row_dir / HISTORY_FILE
         if not path.exists():
             return []
         with open(path, encoding="utf-8") as fh:

@@ -22,7 +22,7 @@ The protocol, frames of a 4-byte length and a pickle (worker → spawner on one 
 * hello ``{"sys_path", "task", "preload"}`` → ``{"preloaded": bool}``;
 * a row ``{"task", "params", "row_dir", "row_id", "seed", "grid_dir", "stopped"}`` → ``{"pid": pid}``
   once its process runs, then ``{"payload": bytes, "code": exit code or None, "signal": n or None}``
-  when it has ended (or only ``{"payload": ...}`` when no process could be started).
+  when it has ended.
 
 A row's process is reaped only when the next request comes (``waitid`` with ``WNOWAIT`` reads its status
 and leaves it a zombie), so its pid cannot be reused while the worker may still signal it.
@@ -131,7 +131,6 @@ class Spawner:
         self.preloaded = False
         self.proc = None
         self._to = self._from = None
-        self._early: dict | None = None  # the answer to a row whose process could not be started
 
     @property
     def alive(self) -> bool:
@@ -175,18 +174,10 @@ class Spawner:
         if not self.alive:
             self.start()
         self._send(request)
-        reply = self._receive()
-        if "pid" not in reply:
-            self._early = reply
-            return -1
-        self._early = None
-        return reply["pid"]
+        return self._receive()["pid"]
 
     def end(self) -> dict:
         """Wait for the row's process to end: ``{"payload": bytes, "code": ..., "signal": ...}``."""
-        if self._early is not None:
-            reply, self._early = self._early, None
-            return reply
         return self._receive()
 
     def close(self) -> None:
@@ -295,13 +286,8 @@ def main(request_fd: int, reply_fd: int, worker: int) -> None:
             ended = None
         if request is None:
             os._exit(0)
-        try:
-            ctx = Context(row_dir=request["row_dir"], row_id=request["row_id"], seed=request["seed"],
-                          grid_dir=request["grid_dir"], isolated=True)
-        except Exception as err:  # noqa: BLE001 - e.g. a full disk: the row fails with the reason
-            error = {"error": f"{type(err).__name__}: the row's directories could not be made ({err})"}
-            _write_frame(reply_fd, {"payload": json.dumps(error).encode(), "code": None, "signal": None})
-            continue
+        ctx = Context(row_dir=request["row_dir"], row_id=request["row_id"], seed=request["seed"],
+                      grid_dir=request["grid_dir"], isolated=True)
         if request["stopped"]:
             ctx.request_stop()
         _CURRENT = ctx  # before the fork: a stop that reaches the row's process at once finds it

@@ -531,8 +531,7 @@ class Worker:
 
     def execute(self, claim: Claim) -> Result:
         """Run one claimed row and classify how it ended."""
-        row_dir = self.store.row_dir(claim.row_id)
-        row_dir.mkdir(parents=True, exist_ok=True)
+        row_dir = self.store.row_dir(claim.row_id)  # made by the row's context if the task uses it
         params = task_params(self.spec.fixed, claim.params)
         seed = params["seed"] if isinstance(params.get("seed"), int) else seed_from_row_id(claim.row_id)
         started = time.monotonic()
@@ -567,10 +566,9 @@ class Worker:
             pid = self._spawner.begin(request)
         except SpawnerDied as err:
             return {"error": f"TaskDied: {err} before the row's process started"}
-        if pid > 0:
-            self._child_pid = pid
+        self._child_pid = pid
         try:
-            if pid > 0 and self._stop.is_set():
+            if self._stop.is_set():
                 os.kill(pid, signal.SIGUSR1)  # a stop asked for while the request was on its way
             ended = self._spawner.end()
         except SpawnerDied as err:
@@ -625,5 +623,6 @@ class Worker:
 
 
 def _save_traceback(row_dir: Path, claim: Claim, text: str) -> None:
+    row_dir.mkdir(parents=True, exist_ok=True)
     with open(row_dir / TRACEBACK_FILE, "a", encoding="utf-8") as fh:
         fh.write(f"--- attempt {claim.attempt} by {claim.worker} at {claim.started_at}\n{text.rstrip()}\n")

@@ -118,18 +118,25 @@ def test_a_spawner_killed_while_a_row_runs_costs_that_row_and_the_worker_goes_on
 
 def test_a_row_whose_directories_cannot_be_made_fails_with_the_reason_and_the_spawner_goes_on(tmp_path):
     (tmp_path / "a-file").write_text("")
-    spawner = Spawner("tasks.toy:sleep")
+    spawner = Spawner("tasks.toy:steps")
     try:
-        bad = {**request(tmp_path, "r1", duration=0.0), "row_dir": str(tmp_path / "a-file" / "r1")}
-        assert spawner.begin(bad) == -1
+        bad = {**request(tmp_path, "r1", steps=2, step_s=0.0), "task": "tasks.toy:steps",
+               "row_dir": str(tmp_path / "a-file" / "r1")}
+        assert spawner.begin(bad) > 0
         payload = json.loads(spawner.end()["payload"])
-        assert payload["error"].startswith("NotADirectoryError: the row's directories could not be made")
-        assert spawner.begin(request(tmp_path, "r2", duration=0.0)) > 0
+        assert payload["error"].startswith("NotADirectoryError: [Errno 20] Not a directory:")
+        assert spawner.begin({**request(tmp_path, "r2", steps=2, step_s=0.0), "task": "tasks.toy:steps"}) > 0
         ended = spawner.end()
         assert ended["code"] == 0 and ended["signal"] is None
-        assert set(json.loads(ended["payload"])["metrics"]) == {"slept"}
+        assert json.loads(ended["payload"])["metrics"]["final_step"] == 2.0
     finally:
         spawner.close()
+
+
+def test_a_row_that_writes_nothing_leaves_no_directory(tmp_path):
+    grid = make_grid(tmp_path, {"task": "tasks.toy:noop", "outcomes": ["value"], "grid": {"i": [1, 2]}})
+    assert Worker(grid, handle_signals=False).run().done == 2
+    assert not (grid / "rows").exists() or not list((grid / "rows").iterdir())
 
 
 def test_a_spawner_that_cannot_start_is_one_clear_error_before_any_row_is_claimed(tmp_path, monkeypatch):

@@ -1,10 +1,10 @@
 """Tasks for the reliability tests.
 
-* ``run``: every execution draws a unique 48-bit token, appends ``start <row_id> <token> <pid> <ppid>``
+* ``run``: every execution draws a unique 48-bit token, appends ``start <row_id> <token> <pid> <worker> <ppid>``
   to the ``record_to`` file when it starts and ``finish ...`` just before it returns, and returns the
   token as the ``token`` metric. The shard's ``token`` cell then says exactly which execution's result
-  was recorded, and ``ppid`` says which worker ran each execution: the parent of the spawner that forked
-  the row's process (read from ``/proc``, not from anything gridrunner says).
+  was recorded, and ``worker`` says which worker ran each execution: the parent of the spawner (``ppid``)
+  that forked the row's process (read from ``/proc``, not from anything gridrunner says).
 * ``fail``: raises an exception whose type name and message are the row's ``kind`` and ``message``
   parameters (nasty text for the CSV-safety tests), or returns a metric named ``message`` when
   ``kind`` is ``metric``.
@@ -43,7 +43,8 @@ def _worker_pid() -> int:
 def run(params: dict, ctx) -> dict:
     token = secrets.randbits(48)
     where = params["record_to"]
-    ids = f"{ctx.row_id} {token} {os.getpid()} {_worker_pid() if ctx.isolated else os.getpid()}"
+    worker, spawner = (_worker_pid(), os.getppid()) if ctx.isolated else (os.getpid(), os.getpid())
+    ids = f"{ctx.row_id} {token} {os.getpid()} {worker} {spawner}"
     _append(where, f"start {ids}")
     duration = float(params.get("duration", 0.0))
     if duration:

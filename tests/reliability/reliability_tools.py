@@ -51,6 +51,7 @@ class Execution:
     token: int
     pid: int
     worker_pid: int
+    spawner_pid: int = 0  # the process that forked the row's (the worker's own pid for inline rows)
     finished: bool = False
 
 
@@ -60,9 +61,9 @@ def executions(side_file: Path) -> dict[int, Execution]:
     if not Path(side_file).exists():
         return out
     for line in Path(side_file).read_text().splitlines():
-        event, row_id, token, pid, ppid = line.split()
+        event, row_id, token, pid, worker, spawner = line.split()
         if event == "start":
-            out[int(token)] = Execution(row_id, int(token), int(pid), int(ppid))
+            out[int(token)] = Execution(row_id, int(token), int(pid), int(worker), int(spawner))
         else:
             out[int(token)].finished = True
     return out

@@ -114,8 +114,9 @@ def test_kill_9_random_workers_every_half_second_and_nothing_is_lost_or_run_twic
         orphaned += attempts - 1
     assert len(unrecorded) <= orphaned <= N_KILLS
 
-    # A killed worker's row process died with it.
+    # A killed worker's spawner and row process died with it.
     assert not [run.pid for run in runs.values() if run.worker_pid in killed and pid_alive(run.pid)]
+    assert not [run.spawner_pid for run in runs.values() if run.worker_pid in killed and pid_alive(run.spawner_pid)]
     # No temporary file, lock, or lock being broken is left beside the shards.
     assert leftovers(grid) == []
     # Only killed workers leave a heartbeat file behind.
