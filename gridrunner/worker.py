@@ -57,7 +57,7 @@ JOB_STATE_MARGIN_S = 2.0
 #: How often a worker lists the shard files again (new ones come from ``make`` and ``split``).
 RELIST_S = 5.0
 #: A worker with nothing to claim while others run rows looks again after this, then backs off.
-LINGER_FIRST_POLL_S = 0.05
+LINGER_FIRST_POLL_S = 0.01
 #: A lingering worker looks again this long after a running row's lease runs out (it must have run out).
 EXPIRY_MARGIN_S = 0.01
 
