@@ -328,10 +328,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 8])
     parser.add_argument("--all-workers-max", type=int, default=20000,
                         help="larger no-op grids run with --big-workers only")
-    parser.add_argument("--big-workers", type=int, nargs="+", default=[8])
+    parser.add_argument("--big-workers", type=int, nargs="+", default=[1, 2, 8])
     parser.add_argument("--repeats", type=int, default=3, help="repeats of gridrunner's no-op cases up to --repeat-max")
     parser.add_argument("--repeat-max", type=int, default=2000, help="larger cases run once")
-    parser.add_argument("--sleep-rows", type=int, nargs="*", default=[1000], help="sleep-task grid sizes")
+    parser.add_argument("--sleep-rows", type=int, nargs="*", default=[2000], help="sleep-task grid sizes")
     parser.add_argument("--sleep-repeats", type=int, default=1)
     parser.add_argument("--optuna-max", type=int, default=2000, help="largest R for the Optuna baseline")
     parser.add_argument("--optuna-workers", type=int, nargs="+", default=[1, 8],
