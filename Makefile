@@ -1,17 +1,20 @@
-# The two commands of the README. Both set up ./.venv on first use.
+# The two commands of the README. Both set up ./.venv on first use, from the lock.
 #   make demo   run the demo grid end to end on this machine (make, 2 local workers, analyze)
 #   make test   run the test suite (Slurm tests start a one-node cluster when they can; see tests/slurm/)
+#   make lock   re-resolve requirements/*.lock from setup.cfg (after changing a dependency)
 VENV ?= .venv
-PIP_EXTRAS ?= tasks,analysis,dev
+LOCK ?= requirements/cpu.lock
+LOCK_PYTHON = --python-version 3.11 --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" -q
 GRID ?= grids/demo.yaml
 RUNS ?= runs
 
-.PHONY: demo test install clean-demo
+.PHONY: demo test install clean-demo lock
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[$(PIP_EXTRAS)]'
+	$(VENV)/bin/pip install -q -r $(LOCK)
+	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
 install: $(VENV)/.installed
@@ -33,3 +36,9 @@ test: $(VENV)/.installed
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
+
+# The locks: exact versions for CPython 3.11 on x86_64 Linux, one per set of extras (CPU or CUDA TensorFlow).
+lock: $(VENV)/.installed
+	$(VENV)/bin/pip install -q uv
+	$(VENV)/bin/uv pip compile setup.cfg --extra tasks --extra analysis --extra dev $(LOCK_PYTHON) -o requirements/cpu.lock
+	$(VENV)/bin/uv pip compile setup.cfg --extra tasks-gpu --extra analysis $(LOCK_PYTHON) -o requirements/gpu.lock

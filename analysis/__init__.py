@@ -2,16 +2,17 @@
 
 Every function takes the DataFrame of ``gridrunner.load(grid_dir)``::
 
-    import gridrunner, analysis
+    import gridrunner
+    from gridrunner import analysis
     df = gridrunner.load("runs/dncnn")
     analysis.outcome_model(df, "m_ssim")          # OLS, HC3 errors, type-II ANOVA in .extra["anova"]
     analysis.failure_model(df)                    # logit AMEs; Firth + LPM under separation
     analysis.build_report(df, "runs/dncnn/report")
 """
-from analysis.failure import failure_interactions, failure_model, failure_rates, pair_rates
-from analysis.importance import importance
-from analysis.outcome import outcome_model
-from analysis.plots import (
+from gridrunner.analysis.failure import failure_interactions, failure_model, failure_rates, pair_rates
+from gridrunner.analysis.importance import importance
+from gridrunner.analysis.outcome import outcome_model
+from gridrunner.analysis.plots import (
     coefficient_plot,
     failure_rate_by_parameter,
     learning_curves,
@@ -20,9 +21,9 @@ from analysis.plots import (
     metric_vs_runtime,
     runtime_histogram,
 )
-from analysis.report import Report, build_report
-from analysis.rows import counts_sentence, label_rows, state_counts
-from analysis.tables import level_summary, runtime_by_level, top_configurations
+from gridrunner.analysis.report import Report, build_report
+from gridrunner.analysis.rows import counts_sentence, label_rows, state_counts
+from gridrunner.analysis.tables import level_summary, runtime_by_level, top_configurations
 
 __all__ = [
     "Report",

@@ -26,11 +26,11 @@ import statsmodels.api as sm
 import statsmodels.formula.api as smf
 from scipy import special, stats
 
-from analysis.fit import Fit, coefficient_table, result_table
-from analysis.outcome import robust_cov_type
-from analysis.rows import FAILED, REPLICATE_PARAMS, dropped_reasons, ensure_labelled, params_of
-from analysis.tables import level_labels
-from analysis.terms import choose_terms, describe_value, formula_notes, is_numeric
+from gridrunner.analysis.fit import Fit, coefficient_table, result_table
+from gridrunner.analysis.outcome import robust_cov_type
+from gridrunner.analysis.rows import FAILED, REPLICATE_PARAMS, dropped_reasons, ensure_labelled, params_of
+from gridrunner.analysis.tables import level_labels
+from gridrunner.analysis.terms import choose_terms, describe_value, formula_notes, is_numeric
 from gridrunner.errors import GridError
 
 #: Symptoms of separation in an ordinary logit fit: any |log-odds| above this, or fitted probabilities this close to 0 or 1.

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.rows import usage_sentence
+from gridrunner.analysis.rows import usage_sentence
 
 #: The columns of every coefficient table, in this order (``outcome_model.csv`` and ``failure_model.csv``).
 COLUMNS = ["term", "estimate", "ci_low", "ci_high", "p_value"]

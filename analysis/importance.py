@@ -15,8 +15,8 @@ import itertools
 import numpy as np
 import pandas as pd
 
-from analysis.rows import REPLICATE_PARAMS, STATE, ensure_labelled, params_of, resolve_metric
-from analysis.tables import level_labels
+from gridrunner.analysis.rows import REPLICATE_PARAMS, STATE, ensure_labelled, params_of, resolve_metric
+from gridrunner.analysis.tables import level_labels
 
 #: Enumerate every combination of levels up to this many; beyond it, sample.
 MAX_CELLS = 50_000

@@ -11,9 +11,9 @@ import patsy
 import statsmodels.formula.api as smf
 from statsmodels.stats.anova import anova_lm
 
-from analysis.fit import Fit, result_table
-from analysis.rows import FAILED, STATE, dropped_reasons, ensure_labelled, resolve_metric
-from analysis.terms import choose_terms, formula_notes, unit_columns
+from gridrunner.analysis.fit import Fit, result_table
+from gridrunner.analysis.rows import FAILED, STATE, dropped_reasons, ensure_labelled, resolve_metric
+from gridrunner.analysis.terms import choose_terms, formula_notes, unit_columns
 from gridrunner.errors import GridError
 
 

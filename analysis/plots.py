@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.failure import failure_rates
-from analysis.fit import Fit, baselines_of, pretty_term
-from analysis.history import curve_key, read_history
-from analysis.rows import FAILED, STATE, ensure_labelled, params_of, resolve_goal, resolve_metric
-from analysis.tables import level_labels
+from gridrunner.analysis.failure import failure_rates
+from gridrunner.analysis.fit import Fit, baselines_of, pretty_term
+from gridrunner.analysis.history import curve_key, read_history
+from gridrunner.analysis.rows import FAILED, STATE, ensure_labelled, params_of, resolve_goal, resolve_metric
+from gridrunner.analysis.tables import level_labels
 
 MAX_POINTS = 5_000
 MAX_PANELS = 12

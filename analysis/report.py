@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import plots
-from analysis.failure import failure_interactions, failure_model, failure_rates, pair_rates
-from analysis.fit import COLUMNS, Fit, baselines_of, pretty_term, strongest
-from analysis.importance import importance
-from analysis.outcome import outcome_model
-from analysis.rows import (
+from gridrunner.analysis import plots
+from gridrunner.analysis.failure import failure_interactions, failure_model, failure_rates, pair_rates
+from gridrunner.analysis.fit import COLUMNS, Fit, baselines_of, pretty_term, strongest
+from gridrunner.analysis.importance import importance
+from gridrunner.analysis.outcome import outcome_model
+from gridrunner.analysis.rows import (
     benchmark_value,
     counts_sentence,
     label_rows,
@@ -36,7 +36,7 @@ from analysis.rows import (
     rule_thresholds,
     state_counts,
 )
-from analysis.tables import level_summary, runtime_by_level, top_configurations
+from gridrunner.analysis.tables import level_summary, runtime_by_level, top_configurations
 
 PACKAGES = ["gridrunner", "numpy", "pandas", "scipy", "statsmodels", "patsy", "scikit-learn", "matplotlib"]
 #: Interaction tables shown for at most this many pairs of parameters.

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.rows import FAILED, STATE, ensure_labelled, outcomes_of, params_of, resolve_goal, resolve_metric
+from gridrunner.analysis.rows import FAILED, STATE, ensure_labelled, outcomes_of, params_of, resolve_goal, resolve_metric
 
 #: A numeric parameter with more distinct values than this is grouped into this many quantile bins.
 MAX_LEVELS = 12

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import patsy
 
-from analysis.rows import REPLICATE_PARAMS, params_of
+from gridrunner.analysis.rows import REPLICATE_PARAMS, params_of
 
 
 @dataclass

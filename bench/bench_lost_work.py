@@ -1,6 +1,6 @@
 """Lost work after kills: SIGKILL workers at random times during checkpointed rows and measure what is redone.
 
-The rows are ``tasks.toy:steps``: ``--steps`` steps of ``--step-s`` seconds, a checkpoint every
+The rows are ``gridrunner.tasks.toy:steps``: ``--steps`` steps of ``--step-s`` seconds, a checkpoint every
 ``--checkpoint-every`` steps, resumed from the checkpoint by whoever runs the row next, and a ``step``
 line in the side file for every step executed. Two workers run a grid of two long rows. At random
 times (exponential gaps, seeded) one of them is killed with SIGKILL (its spawner and its row's process die with it) and
@@ -144,7 +144,7 @@ def start_worker(grid: Path, host: str | None) -> subprocess.Popen:
 def run_placement(placement: str, args, seed: int) -> dict:
     base = common.scratch(f"lost_work/{placement.replace(' ', '-')}")
     record = base / "executions.txt"
-    spec = {"name": "bench", "task": "tasks.toy:steps", "grid": {"i": list(range(args.rows))},
+    spec = {"name": "bench", "task": "gridrunner.tasks.toy:steps", "grid": {"i": list(range(args.rows))},
             "fixed": {"steps": args.steps, "step_s": args.step_s, "checkpoint_every": args.checkpoint_every,
                       "record_to": str(record)},
             "outcomes": ["final_step"], "lease_s": args.lease_s, "max_attempts": 1000}
@@ -253,7 +253,7 @@ def main() -> None:
     minutes = (time.perf_counter() - started) / 60
     lines = [
         *common.section("Lost work after kills", load_before, minutes),
-        f"{args.rows} rows of `tasks.toy:steps`, {args.steps} steps of {args.step_s:g} s, a checkpoint every "
+        f"{args.rows} rows of `gridrunner.tasks.toy:steps`, {args.steps} steps of {args.step_s:g} s, a checkpoint every "
         f"{args.checkpoint_every} steps ({fmt(args.checkpoint_every * args.step_s)} s), lease {args.lease_s:g} s "
         f"(heartbeat every {fmt(args.lease_s / 4)} s), {WORKERS} workers, a SIGKILL every "
         f"{args.kill_every:g} s on average (seeded exponential gaps) and a replacement worker at once. "

@@ -49,7 +49,7 @@ def run_mode(mode: str, times: list[float], tag: str) -> dict:
     random.Random(0).shuffle(order)
     spec = {
         "name": "bench",
-        "task": "tasks.toy:sleep",
+        "task": "gridrunner.tasks.toy:sleep",
         "grid": {"job": [{"i": i, "duration": d} for i, d in enumerate(order)]},
         "fixed": {"record_to": str(record)},
         "outcomes": ["slept"],

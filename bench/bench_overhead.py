@@ -1,6 +1,6 @@
 """Orchestration overhead: gridrunner against Optuna's GridSampler and the study's CSV-per-worker scheme.
 
-Every system runs the same grid of ``tasks.toy:noop`` rows (or 50 ms sleeps) with N worker processes
+Every system runs the same grid of ``gridrunner.tasks.toy:noop`` rows (or 50 ms sleeps) with N worker processes
 and counts every execution in a side file, so duplicates and missing rows are measured, not assumed:
 
 * **gridrunner**: N ``gridrunner work --shard i`` processes on one grid (the default 100-row shards,
@@ -153,7 +153,7 @@ def run_gridrunner(kind: str, rows: int, workers: int, tag: str, *extra: str) ->
     fixed = {"record_to": str(record)}
     if kind == "sleep":
         fixed["duration"] = SLEEP_S
-    spec = common.write_spec(base / "spec.yaml", "bench", f"tasks.toy:{kind}", rows,
+    spec = common.write_spec(base / "spec.yaml", "bench", f"gridrunner.tasks.toy:{kind}", rows,
                              ["value" if kind == "noop" else "slept"], fixed)
     grid = common.make_grid(spec, base)
     timed = common.run_processes(common.gridrunner_workers(grid, workers, *extra))
@@ -351,7 +351,7 @@ def main() -> None:
     started = time.perf_counter()
 
     probe = common.scratch("overhead/probe")
-    grid = common.make_grid(common.write_spec(probe / "spec.yaml", "probe", "tasks.toy:noop", 2000, ["value"]), probe)
+    grid = common.make_grid(common.write_spec(probe / "spec.yaml", "probe", "gridrunner.tasks.toy:noop", 2000, ["value"]), probe)
     shard = sorted((grid / "shards").glob("shard-*.csv"))[0]
     shutil.copyfile(shard, common.RUNS / "overhead" / "shard.csv")
     shutil.rmtree(probe)

@@ -1,7 +1,7 @@
 """Scale of ``gridrunner make``, ``status`` and ``analyze``: time and peak memory at 10k, 100k and 1M rows.
 
 Each command runs in its own subprocess; its wall time and peak RSS come from ``wait4``. The grid is
-``a × b × loss`` (two numbers and a two-level string) of ``tasks.toy:noop`` rows in the default
+``a × b × loss`` (two numbers and a two-level string) of ``gridrunner.tasks.toy:noop`` rows in the default
 100-row shards.
 
 ``analyze`` needs finished rows. They are fabricated, not run: one transaction per shard through
@@ -34,7 +34,7 @@ TARGETS = {("make", 1_000_000): (10.0, 1024.0), ("status", 100_000): (2.0, None)
 
 def write_scale_spec(path: Path, rows: int) -> Path:
     a, b = common.two_factors(rows // 2)
-    spec = {"name": "bench", "task": "tasks.toy:noop",
+    spec = {"name": "bench", "task": "gridrunner.tasks.toy:noop",
             "grid": {"a": list(range(a)), "b": list(range(b)), "loss": ["l1", "ssim"]},
             "outcomes": ["score"], "metric": "score", "goal": "max", "failure": "score < 0"}
     path.write_text(yaml.safe_dump(spec, sort_keys=False, default_flow_style=None, width=100_000))

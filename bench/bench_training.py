@@ -1,10 +1,10 @@
 """Training throughput: the DnCNN task's training loop against plain Keras ``model.fit``, in one process.
 
-Both train the same DnCNN (``tasks.dncnn.get_model``) with the same loss (``tasks.mri.losses``),
-Adam and batch size on the same cached MNI training pairs (``tasks.mri.dataset``), alternating
+Both train the same DnCNN (``gridrunner.tasks.dncnn.get_model``) with the same loss (``gridrunner.tasks.mri.losses``),
+Adam and batch size on the same cached MNI training pairs (``gridrunner.tasks.mri.dataset``), alternating
 (fit, task, fit, task, ...) so load on the machine hits both alike:
 
-* **task**: ``tasks.dncnn.run`` with a fresh row directory (no checkpoint to resume), as a worker
+* **task**: ``gridrunner.tasks.dncnn.run`` with a fresh row directory (no checkpoint to resume), as a worker
   runs a row; images/s from its learning curve (``history.jsonl``), every window but the first
   (which holds the ``tf.function`` trace);
 * **fit**: ``model.compile(Adam, loss)`` and ``model.fit(x, y, batch_size, epochs)`` on the same
@@ -43,7 +43,7 @@ def data_params(cache: Path) -> dict:
 
 def run_task(params: dict, row_dir: Path) -> tuple[list[float], dict]:
     from gridrunner.context import Context
-    from tasks import dncnn
+    from gridrunner.tasks import dncnn
 
     shutil.rmtree(row_dir, ignore_errors=True)
     row_dir.mkdir(parents=True)
@@ -56,8 +56,8 @@ def run_task(params: dict, row_dir: Path) -> tuple[list[float], dict]:
 def run_fit(params: dict, log_every: int) -> list[float]:
     import keras
 
-    from tasks import dncnn
-    from tasks.mri import dataset, losses, training
+    from gridrunner.tasks import dncnn
+    from gridrunner.tasks.mri import dataset, losses, training
 
     model_params, config, data = training.split_params(params, dncnn.MODEL_DEFAULTS)
     loss, batch_size = model_params.pop("loss"), model_params.pop("batch_size")
@@ -89,8 +89,8 @@ def startup_probe(params_json: str) -> None:
     import tensorflow as tf
 
     t1 = time.perf_counter()
-    from tasks import dncnn
-    from tasks.mri import dataset, losses, training
+    from gridrunner.tasks import dncnn
+    from gridrunner.tasks.mri import dataset, losses, training
 
     model_params, config, data = training.split_params(params, dncnn.MODEL_DEFAULTS)
     loss, batch_size = model_params.pop("loss"), model_params.pop("batch_size")
@@ -138,7 +138,7 @@ def main() -> None:
               "log_every": args.log_every, "checkpoint_every": args.steps + 1, "threads": args.threads,
               "examples": 0, **data_params(common.RUNS / "cache")}
 
-    from tasks.mri import dataset, training
+    from gridrunner.tasks.mri import dataset, training
 
     # The task sets threads, op determinism and the seed at its start; set them first, so fit runs alike.
     training.configure_tensorflow(args.threads, True, 0)
@@ -182,7 +182,7 @@ def main() -> None:
         "",
         common.table(["loop", "images/s", "ms/step"], [
             ["`model.fit`", with_spread(fit_rates), fmt(1000 * args.batch_size / median(fit_rates))],
-            ["gridrunner task (`tasks.dncnn.run`)", with_spread(task_rates),
+            ["gridrunner task (`gridrunner.tasks.dncnn.run`)", with_spread(task_rates),
              fmt(1000 * args.batch_size / median(task_rates))],
         ]),
         "",

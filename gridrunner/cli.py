@@ -297,7 +297,7 @@ def analyze(grid, runs_dir, metric, failure, formula, top, goal, split_by, out_d
 
     grid_dir = _find(grid, runs_dir)
     try:
-        from analysis.report import build_report
+        from gridrunner.analysis.report import build_report
     except ImportError as err:
         raise GridError(f"the analysis needs its extra: pip install 'gridrunner[analysis]' ({err})") from None
     out = Path(out_dir) if out_dir else grid_dir / "report"

@@ -64,18 +64,30 @@ _RESOLVED: dict = {}
 
 
 def resolve_task(task: str):
-    """The callable for a spec's ``task``: ``name`` → ``tasks.name:run``; ``mod:fn`` → ``mod.fn``,
-    falling back to ``tasks.mod.fn`` when ``mod`` is not importable on its own."""
+    """The callable for a spec's ``task``.
+
+    ``name`` is a task bundled with gridrunner (``dncnn`` → ``gridrunner.tasks.dncnn:run``), or else an
+    importable module's ``run``. ``module:function`` names any importable function. The spelling of
+    earlier versions, ``tasks.toy:quadratic``, still means ``gridrunner.tasks.toy:quadratic``; a module of
+    the user's own that is called ``tasks`` and has such a submodule is tried after it."""
     if task not in _RESOLVED:
         _RESOLVED[task] = _resolve_task(task)
     return _RESOLVED[task]
 
 
+def task_module_candidates(task: str) -> list[str]:
+    """The module names that ``task`` may mean, in the order they are tried."""
+    module_name = task.partition(":")[0]
+    bundled = f"gridrunner.tasks.{module_name}"
+    if module_name.startswith("tasks."):
+        return [f"gridrunner.{module_name}", module_name]
+    return [module_name, bundled] if ":" in task else [bundled, module_name]
+
+
 def _resolve_task(task: str):
     module_name, _, func_name = task.partition(":")
     func_name = func_name or "run"
-    candidates = [module_name, f"tasks.{module_name}"] if ":" in task else [f"tasks.{module_name}", module_name]
-    for name in candidates:
+    for name in task_module_candidates(task):
         try:
             found = importlib.util.find_spec(name)
         except (ImportError, ValueError):
@@ -88,8 +100,8 @@ def _resolve_task(task: str):
             raise SpecError(None, "task", f"module {name!r} has no function {func_name!r}")
         return func
     raise SpecError(None, "task", f"cannot import task {task!r}: no module {module_name!r} in the current "
-                                  f"directory, on the Python path or in tasks/ (valid: 'module:function' or the "
-                                  f"name of a module in tasks/)")
+                                  f"directory, on the Python path or among gridrunner's tasks (valid: "
+                                  f"'module:function', or the name of a bundled task: dncnn, unet, toy:<function>)")
 
 
 def call_task(task: str, params: dict, ctx: Context) -> dict:

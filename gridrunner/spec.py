@@ -340,7 +340,7 @@ class _Validator:
 
     def task(self, task, check: bool) -> str:
         if not isinstance(task, str) or not task.strip():
-            self.fail(("task",), f"expected 'module:function' or the name of a module in tasks/, got {task!r}")
+            self.fail(("task",), f"expected 'module:function' or the name of a bundled task (dncnn, unet), got {task!r}")
         task = task.strip()
         if check:
             try:

@@ -13,9 +13,9 @@ residual scheme the study compared:
 
 Parameters (row or ``fixed``): ``depth``, ``filters``, ``kernel``, ``skip``, ``loss`` (l1, l2,
 ssim, ms_ssim, ms_ssim_gl1), ``batch_size``, ``bn_momentum`` (0.99, Keras' default; 0.9 settles
-faster in short runs), the training parameters of :mod:`tasks.mri.training` (``steps``,
+faster in short runs), the training parameters of :mod:`gridrunner.tasks.mri.training` (``steps``,
 ``learning_rate``, ``checkpoint_every``, ``threads``, ``eval_noise``, ``seed``, ...) and the data
-parameters of :mod:`tasks.mri.dataset` (``size``, ``noise``, ``copies``, ``augment``, ``data``,
+parameters of :mod:`gridrunner.tasks.mri.dataset` (``size``, ``noise``, ``copies``, ``augment``, ``data``,
 ``cache_dir``, ...). Returns ``m_mae``, ``m_mse``, ``m_ssim`` and the benchmark ``bench_*``.
 
 How long: the study's 504 rows (4,000 steps of batch 3 at 256 x 256) took 530 GPU hours, most
@@ -24,7 +24,7 @@ depth-5, 16-filter model trains at about 190 images/s at 64 x 64 (L1 loss).
 """
 from __future__ import annotations
 
-from tasks.mri import training
+from gridrunner.tasks.mri import training
 
 SKIPS = ("dncnn", "resnet", "none")
 MODEL_DEFAULTS = {

@@ -12,21 +12,21 @@ encoder, the middle one the bottom and the last ``L // 2`` the decoder:
 * ``dncnn_skip``: an additive skip from the input to the output (input + residual).
 
 A last convolution maps to one channel. With ``sampling: false, uskip: false, dncnn_skip: true``
-the network is exactly a DnCNN of depth ``sum(reps) - 1`` (:func:`tasks.dncnn.get_model`), as in
+the network is exactly a DnCNN of depth ``sum(reps) - 1`` (:func:`gridrunner.tasks.dncnn.get_model`), as in
 the study. Shapes that cannot work (lengths that differ, an even length, a depth whose pooling
 does not divide the image size) raise ValueError before any data is built or TensorFlow loads.
 
 Parameters use the study's names: ``filters``, ``reps``, ``kernel``, ``batch``, ``lossflavour``
 (l1, l2, ssim, ms_ssim, ms_ssim_gl1), ``steps``, ``sampling``, ``uskip``, ``dncnn_skip``,
-``bn_momentum``, plus the training and data parameters shared with :mod:`tasks.dncnn`.
+``bn_momentum``, plus the training and data parameters shared with :mod:`gridrunner.tasks.dncnn`.
 Returns ``m_mae``, ``m_mse``, ``m_ssim`` and the benchmark ``bench_*``.
 """
 from __future__ import annotations
 
 import json
 
-from tasks.dncnn import conv_bn_relu
-from tasks.mri import training
+from gridrunner.tasks.dncnn import conv_bn_relu
+from gridrunner.tasks.mri import training
 
 MODEL_DEFAULTS = {
     "filters": [64, 128, 256, 128, 64],

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from gridrunner.cli import main
 from gridtools import write_spec
 
-SPEC = "task: tasks.toy:quadratic\ngrid:\n  x: [0.0, 1.0]\n  loss: [l1, ssim]\nmax_len: 2\noutcomes: [score, runtime_proxy]\n"
+SPEC = "task: gridrunner.tasks.toy:quadratic\ngrid:\n  x: [0.0, 1.0]\n  loss: [l1, ssim]\nmax_len: 2\noutcomes: [score, runtime_proxy]\n"
 
 
 @pytest.fixture

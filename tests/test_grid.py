@@ -25,7 +25,7 @@ def shard_rows(grid_dir):
 
 
 def test_make_writes_spec_copy_and_shards(tmp_path):
-    spec = {"task": "tasks.toy:noop", "grid": {"a": [1, 2, 3], "b": ["x", "y"]}, "max_len": 4, "outcomes": ["value"]}
+    spec = {"task": "gridrunner.tasks.toy:noop", "grid": {"a": [1, 2, 3], "b": ["x", "y"]}, "max_len": 4, "outcomes": ["value"]}
     report = make(write_spec(tmp_path, spec), tmp_path / "runs")
     grid = tmp_path / "runs" / "g"
     assert report.grid_dir == grid and report.new == 6 and report.kept == 0
@@ -49,7 +49,7 @@ _grid = st.dictionaries(st.sampled_from(["a", "b", "c"]), st.lists(st.integers(0
 @given(_grid, st.integers(1, 7))
 def test_shards_are_disjoint_cover_the_grid_and_remake_is_idempotent(tmp_path_factory, grid, max_len):
     tmp = tmp_path_factory.mktemp("g")
-    spec = {"task": "tasks.toy:noop", "grid": grid, "max_len": max_len, "outcomes": ["value"]}
+    spec = {"task": "gridrunner.tasks.toy:noop", "grid": grid, "max_len": max_len, "outcomes": ["value"]}
     path = write_spec(tmp, spec)
     make(path, tmp / "runs")
     shards = shard_rows(tmp / "runs" / "g")
@@ -65,7 +65,7 @@ def test_shards_are_disjoint_cover_the_grid_and_remake_is_idempotent(tmp_path_fa
 
 
 def test_extending_a_grid_keeps_results_and_reports_orphans(tmp_path):
-    spec = {"task": "tasks.toy:noop", "grid": {"a": [1, 2], "b": ["x"]}, "max_len": 10, "outcomes": ["value"]}
+    spec = {"task": "gridrunner.tasks.toy:noop", "grid": {"a": [1, 2], "b": ["x"]}, "max_len": 10, "outcomes": ["value"]}
     path = write_spec(tmp_path, spec)
     grid = make(path, tmp_path / "runs").grid_dir
     store = GridStore(grid)
@@ -85,7 +85,7 @@ def test_extending_a_grid_keeps_results_and_reports_orphans(tmp_path):
 
 
 def test_changing_fixed_or_outcomes_of_a_made_grid_is_refused(tmp_path):
-    spec = {"task": "tasks.toy:noop", "grid": {"a": [1]}, "fixed": {"steps": 1}, "outcomes": ["value"]}
+    spec = {"task": "gridrunner.tasks.toy:noop", "grid": {"a": [1]}, "fixed": {"steps": 1}, "outcomes": ["value"]}
     make(write_spec(tmp_path, spec), tmp_path / "runs")
     before = shard_rows(tmp_path / "runs" / "g")
     spec["fixed"] = {"steps": 2}
@@ -95,14 +95,14 @@ def test_changing_fixed_or_outcomes_of_a_made_grid_is_refused(tmp_path):
 
 
 def test_dry_run_writes_nothing(tmp_path):
-    spec = {"task": "tasks.toy:noop", "grid": {"a": list(range(25))}, "max_len": 10, "outcomes": ["value"]}
+    spec = {"task": "gridrunner.tasks.toy:noop", "grid": {"a": list(range(25))}, "max_len": 10, "outcomes": ["value"]}
     report = make(write_spec(tmp_path, spec), tmp_path / "runs", dry_run=True)
     assert report.new == 25 and len(report.shards) == 3
     assert not (tmp_path / "runs").exists()
 
 
 def test_cost_orders_rows_expensive_first_across_shards(tmp_path):
-    spec = {"task": "tasks.toy:sleep", "grid": {"duration": [0.1, 0.5, 0.2, 0.4, 0.3, 0.6]}, "max_len": 3,
+    spec = {"task": "gridrunner.tasks.toy:sleep", "grid": {"duration": [0.1, 0.5, 0.2, 0.4, 0.3, 0.6]}, "max_len": 3,
             "cost": "duration", "outcomes": ["slept"]}
     grid = make(write_spec(tmp_path, spec), tmp_path / "runs").grid_dir
     shards = shard_rows(grid)
@@ -112,7 +112,7 @@ def test_cost_orders_rows_expensive_first_across_shards(tmp_path):
 def test_a_directory_that_is_not_a_grid_is_never_overwritten(tmp_path):
     (tmp_path / "runs" / "g").mkdir(parents=True)
     (tmp_path / "runs" / "g" / "notes.txt").write_text("mine")
-    spec = {"task": "tasks.toy:noop", "grid": {"a": [1]}, "outcomes": ["value"]}
+    spec = {"task": "gridrunner.tasks.toy:noop", "grid": {"a": [1]}, "outcomes": ["value"]}
     with pytest.raises(GridError, match="exists but holds no spec.yaml"):
         make(write_spec(tmp_path, spec), tmp_path / "runs")
     assert (tmp_path / "runs" / "g" / "notes.txt").read_text() == "mine"
@@ -120,7 +120,7 @@ def test_a_directory_that_is_not_a_grid_is_never_overwritten(tmp_path):
 
 def test_find_grid_takes_the_newest(tmp_path):
     for name in ("one", "two"):
-        make(write_spec(tmp_path, {"task": "tasks.toy:noop", "grid": {"a": [1]}, "outcomes": ["v"]}, name),
+        make(write_spec(tmp_path, {"task": "gridrunner.tasks.toy:noop", "grid": {"a": [1]}, "outcomes": ["v"]}, name),
              tmp_path / "runs")
     assert find_grid(None, tmp_path / "runs").name == "two"
     with pytest.raises(GridError, match="no grid under"):
@@ -151,7 +151,7 @@ _cell_values = st.one_of(
 @given(st.lists(_cell_values, min_size=1, max_size=6, unique_by=lambda v: (type(v).__name__, repr(v))))
 def test_rows_read_back_from_a_shard_give_the_task_the_typed_values(tmp_path_factory, values):
     tmp = tmp_path_factory.mktemp("rt")
-    spec = {"task": "tasks.toy:noop", "grid": {"v": values, "w": [1]}, "outcomes": ["value"]}
+    spec = {"task": "gridrunner.tasks.toy:noop", "grid": {"v": values, "w": [1]}, "outcomes": ["value"]}
     grid = make(write_spec(tmp, spec), tmp / "runs").grid_dir
     store = GridStore(grid)
     got = []

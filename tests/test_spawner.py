@@ -16,7 +16,7 @@ from gridtools import events, make_grid, wait_until
 
 
 def request(tmp_path, row_id: str, **params) -> dict:
-    return {"task": "tasks.toy:sleep", "params": params, "row_dir": str(tmp_path / "rows" / row_id),
+    return {"task": "gridrunner.tasks.toy:sleep", "params": params, "row_dir": str(tmp_path / "rows" / row_id),
             "row_id": row_id, "seed": 1, "grid_dir": str(tmp_path), "stopped": False}
 
 
@@ -27,7 +27,7 @@ def parent_of(pid: int) -> int:
 
 def test_every_row_runs_in_a_new_process_forked_by_the_spawner_not_the_worker(tmp_path):
     side = tmp_path / "executions.log"
-    grid = make_grid(tmp_path, {"task": "tasks.toy:noop", "outcomes": ["value"], "grid": {"i": list(range(20))},
+    grid = make_grid(tmp_path, {"task": "gridrunner.tasks.toy:noop", "outcomes": ["value"], "grid": {"i": list(range(20))},
                                 "fixed": {"record_to": str(side)}})
     worker = Worker(grid, handle_signals=False)
     parents = set()
@@ -89,7 +89,7 @@ def test_a_light_task_module_is_imported_once_in_the_spawner_a_heavy_one_in_ever
 
 def test_a_spawner_killed_while_a_row_runs_costs_that_row_and_the_worker_goes_on(tmp_path):
     side = tmp_path / "executions.log"
-    grid = make_grid(tmp_path, {"task": "tasks.toy:sleep", "outcomes": ["slept"], "max_len": 10,
+    grid = make_grid(tmp_path, {"task": "gridrunner.tasks.toy:sleep", "outcomes": ["slept"], "max_len": 10,
                                 "grid": {"duration": [30.0, 0.0]}, "fixed": {"record_to": str(side)}})
     worker = Worker(grid, handle_signals=False, steal=False)
     summary = {}
@@ -118,14 +118,14 @@ def test_a_spawner_killed_while_a_row_runs_costs_that_row_and_the_worker_goes_on
 
 def test_a_row_whose_directories_cannot_be_made_fails_with_the_reason_and_the_spawner_goes_on(tmp_path):
     (tmp_path / "a-file").write_text("")
-    spawner = Spawner("tasks.toy:steps")
+    spawner = Spawner("gridrunner.tasks.toy:steps")
     try:
-        bad = {**request(tmp_path, "r1", steps=2, step_s=0.0), "task": "tasks.toy:steps",
+        bad = {**request(tmp_path, "r1", steps=2, step_s=0.0), "task": "gridrunner.tasks.toy:steps",
                "row_dir": str(tmp_path / "a-file" / "r1")}
         assert spawner.begin(bad) > 0
         payload = json.loads(spawner.end()["payload"])
         assert payload["error"].startswith("NotADirectoryError: [Errno 20] Not a directory:")
-        assert spawner.begin({**request(tmp_path, "r2", steps=2, step_s=0.0), "task": "tasks.toy:steps"}) > 0
+        assert spawner.begin({**request(tmp_path, "r2", steps=2, step_s=0.0), "task": "gridrunner.tasks.toy:steps"}) > 0
         ended = spawner.end()
         assert ended["code"] == 0 and ended["signal"] is None
         assert json.loads(ended["payload"])["metrics"]["final_step"] == 2.0
@@ -134,13 +134,13 @@ def test_a_row_whose_directories_cannot_be_made_fails_with_the_reason_and_the_sp
 
 
 def test_a_row_that_writes_nothing_leaves_no_directory(tmp_path):
-    grid = make_grid(tmp_path, {"task": "tasks.toy:noop", "outcomes": ["value"], "grid": {"i": [1, 2]}})
+    grid = make_grid(tmp_path, {"task": "gridrunner.tasks.toy:noop", "outcomes": ["value"], "grid": {"i": [1, 2]}})
     assert Worker(grid, handle_signals=False).run().done == 2
     assert not (grid / "rows").exists() or not list((grid / "rows").iterdir())
 
 
 def test_a_spawner_that_cannot_start_is_one_clear_error_before_any_row_is_claimed(tmp_path, monkeypatch):
-    grid = make_grid(tmp_path, {"task": "tasks.toy:noop", "outcomes": ["value"], "grid": {"i": [1, 2]}})
+    grid = make_grid(tmp_path, {"task": "gridrunner.tasks.toy:noop", "outcomes": ["value"], "grid": {"i": [1, 2]}})
     monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
     with pytest.raises(GridError, match=r"cannot start the process that forks the rows .*no-such-python.*"
                                         r"`gridrunner work --inline` runs rows without it"):
@@ -151,7 +151,7 @@ def test_a_spawner_that_cannot_start_is_one_clear_error_before_any_row_is_claime
 
 
 def test_a_closed_spawner_is_reported_as_died():
-    spawner = Spawner("tasks.toy:noop")
+    spawner = Spawner("gridrunner.tasks.toy:noop")
     with pytest.raises(SpawnerDied):
         spawner.end()
 
@@ -159,10 +159,10 @@ def test_a_closed_spawner_is_reported_as_died():
 def test_a_stop_signal_that_reaches_a_row_as_its_process_starts_is_never_lost(tmp_path):
     # The handlers are the spawner's, inherited at the fork, and the row's context is set before it: a
     # SIGUSR1 sent the moment the pid is known makes should_stop() true instead of killing the process.
-    spawner = Spawner("tasks.toy:steps")
+    spawner = Spawner("gridrunner.tasks.toy:steps")
     try:
         for k in range(30):
-            req = {**request(tmp_path, f"r{k}", steps=100, step_s=0.01), "task": "tasks.toy:steps"}
+            req = {**request(tmp_path, f"r{k}", steps=100, step_s=0.01), "task": "gridrunner.tasks.toy:steps"}
             os.kill(spawner.begin(req), signal.SIGUSR1)
             ended = spawner.end()
             assert json.loads(ended["payload"]) == {"interrupted": True}, (k, ended)

@@ -8,7 +8,7 @@ from gridrunner.errors import SpecError
 from gridrunner.spec import decode_cell, encode_cell, expand, load_spec, row_id_of, validate
 from gridtools import write_spec
 
-BASE = {"task": "tasks.toy:noop", "outcomes": ["value"]}
+BASE = {"task": "gridrunner.tasks.toy:noop", "outcomes": ["value"]}
 
 
 def spec_of(grid, **extra):
@@ -118,7 +118,7 @@ def test_sizes_multiply_and_subgrids_add(subgrids, repeat):
 
 # --------------------------------------------------------------------------- bad specs: the exact errors
 
-GOOD = "task: tasks.toy:noop\ngrid: {x: [1, 2]}\noutcomes: [value]\n"
+GOOD = "task: gridrunner.tasks.toy:noop\ngrid: {x: [1, 2]}\noutcomes: [value]\n"
 BAD_SPECS = [
     ("", "g.yaml: the spec is empty; it needs at least `task`, `grid` and `outcomes`"),
     ("task: [unclosed\n", "g.yaml:2: invalid YAML: expected ',' or ']', but got '<stream end>'"),
@@ -127,24 +127,25 @@ BAD_SPECS = [
     (GOOD + "outcome: [x]\n", "g.yaml:4, at key outcome: unknown key 'outcome'; did you mean 'outcomes'? (valid: "
                               "name, task, grid, fixed, exclude, repeat, random, max_len, outcomes, failure, "
                               "resources, cost, lease_s, max_attempts, metric, goal)"),
-    ("task: tasks.toy:noop\noutcomes: [value]\n", "g.yaml:1: missing required key 'grid'"),
+    ("task: gridrunner.tasks.toy:noop\noutcomes: [value]\n", "g.yaml:1: missing required key 'grid'"),
     ("task: no_such_module:run\ngrid: {x: [1]}\noutcomes: [value]\n",
      "g.yaml:1, at key task: cannot import task 'no_such_module:run': no module 'no_such_module' in the current "
-     "directory, on the Python path or in tasks/ (valid: 'module:function' or the name of a module in tasks/)"),
-    ("task: tasks.toy:nothing_here\ngrid: {x: [1]}\noutcomes: [value]\n",
-     "g.yaml:1, at key task: module 'tasks.toy' has no function 'nothing_here'"),
-    ("task: tasks.toy:noop\ngrid: {x: 3}\noutcomes: [value]\n",
+     "directory, on the Python path or among gridrunner's tasks (valid: 'module:function', or the name of a "
+     "bundled task: dncnn, unet, toy:<function>)"),
+    ("task: gridrunner.tasks.toy:nothing_here\ngrid: {x: [1]}\noutcomes: [value]\n",
+     "g.yaml:1, at key task: module 'gridrunner.tasks.toy' has no function 'nothing_here'"),
+    ("task: gridrunner.tasks.toy:noop\ngrid: {x: 3}\noutcomes: [value]\n",
      "g.yaml:2, at key grid.x: expected a list of candidate values, got int 3; write [3] for one value, or move it "
      "to `fixed`"),
-    ("task: tasks.toy:noop\ngrid: {}\noutcomes: [value]\n",
+    ("task: gridrunner.tasks.toy:noop\ngrid: {}\noutcomes: [value]\n",
      "g.yaml:2, at key grid: the grid is empty: give at least one parameter with a list of values"),
-    ("task: tasks.toy:noop\ngrid: {x: []}\noutcomes: [value]\n",
+    ("task: gridrunner.tasks.toy:noop\ngrid: {x: []}\noutcomes: [value]\n",
      "g.yaml:2, at key grid.x: the list of candidates is empty; give at least one value"),
-    ("task: tasks.toy:noop\ngrid:\n  x: [1]\n  x: [2]\noutcomes: [value]\n",
+    ("task: gridrunner.tasks.toy:noop\ngrid:\n  x: [1]\n  x: [2]\noutcomes: [value]\n",
      "g.yaml:4, at key grid.x: duplicate key 'x' (first at line 3)"),
-    ("task: tasks.toy:noop\ngrid:\n  arch: [{a: 1, b: 2}, {a: 3}]\noutcomes: [value]\n",
+    ("task: gridrunner.tasks.toy:noop\ngrid:\n  arch: [{a: 1, b: 2}, {a: 3}]\noutcomes: [value]\n",
      "g.yaml:3, at key grid.arch[1]: linked candidates must all set the same parameters: ['a', 'b'] vs ['a']"),
-    ("task: tasks.toy:noop\ngrid:\n  arch: [{a: 1}, 2]\noutcomes: [value]\n",
+    ("task: gridrunner.tasks.toy:noop\ngrid:\n  arch: [{a: 1}, 2]\noutcomes: [value]\n",
      "g.yaml:3, at key grid.arch[1]: mix of linked (mapping) and plain candidates; use one kind per key"),
     (GOOD + "failure: value <\n",
      "g.yaml:4, at key failure: expected a number, string, name or '(', found the end at column 8 in 'value <'"),
@@ -161,19 +162,19 @@ BAD_SPECS = [
     (GOOD + "resources: {gpu: 1}\n",
      "g.yaml:4, at key resources.gpu: unknown resource 'gpu'; did you mean 'gpus'? (valid: time_min, gpus, cpus, "
      "mem_gb, partition)"),
-    ("task: tasks.toy:noop\ngrid: {status: [1]}\noutcomes: [value]\n",
+    ("task: gridrunner.tasks.toy:noop\ngrid: {status: [1]}\noutcomes: [value]\n",
      "g.yaml:2, at key grid: 'status' is both a parameter and a bookkeeping or outcome column; rename it"),
     (GOOD + "fixed: {x: 1}\n", "g.yaml:4, at key fixed.x: 'x' is both in `fixed` and in the grid; keep one"),
-    ("task: tasks.toy:noop\ngrid: {seed: [1, 2]}\nrepeat: 2\noutcomes: [value]\n",
+    ("task: gridrunner.tasks.toy:noop\ngrid: {seed: [1, 2]}\nrepeat: 2\noutcomes: [value]\n",
      "g.yaml:3, at key repeat: `repeat` adds a `seed` column, but the grid already has a `seed` parameter"),
-    ("task: tasks.toy:noop\ngrid: {x: [!!python/object/apply:os.system [echo hi]]}\noutcomes: [value]\n",
+    ("task: gridrunner.tasks.toy:noop\ngrid: {x: [!!python/object/apply:os.system [echo hi]]}\noutcomes: [value]\n",
      "g.yaml:2: invalid YAML: could not determine a constructor for the tag "
      "'tag:yaml.org,2002:python/object/apply:os.system'"),
     (GOOD + "metric: m_ssim\n", "g.yaml:4, at key metric: the metric to analyse must be one of the outcomes (value), "
                                "got 'm_ssim'"),
     (GOOD + "goal: maximise\n", "g.yaml:4, at key goal: expected max (larger is better) or min, got 'maximise'"),
     (GOOD + "lease_s: -5\n", "g.yaml:4, at key lease_s: expected a positive number of seconds, got -5"),
-    ("task: tasks.toy:noop\ngrid: {x: [1]}\noutcomes: [value, value]\n", "g.yaml:3, at key outcomes: metric names repeat"),
+    ("task: gridrunner.tasks.toy:noop\ngrid: {x: [1]}\noutcomes: [value, value]\n", "g.yaml:3, at key outcomes: metric names repeat"),
 ]
 
 

@@ -12,7 +12,7 @@ from gridrunner.errors import ShardError
 from gridrunner.store import GridStore, Result, Shard, ShardLock, safe_cell
 from gridtools import make_grid, wait_until
 
-SPEC = {"task": "tasks.toy:noop", "grid": {"a": [1, 2, 3], "b": ["x", "y"]}, "max_len": 100, "outcomes": ["value"]}
+SPEC = {"task": "gridrunner.tasks.toy:noop", "grid": {"a": [1, 2, 3], "b": ["x", "y"]}, "max_len": 100, "outcomes": ["value"]}
 
 
 @pytest.fixture

@@ -42,7 +42,7 @@ def test_settings_precedence_and_the_signal_delay_cap():
 
 def test_local_submit_runs_the_grid_with_a_concurrency_cap_and_records_it(project):
     side = project / "executions.log"
-    grid = make_grid(project, {"task": "tasks.toy:sleep", "outcomes": ["slept"], "max_len": 10,
+    grid = make_grid(project, {"task": "gridrunner.tasks.toy:sleep", "outcomes": ["slept"], "max_len": 10,
                                "grid": {"duration": [0.05] * 1, "i": list(range(40))},
                                "fixed": {"record_to": str(side)}})
     result = submit(grid, 3, executor="local", flags={"max_parallel": 2})
@@ -59,7 +59,7 @@ def test_local_submit_runs_the_grid_with_a_concurrency_cap_and_records_it(projec
 
 
 def test_cancel_gives_rows_back_and_a_new_submit_finishes_them(project):
-    grid = make_grid(project, {"task": "tasks.toy:steps", "outcomes": ["final_step", "steps_run", "resumed_from"],
+    grid = make_grid(project, {"task": "gridrunner.tasks.toy:steps", "outcomes": ["final_step", "steps_run", "resumed_from"],
                                "grid": {"i": [0, 1]}, "fixed": {"steps": 40, "step_s": 0.05}})
     runner = CliRunner()
     result = runner.invoke(main, ["submit", "--shards", "2", "--executor", "local"], catch_exceptions=False)
@@ -79,7 +79,7 @@ def test_cancel_gives_rows_back_and_a_new_submit_finishes_them(project):
 
 
 def test_submit_argument_errors(project):
-    make_grid(project, {"task": "tasks.toy:noop", "outcomes": ["value"], "grid": {"i": [1]}})
+    make_grid(project, {"task": "gridrunner.tasks.toy:noop", "outcomes": ["value"], "grid": {"i": [1]}})
     runner = CliRunner()
     result = runner.invoke(main, ["submit", "--shards", "0"])
     assert result.exit_code == 2 and "Invalid value for '--shards': must be at least 1, got 0" in result.output

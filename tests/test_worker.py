@@ -28,7 +28,7 @@ def statuses(grid):
 
 def test_every_crash_mode_is_recorded_and_the_worker_survives(tmp_path):
     grid = make_grid(tmp_path, {
-        "task": "tasks.toy:crash", "outcomes": ["value"],
+        "task": "gridrunner.tasks.toy:crash", "outcomes": ["value"],
         "grid": {"mode": ["raise", "nan", "exit", "segfault", "memory", "none", "ok"]},
         "fixed": {"cap_mb": 300},
     })
@@ -50,13 +50,13 @@ def test_every_crash_mode_is_recorded_and_the_worker_survives(tmp_path):
 
 
 def test_failure_rule_and_missing_metric(tmp_path):
-    grid = make_grid(tmp_path, {"task": "tasks.toy:sleep", "outcomes": ["slept", "other"],
+    grid = make_grid(tmp_path, {"task": "gridrunner.tasks.toy:sleep", "outcomes": ["slept", "other"],
                                 "grid": {"duration": [0.0]}, "failure": "slept > 100"})
     Worker(grid, handle_signals=False, inline=True).run()
     (row,) = rows_by(grid).values()
     assert row["status"] == "failed"
     assert row["error"] == "MissingMetric: the task returned no 'other' (it returned slept)"
-    grid2 = make_grid(tmp_path, {"task": "tasks.toy:sleep", "outcomes": ["slept"], "grid": {"duration": [0.0]},
+    grid2 = make_grid(tmp_path, {"task": "gridrunner.tasks.toy:sleep", "outcomes": ["slept"], "grid": {"duration": [0.0]},
                                  "failure": "slept < 100"}, name="h")
     Worker(grid2, handle_signals=False).run()
     (row,) = rows_by(grid2).values()
@@ -67,7 +67,7 @@ def test_failure_rule_and_missing_metric(tmp_path):
 @pytest.mark.slow
 def test_sixteen_workers_on_one_shard_run_every_row_exactly_once(tmp_path):
     side = tmp_path / "executions.log"
-    grid = make_grid(tmp_path, {"task": "tasks.toy:noop", "outcomes": ["value"], "max_len": 1000,
+    grid = make_grid(tmp_path, {"task": "gridrunner.tasks.toy:noop", "outcomes": ["value"], "max_len": 1000,
                                 "grid": {"i": list(range(1000))}, "fixed": {"record_to": str(side)}})
     procs = [start_worker(grid) for _ in range(16)]
     for proc in procs:
@@ -84,7 +84,7 @@ def test_sixteen_workers_on_one_shard_run_every_row_exactly_once(tmp_path):
 
 def test_kill_9_mid_row_the_row_is_reclaimed_and_finished(tmp_path):
     side = tmp_path / "executions.log"
-    grid = make_grid(tmp_path, {"task": "tasks.toy:sleep", "outcomes": ["slept"], "lease_s": 2,
+    grid = make_grid(tmp_path, {"task": "gridrunner.tasks.toy:sleep", "outcomes": ["slept"], "lease_s": 2,
                                 "grid": {"duration": [2.0, 0.1]}, "fixed": {"record_to": str(side)}})
     victim = start_worker(grid, "--no-steal")
     assert wait_until(lambda: any(e == "start" for e, _ in events(side)), 30)
@@ -105,7 +105,7 @@ def test_kill_9_mid_row_the_row_is_reclaimed_and_finished(tmp_path):
 
 def test_stalled_worker_is_reclaimed_after_the_lease_and_its_late_result_is_set_aside(tmp_path):
     side = tmp_path / "executions.log"
-    grid = make_grid(tmp_path, {"task": "tasks.toy:sleep", "outcomes": ["slept"], "lease_s": 1.5,
+    grid = make_grid(tmp_path, {"task": "gridrunner.tasks.toy:sleep", "outcomes": ["slept"], "lease_s": 1.5,
                                 "grid": {"duration": [1.0]}, "fixed": {"record_to": str(side)}})
     stalled = start_worker(grid)
     assert wait_until(lambda: any(e == "start" for e, _ in events(side)), 30)
@@ -130,7 +130,7 @@ def test_stalled_worker_is_reclaimed_after_the_lease_and_its_late_result_is_set_
 
 def test_sigterm_gives_the_row_back_with_its_checkpoint_and_the_next_worker_resumes(tmp_path):
     side = tmp_path / "executions.log"
-    grid = make_grid(tmp_path, {"task": "tasks.toy:steps", "outcomes": ["final_step", "steps_run", "resumed_from"],
+    grid = make_grid(tmp_path, {"task": "gridrunner.tasks.toy:steps", "outcomes": ["final_step", "steps_run", "resumed_from"],
                                 "grid": {"steps": [60]}, "fixed": {"record_to": str(side), "step_s": 0.05}})
     worker = start_worker(grid)
     assert wait_until(lambda: events(side)[("step", next(iter(rows_by(grid))))] >= 10, 60)
@@ -170,7 +170,7 @@ def test_liveness_uses_pid_on_this_host_and_the_heartbeat_lease_elsewhere(tmp_pa
 def test_a_stop_that_comes_as_the_row_starts_gives_the_row_back_instead_of_killing_it(tmp_path):
     # A stop asked for before the child has its handlers (the worker signals it at once) must reach the
     # task as should_stop(), not kill the child with SIGUSR1's default action and fail the row.
-    grid = make_grid(tmp_path, {"task": "tasks.toy:steps", "outcomes": ["step"], "grid": {"i": [1]},
+    grid = make_grid(tmp_path, {"task": "gridrunner.tasks.toy:steps", "outcomes": ["step"], "grid": {"i": [1]},
                                 "fixed": {"steps": 3, "step_s": 0.01}})
     worker = Worker(grid, linger=False, handle_signals=False)
     worker.request_stop()

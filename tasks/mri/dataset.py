@@ -3,7 +3,7 @@
 :func:`load_pairs` returns the pairs for one data configuration, one noise and one split.
 The first worker to ask builds them; every other row and worker reads the same ``.npz``.
 
-**Split.** Slices are split by *group* (:mod:`tasks.mri.sources`: a whole volume, or a slab
+**Split.** Slices are split by *group* (:mod:`gridrunner.tasks.mri.sources`: a whole volume, or a slab
 of neighbouring slices of one volume), drawn with ``data_seed``; every augmented and
 undersampled copy of a slice stays in its slice's split, so no test slice was ever seen
 in training, as in the study.
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.mri import sources, undersampling
+from gridrunner.tasks.mri import sources, undersampling
 
 CACHE_VERSION = 1  # bump when the way pairs are built changes, so old caches are not reused
 CACHE_ENV = "GRIDRUNNER_DATA_CACHE"

@@ -1,11 +1,11 @@
 """Train one denoiser on undersampled/fully sampled pairs, test it, and resume where a requeued row stopped.
 
-:func:`train_and_evaluate` is the body shared by :mod:`tasks.dncnn` and :mod:`tasks.unet`:
+:func:`train_and_evaluate` is the body shared by :mod:`gridrunner.tasks.dncnn` and :mod:`gridrunner.tasks.unet`:
 
 1. TensorFlow is set up: ``threads`` intra-op threads (0: TensorFlow's default), op
    determinism when ``deterministic`` (the default; it cost nothing measurable here), GPU
    memory growth when there is a GPU (Keras uses it without any change), and the seed.
-2. The pairs come from :mod:`tasks.mri.dataset` (built once, cached, shared by all rows).
+2. The pairs come from :mod:`gridrunner.tasks.mri.dataset` (built once, cached, shared by all rows).
 3. The model trains for ``steps`` steps of Adam(``learning_rate``) in a custom ``tf.function``
    step. Batch ``s`` is fixed by the seed and ``s`` alone (a seeded permutation per epoch),
    so a resumed run sees exactly the batches an uninterrupted one would.
@@ -38,7 +38,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from tasks.mri import dataset, losses
+from gridrunner.tasks.mri import dataset, losses
 
 EXAMPLES_FILE = "examples.npz"
 METRICS_FILE = "metrics.json"

@@ -103,7 +103,7 @@ def planted_grid(seed: int = 0, repeats: int = 2, noise: float = 0.05, failure: 
     × ``repeats`` seeds. score = 0.5 + 0.3·x − 0.2·x² + 0.05·depth + {l1: +0.1, l2: 0, ssim: −0.1}
     + N(0, noise²); P(raise) = logistic(−3 + 3·[loss = ssim] + 0.15·depth); z has no effect.
     """
-    from tasks.toy import quadratic_truth
+    from gridrunner.tasks.toy import quadratic_truth
 
     rng = np.random.default_rng(seed)
     combos = list(itertools.product([-1.0, -0.5, 0.0, 0.5, 1.0], [2, 4, 6, 8, 10], ["l1", "l2", "ssim"], [1, 2, 3], range(repeats)))

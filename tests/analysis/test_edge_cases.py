@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from analysis.report import build_report
+from gridrunner.analysis.report import build_report
 
 from analysis_grids import make_frame, planted_grid
 

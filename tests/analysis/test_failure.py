@@ -3,8 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.failure import failure_interactions, failure_model, failure_rates, firth_logit, pair_rates, separation, wilson
-from analysis.rows import label_rows
+from gridrunner.analysis.failure import failure_interactions, failure_model, failure_rates, firth_logit, pair_rates, separation, wilson
+from gridrunner.analysis.rows import label_rows
 
 from analysis_grids import make_frame, planted_grid, study_grid
 

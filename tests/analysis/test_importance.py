@@ -1,5 +1,5 @@
 """Random-forest functional ANOVA puts the planted effects first and the null parameter last."""
-from analysis.importance import importance
+from gridrunner.analysis.importance import importance
 
 from analysis_grids import planted_grid
 
@@ -19,7 +19,7 @@ def test_planted_parameters_explain_the_variance_and_the_null_one_does_not():
 def test_large_grids_of_levels_are_sampled_and_said_so(monkeypatch):
     import sys
 
-    monkeypatch.setattr(sys.modules["analysis.importance"], "MAX_CELLS", 10)  # the package re-exports a function of that name
+    monkeypatch.setattr(sys.modules["gridrunner.analysis.importance"], "MAX_CELLS", 10)  # the package re-exports a function of that name
     table = importance(planted_grid(seed=2))
     assert table.iloc[0]["effect"] == "x"
     assert any("partial dependence" in note for note in table.attrs["notes"])

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from analysis.outcome import outcome_model
-from analysis.terms import choose_terms
+from gridrunner.analysis.outcome import outcome_model
+from gridrunner.analysis.terms import choose_terms
 from gridrunner.errors import GridError
 
 from analysis_grids import make_frame, planted_grid

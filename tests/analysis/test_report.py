@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 import gridrunner
-from analysis.report import build_report
+from gridrunner.analysis.report import build_report
 
 from analysis_grids import study_grid, write_grid
 

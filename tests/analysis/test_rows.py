@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.rows import benchmark_value, counts_sentence, label_rows, resolve_goal, resolve_metric, rule_thresholds, state_counts
+from gridrunner.analysis.rows import benchmark_value, counts_sentence, label_rows, resolve_goal, resolve_metric, rule_thresholds, state_counts
 from gridrunner.errors import ExprError, GridError
 
 from analysis_grids import make_frame

@@ -28,7 +28,7 @@ from gridtools import make_grid
 from reliability_tools import cli, rows, snapshot
 from test_spec import BAD_SPECS
 
-SPEC = {"task": "tasks.toy:noop", "grid": {"a": [1, 2, 3], "b": ["x", "y"]}, "outcomes": ["value"], "max_len": 3}
+SPEC = {"task": "gridrunner.tasks.toy:noop", "grid": {"a": [1, 2, 3], "b": ["x", "y"]}, "outcomes": ["value"], "max_len": 3}
 SHARD = "runs/g/shards/shard-000.csv"  # rows a=1 b=x, 1 y (both done), 2 x (not run); shard-001 holds the rest
 ID_2X = row_id_of({"a": 2, "b": "x"})
 
@@ -50,7 +50,7 @@ def invoke(*args: str):
 # Specs and arguments: one error, exit 1 or 2, nothing changed
 # ============================================================================
 
-GOOD = "task: tasks.toy:noop\ngrid: {x: [1, 2]}\noutcomes: [value]\n"
+GOOD = "task: gridrunner.tasks.toy:noop\ngrid: {x: [1, 2]}\noutcomes: [value]\n"
 CANARY = "pwned"  # the file a spec that ran code would create
 BOMB = "".join(f"l{k}: &l{k} [{', '.join([f'*l{k - 1}' if k else '1'] * 10)}]\n" for k in range(9))
 
@@ -62,18 +62,18 @@ SPECS = [
     (GOOD + "max_len: '10'\n", "g.yaml:4, at key max_len: expected a positive integer, got '10'"),
     (GOOD + "max_attempts: 2.5\n", "g.yaml:4, at key max_attempts: expected a positive integer, got 2.5"),
     (GOOD + "lease_s: true\n", "g.yaml:4, at key lease_s: expected a positive number of seconds, got True"),
-    ("task: tasks.toy:noop\ngrid: {x: [1]}\noutcomes: 3\n",
+    ("task: gridrunner.tasks.toy:noop\ngrid: {x: [1]}\noutcomes: 3\n",
      "g.yaml:3, at key outcomes: expected a non-empty list of metric names, got 3"),
     (GOOD + "fixed: [1, 2]\n", "g.yaml:4, at key fixed: expected a mapping of constants, got a list"),
     ("task: 42\ngrid: {x: [1]}\noutcomes: [value]\n",
-     "g.yaml:1, at key task: expected 'module:function' or the name of a module in tasks/, got 42"),
-    ("task: tasks.toy:noop\ngrid: []\noutcomes: [value]\n",
+     "g.yaml:1, at key task: expected 'module:function' or the name of a bundled task (dncnn, unet), got 42"),
+    ("task: gridrunner.tasks.toy:noop\ngrid: []\noutcomes: [value]\n",
      "g.yaml:2, at key grid: expected a mapping of parameter lists, or a list of such mappings, got a list"),
     (GOOD + "exclude: ['x > 0']\n", "g.yaml, at key exclude: every one of the grid's 2 rows is excluded; the grid "
                                     "would be empty"),
-    ("task: tasks.toy:noop\ngrid:\n\tx: [1]\noutcomes: [value]\n",
+    ("task: gridrunner.tasks.toy:noop\ngrid:\n\tx: [1]\noutcomes: [value]\n",
      "g.yaml:3: invalid YAML: found character '\\t' that cannot start any token"),
-    ("task: tasks.toy:noop\ngrid:\n  arch: [{a: [1, 2], b: 3}, {a: 1, c: 3}]\noutcomes: [value]\n",
+    ("task: gridrunner.tasks.toy:noop\ngrid:\n  arch: [{a: [1, 2], b: 3}, {a: 1, c: 3}]\noutcomes: [value]\n",
      "g.yaml:3, at key grid.arch[1]: linked candidates must all set the same parameters: ['a', 'b'] vs ['a', 'c']"),
     (GOOD + "failure: value.__class__ == 1\n",
      "g.yaml:4, at key failure: unexpected character '.' at column 6 in 'value.__class__ == 1'"),
@@ -97,8 +97,8 @@ SPECS = [
      "g.yaml:4: invalid YAML: could not determine a constructor for the tag 'tag:yaml.org,2002:python/name:os.system'"),
     (GOOD + BOMB, "g.yaml:9, at key l5: the spec holds more than 1,000,000 values (aliases of aliases?); write it "
                   "out with fewer nested aliases"),
-    ("task: tasks.toy:sleep\ngrid: {a: [1, 2, 3], b: [x, y]}\noutcomes: [value]\nmax_len: 3\n",
-     "g.yaml, at key task: the task changed since this grid was made ('tasks.toy:noop' → 'tasks.toy:sleep'); "
+    ("task: gridrunner.tasks.toy:sleep\ngrid: {a: [1, 2, 3], b: [x, y]}\noutcomes: [value]\nmax_len: 3\n",
+     "g.yaml, at key task: the task changed since this grid was made ('gridrunner.tasks.toy:noop' → 'gridrunner.tasks.toy:sleep'); "
      "finished rows would no longer match. Make a new grid (another `name:` or --runs DIR), or change it back"),
 ]
 SPEC_CASES = [(text, message) for text, message in BAD_SPECS if text] + SPECS

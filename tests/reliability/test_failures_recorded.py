@@ -26,7 +26,7 @@ def test_every_way_a_task_can_fail_is_recorded_with_its_reason(project):
                  {"kind": "RuntimeError", "message": "=cmd|' /C calc'!A0", "mark": "ok"},
                  {"kind": "Bad Type", "message": "first line\nsecond line", "mark": "ok"},
                  {"kind": "=Evil", "message": "", "mark": "ok"}]}})
-    crashes = make_grid(project, {"task": "tasks.toy:crash", "outcomes": ["value"],
+    crashes = make_grid(project, {"task": "gridrunner.tasks.toy:crash", "outcomes": ["value"],
                                   "grid": {"mode": ["segfault", "exit", "nan", "none"]}}, name="crashes")
     for path in (grid, crashes):
         summary = Worker(path, handle_signals=False).run()

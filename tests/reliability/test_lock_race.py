@@ -86,7 +86,7 @@ def chain(logs: list[Path], initial: str, final: str) -> set[str]:
 
 @pytest.mark.slow
 def test_lock_holders_killed_at_random_instants_leave_the_old_or_the_new_version(project, reaper):
-    grid = make_grid(project, {"task": "tasks.toy:noop", "outcomes": ["value"], "max_len": 400,
+    grid = make_grid(project, {"task": "gridrunner.tasks.toy:noop", "outcomes": ["value"], "max_len": 400,
                                "grid": {"i": list(range(400))}})
     path = grid / "shards" / "shard-000.csv"
     initial = _hash(path.read_bytes())

@@ -37,7 +37,7 @@ from gridrunner.worker import heartbeat_path
 from gridtools import make_grid, write_spec
 from reliability_tools import cli, snapshot
 
-GOOD = "task: tasks.toy:noop\ngrid: {x: [1, 2]}\noutcomes: [value]\n"
+GOOD = "task: gridrunner.tasks.toy:noop\ngrid: {x: [1, 2]}\noutcomes: [value]\n"
 
 # ============================================================================
 # Safe YAML
@@ -240,7 +240,7 @@ def _spreadsheet_cells(path: Path) -> list[str]:
 @example([" =x", "=", "-", "+", "@"], "+x", "@x", -0.0)
 def test_no_cell_gridrunner_writes_starts_a_formula_unless_it_is_a_number(params, error_type, message, metric):
     with tempfile.TemporaryDirectory() as home:
-        spec = write_spec(Path(home), {"task": "tasks.toy:noop", "outcomes": ["value"],
+        spec = write_spec(Path(home), {"task": "gridrunner.tasks.toy:noop", "outcomes": ["value"],
                                        "grid": {"p": params, "q": [message]}})
         grid = make(spec, Path(home) / "runs").grid_dir
         store = GridStore(grid)

@@ -75,7 +75,7 @@ def _freeze_inside_a_transaction(grid, path, outcome_file) -> None:
 
 
 def test_a_lock_holder_frozen_past_the_locks_stale_time_abandons_its_write(project, reaper):
-    grid = make_grid(project, {"task": "tasks.toy:noop", "outcomes": ["value"], "grid": {"i": [0, 1]}})
+    grid = make_grid(project, {"task": "gridrunner.tasks.toy:noop", "outcomes": ["value"], "grid": {"i": [0, 1]}})
     path = grid / "shards" / "shard-000.csv"
     outcome = project / "outcome.txt"
     holder = reaper(fork(_freeze_inside_a_transaction, grid, path, outcome))

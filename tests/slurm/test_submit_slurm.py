@@ -111,7 +111,7 @@ def project(tmp_path, monkeypatch, slurm_cluster):
 @pytest.mark.timeout(240)
 def test_submit_runs_one_array_task_per_shard_and_every_row_once(project, slurm_cluster):
     side = project / "side.log"
-    grid = make_grid(project, {"task": "tasks.toy:sleep", "outcomes": ["slept"], "max_len": 5,
+    grid = make_grid(project, {"task": "gridrunner.tasks.toy:sleep", "outcomes": ["slept"], "max_len": 5,
                                "grid": {"i": list(range(40))}, "fixed": {"duration": 1.0, "record_to": str(side)}})
 
     output = gridrunner("submit", "--shards", "8")
@@ -137,7 +137,7 @@ def test_rows_of_cancelled_array_tasks_are_run_again_by_the_next_submit(project,
     side = project / "side.log"
     # Each of the 8 shards starts with a 10 s row (cost ranks it first), longer than Slurm's KillWait:
     # a task cancelled a moment after it started is killed in the middle of its row.
-    grid = make_grid(project, {"task": "tasks.toy:sleep", "outcomes": ["slept"], "max_len": 4, "cost": "duration",
+    grid = make_grid(project, {"task": "gridrunner.tasks.toy:sleep", "outcomes": ["slept"], "max_len": 4, "cost": "duration",
                                "grid": [{"i": list(range(8)), "duration": [10]},
                                         {"i": list(range(8, 32)), "duration": [0.5]}],
                                "fixed": {"record_to": str(side)}})
@@ -164,7 +164,7 @@ def test_rows_of_cancelled_array_tasks_are_run_again_by_the_next_submit(project,
 def test_a_cancelled_job_keeps_its_row_until_slurm_has_ended_its_processes(project, slurm_cluster):
     side = project / "side.log"
     # The row outlives the cancel by 2.5 s, within Slurm's KillWait (5 s): the cancelled job finishes it.
-    grid = make_grid(project, {"task": "tasks.toy:sleep", "outcomes": ["slept"], "grid": {"i": [0]},
+    grid = make_grid(project, {"task": "gridrunner.tasks.toy:sleep", "outcomes": ["slept"], "grid": {"i": [0]},
                                "fixed": {"duration": 4.0, "record_to": str(side)}})
     gridrunner("submit", "--shards", "1")
     assert wait_until(lambda: running_rows(grid), 60)
@@ -189,7 +189,7 @@ def test_a_row_stopped_by_the_time_limit_resumes_from_its_checkpoint_after_the_r
     side = project / "side.log"
     # USR2 comes 15-45 s into a 1-minute task; the row needs 60 s, so it is stopped at least once.
     (project / "jobs" / "short.yaml").write_text("time_min: 1\nsignal_delay_s: 15\n")
-    grid = make_grid(project, {"task": "tasks.toy:steps", "outcomes": ["final_step", "steps_run", "resumed_from"],
+    grid = make_grid(project, {"task": "gridrunner.tasks.toy:steps", "outcomes": ["final_step", "steps_run", "resumed_from"],
                                "grid": {"i": [0]},
                                "fixed": {"steps": 120, "step_s": 0.5, "checkpoint_every": 1000,
                                          "record_to": str(side)}})
@@ -213,7 +213,7 @@ def test_a_row_stopped_by_the_time_limit_resumes_from_its_checkpoint_after_the_r
 
 @pytest.mark.timeout(180)
 def test_a_task_exception_in_a_slurm_job_is_recorded_like_a_local_one(project, slurm_cluster):
-    spec = {"task": "tasks.toy:crash", "outcomes": ["value"], "grid": {"mode": ["raise", "ok"]}}
+    spec = {"task": "gridrunner.tasks.toy:crash", "outcomes": ["value"], "grid": {"mode": ["raise", "ok"]}}
     local = make_grid(project, spec, name="local")
     gridrunner("work", "--grid", str(local), "--quiet")
     on_slurm = make_grid(project, spec, name="slurm")
@@ -241,7 +241,7 @@ def test_random_cancels_and_resubmits_run_every_row_exactly_once(project, slurm_
     chance = random.Random(seed)
     side = project / "side.log"
     # Rows shorter than Slurm's KillWait (5 s) finish in their cancelled job; 7 s rows are killed.
-    grid = make_grid(project, {"task": "tasks.toy:sleep", "outcomes": ["slept"], "max_len": 8,
+    grid = make_grid(project, {"task": "gridrunner.tasks.toy:sleep", "outcomes": ["slept"], "max_len": 8,
                                "grid": {"i": list(range(16)), "duration": [0.5, 2.0, 7.0]},
                                "fixed": {"record_to": str(side)}})
     gridrunner("submit", "--shards", "6")

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from tasks.mri import dataset, sources, undersampling
+from gridrunner.tasks.mri import dataset, sources, undersampling
 
 SMALL = dataset.DataConfig(size=32, noise="rad15", copies=2, augment=2)  # rad41 is nearly fully sampled at 32 px
 

@@ -6,7 +6,7 @@ import pytest
 from scipy import ndimage
 from skimage.metrics import structural_similarity
 
-from tasks.mri import losses
+from gridrunner.tasks.mri import losses
 
 tf = pytest.importorskip("tensorflow")
 

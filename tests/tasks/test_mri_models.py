@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from tasks import dncnn, unet
+from gridrunner.tasks import dncnn, unet
 
 keras = pytest.importorskip("keras")
 
@@ -123,7 +123,7 @@ def test_impossible_dncnns_are_value_errors(kwargs, message):
 
 def test_importing_the_tasks_loads_no_tensorflow():
     code = (
-        "import sys, tasks.dncnn, tasks.unet, tasks.mri; "
+        "import sys, gridrunner.tasks.dncnn, gridrunner.tasks.unet, gridrunner.tasks.mri; "
         "heavy = [m for m in ('tensorflow', 'keras', 'sigpy', 'nibabel', 'skimage') if m in sys.modules]; "
         "print(heavy); sys.exit(bool(heavy))"
     )

@@ -13,8 +13,8 @@ import pytest
 from gridrunner.context import Context
 from gridrunner.errors import Interrupted
 from gridrunner.grid import make
-from tasks import dncnn, unet
-from tasks.mri import losses, training
+from gridrunner.tasks import dncnn, unet
+from gridrunner.tasks.mri import losses, training
 
 MAIN_METRICS = ("m_mae", "m_mse", "m_ssim", "bench_mae", "bench_mse", "bench_ssim")
 
