@@ -26,7 +26,7 @@ import statsmodels.api as sm
 import statsmodels.formula.api as smf
 from scipy import special, stats
 
-from gridrunner.analysis.fit import Fit, coefficient_table, result_table
+from gridrunner.analysis.fit import Fit, baselines_of, coefficient_table, result_table
 from gridrunner.analysis.outcome import robust_cov_type
 from gridrunner.analysis.rows import FAILED, REPLICATE_PARAMS, dropped_reasons, ensure_labelled, params_of
 from gridrunner.analysis.tables import level_labels
@@ -54,50 +54,68 @@ def failure_model(df: pd.DataFrame, failure: str | None = None, formula: str | N
     fit.notes.append(f"failed = raised, died{f', or matched {rule!r}' if rule else ''}")
     failures = int(data[FAILED].sum())
     if len(data) == 0:
-        fit.notes.append("no row has finished: nothing to model")
+        fit.reason = "no row has finished"
+        fit.notes.append(f"{fit.reason}: nothing to model")
         return fit
     if failures == 0 or failures == len(data):
-        fit.notes.append(f"{'no' if failures == 0 else 'every'} finished row failed: nothing to model")
+        fit.reason = f"{'no' if failures == 0 else 'every'} finished row failed"
+        fit.notes.append(f"{fit.reason}: nothing to model")
         return fit
+    display = lambda name: name  # noqa: E731
     if formula is None:
         terms = choose_terms(data, FAILED)
         fit.notes.extend(terms.notes)
         fit.formula = terms.formula
         params = terms.params
+        display, model_formula, frame = terms.display, terms.internal_formula, terms.frame(data)
     else:
         params = [p for p in params_of(df) if re.search(rf"\b{re.escape(p)}\b", formula.split("~", 1)[-1])]
+        model_formula, frame = formula, data
     try:
-        y, x = patsy.dmatrices(fit.formula, data, return_type="dataframe", NA_action="drop")
-    except (patsy.PatsyError, NameError, SyntaxError, TypeError, ValueError) as err:
+        y, x = patsy.dmatrices(model_formula, frame, return_type="dataframe", NA_action="drop")
+    except (patsy.PatsyError, NameError, SyntaxError, TypeError, ValueError, KeyError, AttributeError) as err:
         raise GridError(f"the failure formula {fit.formula!r} does not fit the grid's columns: {err}") from None
     if len(y) <= x.shape[1]:
-        fit.notes.append(f"too few rows: {len(y)} finished rows for {x.shape[1]} coefficients; no model fitted")
+        fit.reason = f"{len(y)} finished rows for {x.shape[1]} coefficients"
+        fit.notes.append(f"too few rows: {fit.reason}; no model fitted")
         return fit
     if failures < 10:
         fit.notes.append(f"only {failures} failures: effects are estimated imprecisely")
     sentences = separation(data, params)
-    result = None if sentences else _logit(fit.formula, data, sentences)
+    result = None if sentences else _logit(model_formula, frame, sentences)
     if result is not None:
         fit.result = result
-        fit.notes.extend(formula_notes(result))
-        fit.table = margeff_table(result)
-        fit.extra["logit"] = result_table(result)
-        fit.extra["term_tests"] = term_tests(lambda cols: _loglik_logit(y, x, cols), x)
+        fit.notes.extend(formula_notes(result, display))
+        fit.columns = [display(name) for name in result.model.exog_names]
+        fit.baselines = baselines_of(result, display)
+        fit.table = margeff_table(result, display=display)
+        fit.extra["logit"] = result_table(result, display)
+        tests = term_tests(lambda cols: _loglik_logit(y, x, cols), x)
+        tests["term"] = tests["term"].map(display)
+        fit.extra["term_tests"] = tests
         return fit
     fit.notes.extend(sentences)
     fit.method = "Firth penalised logit (separation); average marginal effects on the failure probability"
     beta, cov, converged, _ = firth_logit(x.to_numpy(float), y.to_numpy(float).ravel())
     if not converged:
         fit.notes.append("Firth's logit did not converge in 100 iterations: read its estimates with care")
-    logit_model = smf.logit(fit.formula, data)
-    firth = logit_model.fit(start_params=beta, method="newton", maxiter=0, disp=0, warn_convergence=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logit_model = smf.logit(model_formula, frame)
+        firth = logit_model.fit(start_params=beta, method="newton", maxiter=0, disp=0, warn_convergence=False)
     fit.result = firth
-    fit.table = margeff_table(firth, cov)
-    fit.extra["firth_logit"] = coefficient_table(beta, np.sqrt(np.diag(cov)), x.columns)
-    fit.extra["term_tests"] = term_tests(lambda cols: _loglik_firth(y, x, cols), x)
-    lpm = smf.ols(fit.formula, data)
-    lpm_result = lpm.fit(cov_type=robust_cov_type(lpm, fit.notes))
-    fit.extra["lpm"] = result_table(lpm_result)
+    fit.columns = [display(name) for name in firth.model.exog_names]
+    fit.baselines = baselines_of(firth, display)
+    fit.table = margeff_table(firth, cov, display=display)
+    fit.extra["firth_logit"] = coefficient_table(beta, np.sqrt(np.diag(cov)), [display(c) for c in x.columns])
+    tests = term_tests(lambda cols: _loglik_firth(y, x, cols), x)
+    tests["term"] = tests["term"].map(display)
+    fit.extra["term_tests"] = tests
+    lpm = smf.ols(model_formula, frame)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lpm_result = lpm.fit(cov_type=robust_cov_type(lpm, fit.notes))
+    fit.extra["lpm"] = result_table(lpm_result, display)
     fit.notes.append(
         "fell back to Firth's penalised logit (Jeffreys-prior penalty ½·log det I(β), Wald intervals) and a "
         "linear probability model with HC3 errors (failure_lpm.csv)"
@@ -238,7 +256,7 @@ def term_tests(loglik, x: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["term", "df", "lr_stat", "p_value"])
 
 
-def margeff_table(result, cov: np.ndarray | None = None) -> pd.DataFrame:
+def margeff_table(result, cov: np.ndarray | None = None, display=lambda name: name) -> pd.DataFrame:
     """Average marginal effects on the failure probability, one row per non-intercept column.
 
     0/1 columns (grid levels) get the discrete change from the reference level; numeric ones the mean
@@ -252,7 +270,7 @@ def margeff_table(result, cov: np.ndarray | None = None) -> pd.DataFrame:
     frame = margeff.summary_frame()
     return pd.DataFrame(
         {
-            "term": list(frame.index),
+            "term": [display(name) for name in frame.index],
             "estimate": frame["dy/dx"].to_numpy(),
             "ci_low": frame["Conf. Int. Low"].to_numpy(),
             "ci_high": frame["Cont. Int. Hi."].to_numpy(),
@@ -312,7 +330,7 @@ def failure_interactions(df: pd.DataFrame, failure: str | None = None, alpha: fl
     """
     df = ensure_labelled(df, failure)
     data = df[df[FAILED].notna()]
-    params = [p for p in params_of(df) if p.lower() not in REPLICATE_PARAMS and data[p].nunique() > 1]
+    params = [p for p in params_of(df) if p.lower() not in REPLICATE_PARAMS and data[p].nunique() > 1] if len(data) else []
     y = data[FAILED].to_numpy(float)
     codes = {p: level_labels(data[p]).cat.codes.to_numpy() for p in params}
     rows = []

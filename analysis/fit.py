@@ -32,6 +32,12 @@ class Fit:
     notes: list[str] = field(default_factory=list)
     extra: dict[str, pd.DataFrame] = field(default_factory=dict)
     result: object = None
+    #: The reference level of each ``C(name)`` factor, by parameter name.
+    baselines: dict[str, str] = field(default_factory=dict)
+    #: The names of ``result``'s design columns as the tables show them (parameters' names).
+    columns: list[str] = field(default_factory=list)
+    #: Why the model could not be fitted, in words (None when it was, or when nothing was tried).
+    reason: str | None = None
 
     @property
     def usage(self) -> str:
@@ -73,12 +79,12 @@ def coefficient_table(estimate, std_error, names, df_resid: float | None = None,
     )
 
 
-def result_table(result) -> pd.DataFrame:
+def result_table(result, display=lambda name: name) -> pd.DataFrame:
     """The coefficient table of a statsmodels result, with the covariance it was fitted with."""
     ci = np.asarray(result.conf_int())
     table = pd.DataFrame(
         {
-            "term": list(result.model.exog_names),
+            "term": [display(name) for name in result.model.exog_names],
             "estimate": np.asarray(result.params),
             "ci_low": ci[:, 0],
             "ci_high": ci[:, 1],
@@ -89,13 +95,14 @@ def result_table(result) -> pd.DataFrame:
     return table
 
 
-_LEVEL = re.compile(r"^C\((?P<name>[^,)]+)(?:,[^)]*)?\)\[T\.(?P<level>.*)\]$")
+_LEVEL = re.compile(r"^C\((?P<name>[^,)]+)(?:,[^)]*)?\)\[T\.(?P<level>.*)\]$", re.DOTALL)
 
 
 def pretty_term(term: str, baselines: dict[str, str] | None = None) -> str:
     """``C(loss)[T.ssim]`` → ``loss=ssim (vs l1)``; other terms are returned as they are."""
     parts = []
-    for piece in term.split(":"):
+    pieces = [term] if _LEVEL.match(term) and term.count("[T.") == 1 else term.split(":")
+    for piece in pieces:
         match = _LEVEL.match(piece)
         if not match:
             parts.append(piece)
@@ -106,15 +113,16 @@ def pretty_term(term: str, baselines: dict[str, str] | None = None) -> str:
     return " × ".join(parts)
 
 
-def baselines_of(result) -> dict[str, str]:
-    """The reference level of each ``C(name)`` factor of a patsy-built statsmodels model."""
+def baselines_of(result, display=lambda name: name) -> dict[str, str]:
+    """The reference level of each ``C(name)`` factor of a patsy-built statsmodels model (``display``
+    maps a factor's name, ``C(v0)``, to the one shown, ``C(loss)``)."""
     info = getattr(result.model.data, "design_info", None) or getattr(result.model.data, "model_spec", None)
     out = {}
     if info is None:
         return out
     for factor, factor_info in info.factor_infos.items():
         if factor_info.type == "categorical":
-            match = re.match(r"^C\((?P<name>[^,)]+)", factor.name())
+            match = re.match(r"^C\((?P<name>[^,)]+)", display(factor.name()))
             if match:
                 name = match["name"].removeprefix('Q("').removesuffix('")')
                 out[name] = str(factor_info.categories[0])

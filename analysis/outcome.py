@@ -5,13 +5,15 @@ One formula (:mod:`analysis.terms` chooses it, ``formula`` overrides it), HC3 ro
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import patsy
 import statsmodels.formula.api as smf
 from statsmodels.stats.anova import anova_lm
 
-from gridrunner.analysis.fit import Fit, result_table
+from gridrunner.analysis.fit import Fit, baselines_of, result_table
 from gridrunner.analysis.rows import FAILED, STATE, dropped_reasons, ensure_labelled, resolve_metric
 from gridrunner.analysis.terms import choose_terms, formula_notes, unit_columns
 from gridrunner.errors import GridError
@@ -35,33 +37,49 @@ def outcome_model(df: pd.DataFrame, metric: str | None = None, failure: str | No
     )
     data = df[keep]
     fit = Fit(f"Outcome model: {metric}", "OLS with HC3 robust standard errors", formula, len(data), len(df), dropped)
+    if len(data) == 0:
+        fit.reason = "no successful row has a value of the metric"
+        fit.notes.append(f"{fit.reason}: nothing to model")
+        return fit
+    display = lambda name: name  # noqa: E731
     if formula is None:
         terms = choose_terms(data, metric)
         fit.notes.extend(terms.notes)
         fit.formula = terms.formula
-    if len(data) == 0:
-        fit.notes.append("no successful row has a value of the metric: nothing to model")
-        return fit
-    try:
-        model = smf.ols(fit.formula, data)
-    except (patsy.PatsyError, NameError, SyntaxError, TypeError, ValueError) as err:
-        raise GridError(f"the formula {fit.formula!r} does not fit the grid's columns: {err}") from None
+        display = terms.display
+        model = smf.ols(terms.internal_formula, terms.frame(data))
+    else:
+        try:
+            model = smf.ols(fit.formula, data)
+        except (patsy.PatsyError, NameError, SyntaxError, TypeError, ValueError, KeyError, AttributeError) as err:
+            raise GridError(f"the formula {fit.formula!r} does not fit the grid's columns: {err}") from None
     missing = len(data) - int(model.nobs)
     if missing:
         fit.used -= missing
         fit.dropped["with missing values in the formula's columns"] = missing
     n_coef = model.exog.shape[1]
     if model.nobs <= n_coef:
-        fit.notes.append(f"too few rows: {int(model.nobs)} rows for {n_coef} coefficients; no model fitted")
+        fit.reason = f"{int(model.nobs)} successful rows for {n_coef} coefficients"
+        fit.notes.append(f"too few rows: {fit.reason}; no model fitted")
         return fit
     cov_type = robust_cov_type(model, fit.notes)
-    result = model.fit(cov_type=cov_type)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = model.fit(cov_type=cov_type)
     fit.method = f"OLS with {cov_type} robust standard errors"
-    fit.notes.extend(formula_notes(result))
+    fit.notes.extend(formula_notes(result, display))
     fit.result = result
-    fit.table = result_table(result)
-    fit.extra["anova"] = anova_table(result, cov_type)
-    fit.notes.append(f"R² = {result.rsquared:.3f} (adjusted {result.rsquared_adj:.3f})")
+    fit.columns = [display(name) for name in model.exog_names]
+    fit.baselines = baselines_of(result, display)
+    fit.table = result_table(result, display)
+    try:
+        anova = anova_table(result, cov_type)
+        anova["term"] = anova["term"].map(display)
+        fit.extra["anova"] = anova
+    except (ValueError, np.linalg.LinAlgError) as err:
+        fit.notes.append(f"no ANOVA table: {err}")
+    if np.isfinite(result.rsquared):
+        fit.notes.append(f"R² = {result.rsquared:.3f} (adjusted {result.rsquared_adj:.3f})")
     return fit
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from gridrunner.analysis.failure import failure_rates
-from gridrunner.analysis.fit import Fit, baselines_of, pretty_term
+from gridrunner.analysis.fit import Fit, pretty_term
 from gridrunner.analysis.history import curve_key, read_history
 from gridrunner.analysis.rows import FAILED, STATE, ensure_labelled, params_of, resolve_goal, resolve_metric
 from gridrunner.analysis.tables import level_labels
@@ -247,7 +247,7 @@ def coefficient_plot(fit: Fit, xlabel: str | None = None) -> Figure:
     table = fit.table[fit.table["term"] != "Intercept"].reset_index(drop=True)
     if table.empty:
         return _empty(fit.title, "; ".join(fit.notes[-2:]) or "No model was fitted.")
-    baselines = baselines_of(fit.result) if fit.result is not None else {}
+    baselines = fit.baselines
     labels, spans = [], []
     for term in table["term"]:
         low, high = _column_range(fit, term)
@@ -277,7 +277,8 @@ def coefficient_plot(fit: Fit, xlabel: str | None = None) -> Figure:
 
 def _column_range(fit: Fit, term: str):
     """The smallest and largest value of a term's design column, or (None, None) where it is unknown."""
-    if fit.result is None or term not in fit.result.model.exog_names:
+    names = fit.columns or (list(fit.result.model.exog_names) if fit.result is not None else [])
+    if fit.result is None or term not in names:
         return None, None
-    column = fit.result.model.exog[:, fit.result.model.exog_names.index(term)]
+    column = fit.result.model.exog[:, names.index(term)]
     return float(np.min(column)), float(np.max(column))

@@ -23,7 +23,7 @@ import pandas as pd
 
 from gridrunner.analysis import plots
 from gridrunner.analysis.failure import failure_interactions, failure_model, failure_rates, pair_rates
-from gridrunner.analysis.fit import COLUMNS, Fit, baselines_of, pretty_term, strongest
+from gridrunner.analysis.fit import COLUMNS, Fit, pretty_term, strongest
 from gridrunner.analysis.importance import importance
 from gridrunner.analysis.outcome import outcome_model
 from gridrunner.analysis.rows import (
@@ -111,7 +111,7 @@ class Report:
 def _effect_lines(fit: Fit, scale: float, unit: str, n: int = 3) -> list[str]:
     if not fit.fitted:
         return [f"  {note}" for note in fit.notes[-1:]]
-    baselines = baselines_of(fit.result) if fit.result is not None else {}
+    baselines = fit.baselines
     rows = strongest(fit.table, n)
     if rows.empty:
         return ["  no term is significant at p < 0.05"]

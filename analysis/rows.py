@@ -27,8 +27,11 @@ STATE_WORDS = {
     "running": "running",
     "not_run": "not run",
 }
-#: Columns :func:`label_rows` adds. ``failed`` is 1.0/0.0 for finished rows and NaN for unfinished ones.
-STATE, FAILED = "state", "failed"
+#: Columns :func:`label_rows` adds. ``failed`` is 1.0/0.0 for finished rows and NaN for unfinished ones;
+#: ``subgrid`` (unions of sub-grids with different parameters only) names each row's sub-grid group.
+STATE, FAILED, SUBGRID = "state", "failed", "subgrid"
+#: The level of a ``null`` value that the spec lists (``dropout: [null, 0.1]``).
+NULL_LEVEL = "null"
 #: Parameters that number replicates rather than choose a configuration; no model uses them as a term.
 REPLICATE_PARAMS = ("seed", "repeat", "replicate")
 
@@ -121,13 +124,69 @@ def label_rows(df: pd.DataFrame, failure: str | None = None) -> pd.DataFrame:
         state[status.eq("done")] = "success"
         state[by_rule] = "failed_rule"
     out = df.copy()
-    for param in params_of(df):  # text levels as categoricals: patsy and groupby read their codes, much faster
-        if pd.api.types.is_object_dtype(out[param].dtype) or pd.api.types.is_string_dtype(out[param].dtype):
-            out[param] = out[param].astype("category")
+    from gridrunner.analysis.subgrids import find_union
+
+    union = find_union(df)
+    for param in params_of(df):
+        present = union.present(param) if union is not None else pd.Series(True, index=df.index)
+        out[param] = model_ready(df[param], present)
+    if union is not None:
+        name = SUBGRID
+        while name in out.columns:
+            name = "_" + name
+        out[name] = pd.Categorical(union.label, categories=list(union.groups))
+        union.column = name
     out[STATE] = pd.Categorical(state, categories=STATES)
     out[FAILED] = state.map({"success": 0.0, "failed_exception": 1.0, "failed_rule": 1.0}).astype(float)
-    out.attrs = {**df.attrs, "failure": rule}
+    out.attrs = {**df.attrs, "failure": rule, "union": union}
     return out
+
+
+def model_ready(column: pd.Series, present: pd.Series) -> pd.Series:
+    """One parameter column in the types the models and tables read.
+
+    Numbers stay numbers (a mix of int and float is float). Everything else is a categorical of text
+    levels in a fixed order: booleans ``false, true``; text sorted; lists in the order ``load`` gives.
+    A ``null`` among a parameter's values is the level ``null`` (first, so it is the reference level),
+    and a numeric parameter with ``null`` among its values becomes a categorical of its values' texts.
+    Rows outside ``present`` (whose sub-grid lacks the parameter) stay missing.
+    """
+    null = column.isna() & present
+    dtype = column.dtype
+    if pd.api.types.is_bool_dtype(dtype) or _all_bool(column):
+        labels = column.map(lambda v: None if pd.isna(v) else ("true" if bool(v) else "false")).astype(object)
+        order = [v for v in ("false", "true") if (labels == v).any()]
+    elif pd.api.types.is_numeric_dtype(dtype):
+        if not null.any():
+            return column
+        values = column.dropna().unique()
+        labels = column.map(lambda v: None if pd.isna(v) else _number_text(v)).astype(object)
+        order = list(dict.fromkeys(_number_text(v) for v in sorted(values)))
+    elif isinstance(dtype, pd.CategoricalDtype):
+        labels = column.astype(object).map(lambda v: None if v is None or (isinstance(v, float) and v != v) else str(v))
+        present_levels = set(labels.dropna())
+        order = [str(c) for c in dtype.categories if str(c) in present_levels]
+    else:
+        labels = column.astype(object).map(lambda v: None if v is None or (isinstance(v, float) and v != v) else str(v))
+        order = sorted(set(labels.dropna()))
+    if null.any():
+        labels = labels.where(~null, NULL_LEVEL)
+        order = [NULL_LEVEL] + [v for v in order if v != NULL_LEVEL]
+    return pd.Series(pd.Categorical(labels, categories=order), index=column.index, name=column.name)
+
+
+def _all_bool(column: pd.Series) -> bool:
+    present = column.dropna()
+    return len(present) > 0 and pd.api.types.is_object_dtype(column.dtype) and all(isinstance(v, bool) for v in present)
+
+
+def _number_text(value) -> str:
+    """``0.1``, ``1e-05``, ``3``: short, and distinct for distinct values."""
+    value = value.item() if hasattr(value, "item") else value
+    if isinstance(value, float):
+        text = f"{value:g}"
+        return text if float(text) == value else repr(value)
+    return str(value)
 
 
 def ensure_labelled(df: pd.DataFrame, failure: str | None = None) -> pd.DataFrame:

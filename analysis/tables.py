@@ -18,14 +18,32 @@ def level_labels(series: pd.Series, max_levels: int = MAX_LEVELS) -> pd.Series:
     if numeric and series.nunique() > max_levels:
         binned = pd.qcut(series, max_levels, duplicates="drop")
         labels = [f"{iv.left:.3g}–{iv.right:.3g}" for iv in binned.cat.categories]
-        return binned.cat.rename_categories(labels)
+        return _with_missing(binned.cat.rename_categories(labels))
     if numeric:
         order = sorted(series.dropna().unique())
         levels = pd.Categorical(series, categories=order, ordered=True).rename_categories([_label(v) for v in order])
-        return pd.Series(levels, index=series.index)
-    values = series.astype(object).where(series.notna(), "(missing)")
-    order = sorted(values.astype(str).unique())
-    return pd.Series(pd.Categorical(values.astype(str), categories=order, ordered=True), index=series.index)
+        return _with_missing(pd.Series(levels, index=series.index))
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        present = set(series.dropna().astype(str))
+        order = [str(c) for c in series.cat.categories if str(c) in present]
+        labels = series.astype(object).map(lambda v: None if v is None or (isinstance(v, float) and v != v) else str(v))
+        return _with_missing(pd.Series(pd.Categorical(labels, categories=order, ordered=True), index=series.index))
+    values = series.astype(object).map(lambda v: None if v is None or (isinstance(v, float) and v != v) else str(v))
+    order = sorted(set(values.dropna()))
+    return _with_missing(pd.Series(pd.Categorical(values, categories=order, ordered=True), index=series.index))
+
+
+#: The level of a row that has no value of a parameter (its sub-grid lacks it).
+MISSING_LEVEL = "(not set)"
+
+
+def _with_missing(labels: pd.Series) -> pd.Series:
+    """``labels`` with missing values as the last level, :data:`MISSING_LEVEL`, so every row has a level."""
+    if labels.isna().any():
+        if MISSING_LEVEL not in labels.cat.categories:
+            labels = labels.cat.add_categories([MISSING_LEVEL])
+        labels = labels.fillna(MISSING_LEVEL)
+    return labels
 
 
 def _label(value) -> str:

@@ -25,16 +25,78 @@ from gridrunner.analysis.rows import REPLICATE_PARAMS, params_of
 
 @dataclass
 class Terms:
-    """A model's right-hand side: one formula term per kept parameter, and why others were left out."""
+    """A model's right-hand side: one formula term per kept parameter, and why others were left out.
+
+    ``terms`` and ``formula`` use the parameters' names (what the report shows). The model itself is
+    fitted on :meth:`frame`, whose columns have internal names (``v0``, ``v1``, ...; the response is
+    ``y``) so that no parameter name (``C``, ``np``, ``I``) or level text can break the formula;
+    :meth:`display` turns the fitted column and term names back into the parameters' names.
+    """
 
     response: str
     terms: list[str]
     params: list[str]
     notes: list[str] = field(default_factory=list)
+    internal: list[str] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)  # "level", "number" or "log" per term
+    subgrid: str | None = None  # the sub-grid column, when the model has a C(subgrid) term
 
     @property
     def formula(self) -> str:
         return f"{self.response} ~ {' + '.join(self.terms) if self.terms else '1'}"
+
+    @property
+    def internal_formula(self) -> str:
+        return f"y ~ {' + '.join(self.internal) if self.internal else '1'}"
+
+    def remove(self, index: int) -> None:
+        for items in (self.terms, self.params, self.internal, self.kinds):
+            del items[index]
+
+    def names(self) -> dict[str, str]:
+        """Internal term name -> displayed term name (``C(v0)`` -> ``C(loss)``)."""
+        return dict(zip(self.internal, self.terms))
+
+    def display(self, name: str) -> str:
+        """A fitted column or term name (``C(v0)[T.ssim]``, ``np.log10(v1)``) with the parameter's name."""
+        for internal, shown in sorted(self.names().items(), key=lambda item: -len(item[0])):
+            if name == internal or name.startswith(internal + "["):
+                return shown + name[len(internal):]
+        return name
+
+    def frame(self, df: pd.DataFrame) -> pd.DataFrame:
+        """The model's data: ``y`` and one internal column per term, every row complete.
+
+        A level column keeps only the levels seen in ``df`` (an unseen level would be a column of zeros).
+        Rows whose sub-grid lacks a parameter hold its first level (numbers: its smallest value); with
+        C(subgrid) in the model, that makes the parameter's coefficients comparisons within its own
+        sub-grids (:mod:`analysis.subgrids`).
+        """
+        out = {"y": pd.to_numeric(df[self.response], errors="coerce").astype(float)} if self.response in df.columns else {}
+        columns = [(param, internal_name(i), kind) for i, (param, kind) in enumerate(zip(self.params, self.kinds))]
+        for param, name, kind in columns:
+            out[name] = model_column(df[param], kind)
+        return pd.DataFrame(out, index=df.index)
+
+
+def internal_name(index: int) -> str:
+    return f"v{index}"
+
+
+def model_column(column: pd.Series, kind: str) -> pd.Series:
+    """A parameter as one model column: numbers as floats, levels as a categorical of the levels seen."""
+    if kind == "level":
+        if not isinstance(column.dtype, pd.CategoricalDtype):
+            column = column.astype(object).map(lambda v: None if v is None or (isinstance(v, float) and v != v) else str(v))
+            column = column.astype("category")
+        column = column.cat.remove_unused_categories()
+        if column.isna().any() and len(column.cat.categories):
+            column = column.fillna(column.cat.categories[0])
+        return column
+    values = pd.to_numeric(column, errors="coerce").astype(float)
+    if values.isna().any() and values.notna().any():
+        values = values.fillna(values.min())
+    return values
 
 
 def quote(name: str) -> str:
@@ -50,15 +112,24 @@ def is_numeric(series: pd.Series) -> bool:
 LOG_SPAN = 100
 
 
-def term_for(df: pd.DataFrame, param: str) -> str:
-    """``filters`` for a numeric parameter, ``np.log10(lr)`` for one spanning orders of magnitude, else ``C(loss)``."""
+def kind_of(df: pd.DataFrame, param: str) -> str:
+    """``"number"`` for a numeric parameter, ``"log"`` for one spanning orders of magnitude, else ``"level"``."""
     column = df[param]
     if not is_numeric(column):
-        return f"C({quote(param)})"
+        return "level"
     low, high = column.min(), column.max()
     if low > 0 and high / low >= LOG_SPAN:
-        return f"np.log10({quote(param)})"
-    return quote(param)
+        return "log"
+    return "number"
+
+
+def _term(name: str, kind: str) -> str:
+    return {"level": f"C({name})", "log": f"np.log10({name})", "number": name}[kind]
+
+
+def term_for(df: pd.DataFrame, param: str) -> str:
+    """``filters`` for a numeric parameter, ``np.log10(lr)`` for one spanning orders of magnitude, else ``C(loss)``."""
+    return _term(quote(param), kind_of(df, param))
 
 
 def describe_value(value) -> str:
@@ -68,20 +139,37 @@ def describe_value(value) -> str:
 def choose_terms(df: pd.DataFrame, response: str, params: list[str] | None = None) -> Terms:
     """The default terms for modelling ``response`` on ``df`` (already restricted to the rows used)."""
     params = params_of(df) if params is None else params
-    kept, terms, notes = [], [], []
+    union = df.attrs.get("union")
+    result = Terms(response, [], [], [])
+    partial = []
     for param in params:
         if param.lower() in REPLICATE_PARAMS:
-            notes.append(f"left out {param}: it numbers replicates, it is not a hyperparameter")
+            result.notes.append(f"left out {param}: it numbers replicates, it is not a hyperparameter")
             continue
         values = df[param].dropna().unique()
         if len(values) <= 1:
             only = f"{param}={describe_value(values[0])}" if len(values) else f"{param} is empty"
-            notes.append(f"dropped {param}: constant in the rows used (every one has {only})")
+            where = " of its sub-grids" if union is not None and param in union.partial else ""
+            result.notes.append(f"dropped {param}: constant in the rows used{where} (every one has {only})")
             continue
-        kept.append(param)
-        terms.append(term_for(df, param))
-    result = Terms(response, terms, kept, notes)
-    if terms:
+        kind = kind_of(df, param)
+        result.params.append(param)
+        result.kinds.append(kind)
+        result.terms.append(_term(quote(param), kind))
+        result.internal.append(_term(internal_name(len(result.internal)), kind))
+        if union is not None and param in union.partial:
+            partial.append(param)
+    if union is not None and union.column in df.columns and df[union.column].nunique() > 1:
+        result.params.insert(0, union.column)
+        result.kinds.insert(0, "level")
+        result.terms.insert(0, f"C({union.column})")
+        result.internal = [_term(internal_name(i), kind) for i, kind in enumerate(result.kinds)]
+        result.subgrid = union.column
+        from gridrunner.analysis.subgrids import union_sentence
+
+        if partial:
+            result.notes.append(union_sentence(union, partial))
+    if result.terms:
         drop_aliased(df, result)
     return result
 
@@ -119,13 +207,22 @@ def aliased(matrix) -> list[tuple[str, list[str]]]:
 
 def drop_aliased(df: pd.DataFrame, terms: Terms) -> None:
     """Remove aliased terms from ``terms`` in place, with a note for each."""
-    distinct = df[terms.params].drop_duplicates()  # repeated rows add no rank, so the check runs on distinct ones
-    matrix = design(distinct, terms.terms)
-    for name, partners in aliased(matrix):
-        index = terms.terms.index(name)
+    frame = terms.frame(df)
+    distinct = frame.drop(columns="y", errors="ignore").drop_duplicates()  # repeated rows add no rank
+    while terms.internal:
+        matrix = design(distinct, terms.internal)
+        found = [(name, partners) for name, partners in aliased(matrix) if name in terms.internal]
+        if not found:
+            return
+        name, partners = found[0]
+        index = terms.internal.index(name)
         param = terms.params[index]
-        del terms.terms[index], terms.params[index]
-        terms.notes.append(f"dropped {param}: collinear with {alias_words(df, param, partners, terms)}")
+        shown = [terms.display(p) for p in partners]
+        words = alias_words(df, param, shown, terms)
+        terms.remove(index)
+        terms.internal = [_term(internal_name(i), kind) for i, kind in enumerate(terms.kinds)]
+        distinct = terms.frame(df).drop(columns="y", errors="ignore").drop_duplicates()
+        terms.notes.append(f"dropped {param}: collinear with {words}")
 
 
 def alias_words(df: pd.DataFrame, param: str, partner_terms: list[str], terms: Terms) -> str:
@@ -144,14 +241,14 @@ def alias_words(df: pd.DataFrame, param: str, partner_terms: list[str], terms: T
     return text + "; give a --formula to choose which one to keep"
 
 
-def formula_notes(result) -> list[str]:
+def formula_notes(result, display=lambda name: name) -> list[str]:
     """Notes on a fitted formula model: rank deficiency that statsmodels would otherwise hide."""
     exog = result.model.exog
     rank = np.linalg.matrix_rank(unit_columns(exog))
     if rank >= exog.shape[1]:
         return []
     info = getattr(result.model.data, "design_info", None) or result.model.data.model_spec
-    names = [f"{name} (with {', '.join(p) or 'the intercept'})" for name, p in aliased(patsy.DesignMatrix(exog, info))]
+    names = [f"{display(name)} (with {', '.join(map(display, p)) or 'the intercept'})" for name, p in aliased(patsy.DesignMatrix(exog, info))]
     return [
         f"the design has rank {rank} for {exog.shape[1]} coefficients: collinear terms {', '.join(names)}; "
         "their estimates are not identified (statsmodels reports a minimum-norm solution)"
