@@ -69,14 +69,20 @@ def _sample(frame: pd.DataFrame, limit: int = MAX_POINTS, seed: int = 0) -> tupl
     return frame.sample(limit, random_state=seed), f" ({limit:,} of {len(frame):,} rows drawn at random)"
 
 
-def metric_vs_runtime(df: pd.DataFrame, metric: str | None = None, failure: str | None = None) -> Figure:
-    """The metric against runtime; rows that failed by the rule are marked."""
+def metric_vs_runtime(df: pd.DataFrame, metric: str | None = None, failure: str | None = None, goal: str | None = None, budgets: pd.DataFrame | None = None) -> Figure:
+    """The metric against runtime; rows that failed by the rule are marked, the Pareto front of metric
+    against runtime is a step line, and the best row within each runtime budget (``budgets``, from
+    :func:`analysis.compute.budget_table`) is circled."""
+    from gridrunner.analysis.compute import pareto_front
+
     df = ensure_labelled(df, failure)
     metric = resolve_metric(df, metric)
+    goal = resolve_goal(df, metric, goal)
     rows = df[df[metric].notna() & df["runtime_s"].notna()]
     title = f"{metric} vs runtime"
     if rows.empty:
         return _empty(title, f"No row has both {metric} and a runtime.")
+    front = pareto_front(df, metric, goal)
     rows, sampled = _sample(rows)
     scale, unit = _time_unit(rows["runtime_s"])
     fig = _figure()
@@ -85,6 +91,12 @@ def metric_vs_runtime(df: pd.DataFrame, metric: str | None = None, failure: str 
         part = rows[rows[STATE].eq(state)]
         if len(part):
             ax.scatter(part["runtime_s"] / scale, part[metric], s=12, alpha=0.6, c=colour, marker=marker, label=f"{label} ({len(part):,})")
+    if len(front):
+        ax.step(front["runtime_s"] / scale, front[metric], where="post", color="black", linewidth=1, label=f"Pareto front ({len(front)} rows)")
+        ax.scatter(front["runtime_s"] / scale, front[metric], s=22, c="black", marker="D", zorder=3)
+    if budgets is not None and len(budgets):
+        ax.scatter(budgets["runtime_s"] / scale, budgets[metric], s=120, facecolors="none", edgecolors="#ff7f0e", linewidths=1.5,
+                   zorder=4, label="best within a budget")
     ax.set_xlabel(f"runtime ({unit})")
     ax.set_ylabel(metric)
     ax.set_title(title + sampled)
@@ -201,40 +213,105 @@ def metric_histogram(df: pd.DataFrame, metric: str | None = None, by: str | None
     return fig
 
 
+#: Validation metrics that every row logs on one scale whatever its training loss (the MRI tasks log them
+#: every ``eval_every`` steps); preferred, in this order, over the training ``loss``.
+SHARED_CURVES = ("val_ssim", "val_mae")
+
+
+def curve_panels(df: pd.DataFrame) -> str | None:
+    """The parameter whose levels put the training loss on different scales (``loss``), if the grid has one."""
+    params = [p for p in params_of(df) if df[p].nunique() > 1]
+    for param in params:
+        if param.lower() == "loss":
+            return param
+    for param in params:
+        if "loss" in param.lower():
+            return param
+    return None
+
+
 def learning_curves(df: pd.DataFrame, metric: str | None = None, failure: str | None = None, n: int = MAX_CURVES, goal: str | None = None) -> Figure:
-    """Logged curves (``loss``, else the first logged metric) of the ``n`` best runs against ``n`` failed runs."""
+    """Logged curves of the ``n`` best runs against ``n`` failed runs, on one scale.
+
+    Where the rows log a validation metric they all share (:data:`SHARED_CURVES`), that metric is drawn,
+    on one axis. Otherwise the training ``loss`` (else the first logged metric) is drawn in one panel per
+    level of the parameter that sets the loss (:func:`curve_panels`), so that an SSIM loss near 0.5 and an
+    L1 loss near 0.01 are never read on one axis; the best and failed runs are chosen per panel.
+    """
     df = ensure_labelled(df, failure)
     metric = resolve_metric(df, metric)
     goal = resolve_goal(df, metric, goal)
     grid_dir = df.attrs.get("grid_dir")
-    success = df[df[STATE].eq("success") & df[metric].notna()].sort_values(metric, ascending=goal == "min").head(n)
-    failed = df[df[FAILED].eq(1.0)].sort_values("finished_at", ascending=False).head(n)
-    title = f"Learning curves: {len(success)} best runs by {metric} vs {len(failed)} failed runs"
-    curves = []
-    for rows, colour, label in ((success, SUCCESS_COLOUR, "best"), (failed, FAILURE_COLOUR, "failed")):
+    success_all = df[df[STATE].eq("success") & df[metric].notna()].sort_values(metric, ascending=goal == "min", kind="stable")
+    failed_all = df[df[FAILED].eq(1.0)].sort_values("finished_at", ascending=False, kind="stable")
+
+    def histories(rows):
+        out = []
         for row_id in rows["row_id"]:
             history = read_history(grid_dir, row_id) if grid_dir else pd.DataFrame()
-            key = curve_key(history)
-            if key is not None and "step" in history.columns:
-                curves.append((history["step"], history[key], colour, label, key))
-    if not curves:
+            if "step" in history.columns and len(history):
+                out.append(history)
+            else:
+                out.append(None)
+        return out
+
+    best, bad = success_all.head(n), failed_all.head(n)
+    first = [h for h in histories(best) + histories(bad) if h is not None]
+    shared = _shared_key(first, metric)
+    by = None if shared else curve_panels(df)
+    groups = [(None, best, bad)]
+    if by is not None:
+        levels = level_labels(df[by])
+        groups = [(level, success_all[levels.loc[success_all.index] == level].head(n), failed_all[levels.loc[failed_all.index] == level].head(n))
+                  for level in levels.cat.categories if (levels == level).any()][:MAX_PANELS]
+    title = f"Learning curves: the {n} best runs by {metric} vs {n} failed runs" + (f", per {by}" if by else "")
+    panels = []
+    for level, good, failed in groups:
+        curves = []
+        for rows, colour, label in ((good, SUCCESS_COLOUR, "best"), (failed, FAILURE_COLOUR, "failed")):
+            for history in histories(rows):
+                if history is None:
+                    continue
+                key = shared if shared in history.columns else (None if shared else curve_key(history))
+                if key is None:
+                    continue
+                points = history[["step", key]].apply(pd.to_numeric, errors="coerce").dropna()
+                if len(points):
+                    curves.append((points["step"], points[key], colour, label, key))
+        if curves:
+            panels.append((level, curves))
+    if not panels:
         return _empty(title, "No row of these has a logged history (rows/<row_id>/history.jsonl).")
-    fig = _figure()
-    ax = fig.add_subplot()
-    seen = set()
-    for step, value, colour, label, key in curves:
-        ax.plot(step, value, color=colour, alpha=0.8, linewidth=1.2, label=None if label in seen else label)
-        seen.add(label)
-    values = pd.concat([c[1] for c in curves]).astype(float)
-    if (values > 0).all() and values.max() / values.min() > 100:
-        ax.set_yscale("log")
-    keys = sorted({c[4] for c in curves})
-    ax.set_xlabel("training step")
-    ax.set_ylabel(", ".join(keys))
-    ax.set_title(title)
-    ax.legend(fontsize="small")
-    ax.grid(alpha=0.3)
+    fig, axes = _panels(len(panels), 5.0, 3.6) if by else _panels(1, 7.0, 4.5)
+    for ax, (level, curves) in zip(axes, panels):
+        seen = set()
+        for step, value, colour, label, key in curves:
+            ax.plot(step, value, color=colour, alpha=0.8, linewidth=1.2, label=None if label in seen else label)
+            seen.add(label)
+        values = pd.concat([c[1] for c in curves]).astype(float)
+        if (values > 0).all() and values.max() / values.min() > 100:
+            ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(", ".join(sorted({c[4] for c in curves})))
+        if by:
+            ax.set_title(f"{by}={level}", fontsize="medium")
+        ax.legend(fontsize="small")
+        ax.grid(alpha=0.3)
+    if shared:
+        title += f" ({shared}, which every row logs on one scale)"
+    fig.suptitle(title)
     return fig
+
+
+def _shared_key(histories: list[pd.DataFrame], metric: str) -> str | None:
+    """The validation metric that every one of ``histories`` logs, preferring the one that matches ``metric``."""
+    if not histories:
+        return None
+    common = [key for key in SHARED_CURVES if all(key in h.columns and h[key].notna().any() for h in histories)]
+    if not common:
+        return None
+    matching = [key for key in common if key.removeprefix("val_") in metric]
+    return (matching or common)[0]
 
 
 def coefficient_plot(fit: Fit, xlabel: str | None = None) -> Figure:

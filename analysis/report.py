@@ -22,6 +22,9 @@ from pathlib import Path
 import pandas as pd
 
 from gridrunner.analysis import plots
+from gridrunner.analysis.compute import budget_sentence, budget_table, pareto_front
+from gridrunner.analysis.conditions import Conditions, failure_conditions
+from gridrunner.analysis.kinds import failure_kinds, pruning_table, stopped_sentences
 from gridrunner.analysis.failure import failure_interactions, failure_model, failure_rates, pair_rates
 from gridrunner.analysis.fit import COLUMNS, Fit, pretty_term, strongest
 from gridrunner.analysis.importance import importance
@@ -37,6 +40,7 @@ from gridrunner.analysis.rows import (
     state_counts,
 )
 from gridrunner.analysis.tables import level_summary, runtime_by_level, top_configurations
+from gridrunner.errors import GridError
 
 PACKAGES = ["gridrunner", "numpy", "pandas", "scipy", "statsmodels", "patsy", "scikit-learn", "matplotlib"]
 #: Interaction tables shown for at most this many pairs of parameters.
@@ -66,6 +70,11 @@ class Report:
     importance: pd.DataFrame
     top: pd.DataFrame
     interactions: pd.DataFrame
+    conditions: Conditions
+    kinds: pd.DataFrame
+    stopped: list[str]
+    front: pd.DataFrame
+    budgets: pd.DataFrame
     made_at: str
     versions: dict[str, str]
     files: list[Path] = field(default_factory=list)
@@ -89,9 +98,16 @@ class Report:
         standing = self.interactions[self.interactions["stands_out"]] if not self.interactions.empty else self.interactions
         for row in standing.head(2).itertuples():
             lines.append(f"  interaction on failure: {row.param_a} × {row.param_b} (F = {row.F:.1f}, p = {row.p_value:.2g})")
+        lines.append(f"Failure conditions: {self.conditions.sentence}")
+        if len(self.kinds):
+            lines.append("  failure kinds: " + ", ".join(f"{r.kind} {r.rows}" for r in self.kinds.itertuples()))
+        lines += [f"  {sentence}" for sentence in self.stopped]
         if not self.importance.empty:
             shares = ", ".join(f"{r.effect} {r.variance_share:.0%}" for r in self.importance.head(4).itertuples())
             lines.append(f"Importance (random-forest fANOVA): {shares}")
+        if len(self.front):
+            lines.append(f"Compute: {len(self.front)} row(s) on the Pareto front of {self.metric} vs runtime; "
+                         + (budget_sentence(self.budgets, self.metric) or ""))
         lines.append(f"Top 5 by {self.metric} ({'highest' if self.goal == 'max' else 'lowest'} first):")
         if self.top.empty:
             lines.append("  no successful row yet")
@@ -110,7 +126,7 @@ class Report:
 
 def _effect_lines(fit: Fit, scale: float, unit: str, n: int = 3) -> list[str]:
     if not fit.fitted:
-        return [f"  {note}" for note in fit.notes[-1:]]
+        return [f"  not fitted: {fit.reason}" if fit.reason else f"  {note}" for note in fit.notes[-1:]]
     baselines = fit.baselines
     rows = strongest(fit.table, n)
     if rows.empty:
@@ -141,6 +157,7 @@ def build_report(
     top: int = 10,
     goal: str | None = None,
     split_by: str | None = None,
+    require_model: bool = False,
 ) -> Report:
     """Analyse ``df`` (from ``gridrunner.load``) and write the report under ``out_dir``.
 
@@ -149,13 +166,21 @@ def build_report(
     by (default: the one whose levels differ most in failure rate).
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     df = label_rows(df, failure)
     rule = df.attrs.get("failure")
     response = _response(formula) if formula else None
     metric = resolve_metric(df, metric or (response if response in df.columns else None))
     goal = resolve_goal(df, metric, goal)
     grid = df.attrs.get("grid") or out_dir.parent.name
+    outcome = outcome_model(df, metric, formula=formula)
+    failure_fit = failure_model(df)
+    if require_model and not outcome.fitted and not failure_fit.fitted:
+        raise GridError(
+            f"{df.attrs.get('grid_dir') or grid}: no model can be fitted: outcome model: "
+            f"{outcome.reason or 'not fitted'}; failure model: {failure_fit.reason or 'not fitted'}"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    budgets = budget_table(df, metric, goal)
     report = Report(
         grid=grid,
         out_dir=out_dir,
@@ -163,11 +188,16 @@ def build_report(
         goal=goal,
         failure=rule,
         counts=counts_sentence(df),
-        outcome=outcome_model(df, metric, formula=formula),
-        failure_fit=failure_model(df),
+        outcome=outcome,
+        failure_fit=failure_fit,
         importance=importance(df, metric),
         top=top_configurations(df, metric, top, goal),
         interactions=failure_interactions(df),
+        conditions=failure_conditions(df),
+        kinds=failure_kinds(df),
+        stopped=stopped_sentences(df),
+        front=pareto_front(df, metric, goal),
+        budgets=budgets,
         made_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         versions=versions(),
     )
@@ -197,8 +227,6 @@ def _save(fig, out_dir: Path, name: str, report: Report) -> str:
 def _split_parameter(df: pd.DataFrame, rates: pd.DataFrame, split_by: str | None) -> str | None:
     if split_by is not None:
         if split_by not in params_of(df):
-            from gridrunner.errors import GridError
-
             raise GridError(f"unknown parameter {split_by!r} to split by (parameters: {', '.join(params_of(df))})")
         return split_by
     if rates.empty:
@@ -216,12 +244,28 @@ def _sections(df: pd.DataFrame, report: Report, rates: pd.DataFrame, split_by: s
 
     summary = Section("Rows", [report.counts, f"Failure rule: `{report.failure}`." if report.failure else "No failure rule: only rows that raised or died count as failed."])
     summary.tables.append(("counts", state_counts(df)))
+    if report.stopped:
+        summary.text += [sentence + "." for sentence in report.stopped]
+    summary.tables.append(("failure_kinds", report.kinds))
+    pruning = pruning_table(df)
+    if len(pruning):
+        summary.tables.append(("pruning", pruning))
     summary.images.append((_save(plots.runtime_histogram(df), out, "runtime_histogram", report), "Runtime histogram"))
-    summary.images.append((_save(plots.metric_vs_runtime(df, metric), out, "metric_vs_runtime", report), f"{metric} vs runtime"))
     sections.append(summary)
 
+    compute = Section(f"Compute: {metric} against runtime", [
+        f"Rows on the Pareto front: no row that ran no longer has a better {metric} ({len(report.front)} of them, fastest first). "
+        "The best row within each runtime budget is circled on the plot.",
+        (budget_sentence(report.budgets, metric) or f"No successful row has both {metric} and a runtime.") + ".",
+    ])
+    compute.tables.append(("pareto_front", report.front))
+    compute.tables.append(("runtime_budgets", report.budgets))
+    compute.images.append((_save(plots.metric_vs_runtime(df, metric, goal=report.goal, budgets=report.budgets), out, "metric_vs_runtime", report), f"{metric} vs runtime"))
+    sections.append(compute)
+
     fit = report.outcome
-    outcome = Section(f"Outcome model: {metric}", [fit.method + ".", f"Formula: `{fit.formula}`.", fit.usage] + [f"Note: {n}." for n in fit.notes])
+    outcome = Section(f"Outcome model: {metric}", [fit.method + ".", f"Formula: `{fit.formula}`." if fit.formula else "", fit.usage]
+                      + ([f"Not fitted: {fit.reason}."] if fit.reason else []) + [f"Note: {n}." for n in fit.notes])
     outcome.tables.append(("outcome_model", fit.table[COLUMNS]))
     if "anova" in fit.extra:
         outcome.tables.append(("outcome_anova", fit.extra["anova"]))
@@ -230,7 +274,12 @@ def _sections(df: pd.DataFrame, report: Report, rates: pd.DataFrame, split_by: s
 
     fit = report.failure_fit
     failing = Section("Failure model", [fit.method + ".", f"Formula: `{fit.formula}`." if fit.formula else "", fit.usage] + [f"Note: {n}." for n in fit.notes])
-    failing.text.append("Estimates are average marginal effects: the mean change in the probability of failure (0 to 1).")
+    if fit.fitted:
+        failing.text.append("Estimates are average marginal effects: the mean change in the probability of failure (0 to 1).")
+    elif fit.reason:
+        failing.text.append(f"Not fitted: {fit.reason}.")
+    failing.text.insert(0, f"Failure conditions: {report.conditions.sentence}.")
+    failing.tables.append(("failure_conditions", report.conditions.table))
     failing.tables.append(("failure_model", fit.table[COLUMNS]))
     for key, caption in (("logit", "failure_logit"), ("firth_logit", "failure_firth_logit"), ("lpm", "failure_lpm"), ("term_tests", "failure_term_tests")):
         if key in fit.extra:

@@ -292,6 +292,7 @@ def analyze(grid, runs_dir, metric, failure, formula, top, goal, split_by, out_d
 
     Works on a finished grid or one still running (only finished rows enter the models). Writes
     <grid>/report/index.html, report.md and a CSV per table, and prints a one-screen summary.
+    Where neither the outcome nor the failure model can be fitted, it says why and writes nothing.
     """
     from gridrunner.frame import load
 
@@ -302,7 +303,7 @@ def analyze(grid, runs_dir, metric, failure, formula, top, goal, split_by, out_d
         raise GridError(f"the analysis needs its extra: pip install 'gridrunner[analysis]' ({err})") from None
     out = Path(out_dir) if out_dir else grid_dir / "report"
     report = build_report(load(grid_dir), out, metric=metric, failure=failure, formula=formula, top=top, goal=goal,
-                          split_by=split_by)
+                          split_by=split_by, require_model=True)
     click.echo(report.summary_text())
 
 
