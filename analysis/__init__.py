@@ -7,10 +7,15 @@ Every function takes the DataFrame of ``gridrunner.load(grid_dir)``::
     df = gridrunner.load("runs/dncnn")
     analysis.outcome_model(df, "m_ssim")          # OLS, HC3 errors, type-II ANOVA in .extra["anova"]
     analysis.failure_model(df)                    # logit AMEs; Firth + LPM under separation
+    analysis.failure_conditions(df).sentence      # "failed: 6 of 6 rows with act=tanh and lr=0.1; 0 of 30 elsewhere"
+    analysis.pareto_front(df, "m_ssim")           # rows no faster row beats
     analysis.build_report(df, "runs/dncnn/report")
 """
+from gridrunner.analysis.compute import budget_table, pareto_front
+from gridrunner.analysis.conditions import failure_conditions
 from gridrunner.analysis.failure import failure_interactions, failure_model, failure_rates, pair_rates
 from gridrunner.analysis.importance import importance
+from gridrunner.analysis.kinds import failure_kinds, pruning_table
 from gridrunner.analysis.outcome import outcome_model
 from gridrunner.analysis.plots import (
     coefficient_plot,
@@ -27,10 +32,13 @@ from gridrunner.analysis.tables import level_summary, runtime_by_level, top_conf
 
 __all__ = [
     "Report",
+    "budget_table",
     "build_report",
     "coefficient_plot",
     "counts_sentence",
+    "failure_conditions",
     "failure_interactions",
+    "failure_kinds",
     "failure_model",
     "failure_rate_by_parameter",
     "failure_rates",
@@ -43,6 +51,8 @@ __all__ = [
     "metric_vs_runtime",
     "outcome_model",
     "pair_rates",
+    "pareto_front",
+    "pruning_table",
     "runtime_by_level",
     "runtime_histogram",
     "state_counts",

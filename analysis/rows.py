@@ -106,8 +106,9 @@ def label_rows(df: pd.DataFrame, failure: str | None = None) -> pd.DataFrame:
     force as ``attrs["failure"]``.
     """
     for column in (STATE, FAILED):
-        if column in params_of(df) or column in outcomes_of(df):
-            raise GridError(f"a parameter or outcome is named {column!r}, which the analysis reserves; rename it")
+        if column in outcomes_of(df):
+            raise GridError(f"an outcome is named {column!r}, which the analysis reserves; rename it")
+    df = _rename_reserved_params(df)
     rule = resolve_failure(df, failure)
     status = df["status"].astype(str)
     error = df["error"].astype("string").fillna("") if "error" in df.columns else pd.Series("", index=df.index)
@@ -139,6 +140,23 @@ def label_rows(df: pd.DataFrame, failure: str | None = None) -> pd.DataFrame:
     out[STATE] = pd.Categorical(state, categories=STATES)
     out[FAILED] = state.map({"success": 0.0, "failed_exception": 1.0, "failed_rule": 1.0}).astype(float)
     out.attrs = {**df.attrs, "failure": rule, "union": union}
+    return out
+
+
+def _rename_reserved_params(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with a parameter named like a column the analysis adds (``state``, ``failed``, ``subgrid``)
+    renamed ``param_<name>``; ``attrs["renamed"]`` records it for the report."""
+    taken = [p for p in params_of(df) if p in (STATE, FAILED, SUBGRID)]
+    if not taken:
+        return df
+    names = {}
+    for param in taken:
+        new = f"param_{param}"
+        while new in df.columns:
+            new = "_" + new
+        names[param] = new
+    out = df.rename(columns=names)
+    out.attrs = {**df.attrs, "params": [names.get(p, p) for p in df.attrs["params"]], "renamed": names}
     return out
 
 

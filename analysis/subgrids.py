@@ -46,7 +46,8 @@ def find_union(df: pd.DataFrame) -> Union | None:
         extra.append("seed")
     groups: dict[tuple, list[int]] = {}
     for i, sub in enumerate(spec.subgrids):
-        names = tuple(dict.fromkeys([name for _, candidates in sub for name, _ in candidates[0]] + extra))
+        rename = df.attrs.get("renamed", {})
+        names = tuple(dict.fromkeys(rename.get(n, n) for n in [name for _, candidates in sub for name, _ in candidates[0]] + extra))
         groups.setdefault(names, []).append(i)
     if len(groups) < 2:
         return None

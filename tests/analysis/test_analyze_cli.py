@@ -1,0 +1,119 @@
+"""`gridrunner analyze` on grids `make` accepts, through the real command line: a report and exit 0, or one
+`Error:` line and exit 1 where no model can be fitted; never exit 3. The first three are the grids that
+crashed it (issue 12)."""
+import pandas as pd
+import pytest
+
+from cli_runs import analyse, check_contract, make_and_run
+
+TOY = {"task": "gridrunner.tasks.toy:quadratic", "outcomes": ["score", "runtime_proxy"]}
+SYNTHETIC = {"task": "synthetic:run", "outcomes": ["score", "aux"]}
+
+
+def test_regression_a_boolean_parameter_is_a_level(tmp_path):
+    # was: exit 3, "unexpected TypeError: Cannot interpret 'BooleanDtype' as a data type"
+    grid = make_and_run(tmp_path, {**TOY, "name": "b", "grid": {"x": [0.0, 0.5, 1.0], "big": [True, False], "loss": ["l1", "ssim"]}, "repeat": 2})
+    analysed = analyse(grid)
+    check_contract(analysed)
+    assert analysed.exit_code == 0
+    levels = pd.read_csv(analysed.report_dir / "levels.csv")
+    assert set(levels.loc[levels["param"] == "big", "level"]) == {"false", "true"}
+    assert "C(big)" in (analysed.report_dir / "report.md").read_text()
+
+
+def test_regression_a_union_of_sub_grids_with_different_parameters_is_modelled_with_the_sub_grid_as_a_factor(tmp_path):
+    # was: exit 3, "unexpected ValueError: 'Intercept' is not in list"
+    spec = {**TOY, "name": "u", "grid": [{"x": [0.0, 0.5, 1.0], "loss": ["l1", "ssim"], "depth": [2, 4]},
+                                         {"x": [0.0, 1.0], "loss": ["l2"], "z": [1, 2, 3]}]}
+    analysed = analyse(make_and_run(tmp_path, spec))
+    check_contract(analysed)
+    assert analysed.exit_code == 0
+    text = (analysed.report_dir / "report.md").read_text()
+    assert "Formula: `score ~ C(subgrid) + x + depth + z`" in text
+    assert "depth only in grid[0]; z only in grid[1]" in text and "modelled within the sub-grids that have it" in text
+
+
+def test_regression_a_null_among_the_values_is_a_level_of_its_own(tmp_path):
+    # was: exit 3, "unexpected ValueError: 'list' argument must have no negative elements"
+    grid = make_and_run(tmp_path, {**TOY, "name": "n", "grid": {"x": [0.0, 0.5, 1.0], "dropout": [None, 0.1, 0.5], "loss": ["l1", "ssim"]}})
+    analysed = analyse(grid)
+    check_contract(analysed)
+    assert analysed.exit_code == 0
+    levels = pd.read_csv(analysed.report_dir / "levels.csv", keep_default_na=False)
+    assert list(levels.loc[levels["param"] == "dropout", "level"]) == ["null", "0.1", "0.5"]
+    model = pd.read_csv(analysed.report_dir / "outcome_model.csv")
+    assert {"C(dropout)[T.0.1]", "C(dropout)[T.0.5]"} <= set(model["term"])
+
+
+def test_one_row_gives_one_error_line_that_says_why_and_writes_nothing(tmp_path):
+    analysed = analyse(make_and_run(tmp_path, {**SYNTHETIC, "name": "one", "grid": {"x": [0.5], "loss": ["l1"]}}))
+    check_contract(analysed)
+    assert analysed.exit_code == 1
+    assert "outcome model: 1 successful rows for 1 coefficients" in analysed.output
+
+
+def test_a_grid_not_run_yet_gives_one_error_line(tmp_path):
+    analysed = analyse(_made_only(tmp_path))
+    check_contract(analysed)
+    assert analysed.exit_code == 1
+    assert "failure model: no row has finished" in analysed.output
+
+
+def _made_only(tmp_path):
+    from cli_runs import invoke
+
+    (tmp_path / "g.yaml").write_text("task: gridrunner.tasks.toy:quadratic\ngrid: {x: [0.0, 1.0]}\noutcomes: [score, runtime_proxy]\n")
+    assert invoke("make", tmp_path / "g.yaml", "--runs", tmp_path / "runs").exit_code == 0
+    return tmp_path / "runs" / "g"
+
+
+def test_every_row_failed_gives_one_error_line(tmp_path):
+    spec = {**SYNTHETIC, "name": "allfail", "grid": {"x": [0.0, 1.0], "loss": ["l1", "ssim"]}, "failure": "score < 100"}
+    analysed = analyse(make_and_run(tmp_path, spec))
+    check_contract(analysed)
+    assert analysed.exit_code == 1 and "failure model: every finished row failed" in analysed.output
+
+
+def test_no_failure_still_writes_the_report_and_the_failure_section_says_why(tmp_path):
+    spec = {**SYNTHETIC, "name": "nofail", "grid": {"x": [0.0, 0.5, 1.0], "loss": ["l1", "l2"]}, "repeat": 3, "failure": "score < -100"}
+    analysed = analyse(make_and_run(tmp_path, spec))
+    check_contract(analysed)
+    assert analysed.exit_code == 0
+    text = (analysed.report_dir / "report.md").read_text()
+    assert "Not fitted: no finished row failed." in text
+    assert "Failure conditions: no finished row failed (0 of 18)" in analysed.output
+
+
+def test_rows_still_running_or_not_run_are_counted_and_left_out(tmp_path):
+    spec = {**TOY, "name": "partial", "grid": {"x": [0.0, 0.5, 1.0], "loss": ["l1", "l2"], "depth": [2, 4]}, "repeat": 2}
+    analysed = analyse(make_and_run(tmp_path, spec, max_rows=16, running=3))
+    check_contract(analysed)
+    assert analysed.exit_code == 0
+    assert "3 running, 5 not run" in analysed.output
+
+
+def test_planted_failure_driver_is_stated_as_a_condition_with_counts(tmp_path):
+    spec = {"name": "cond", "task": "synthetic:run", "outcomes": ["score", "aux"],
+            "grid": {"act": ["relu", "tanh"], "lr": [0.001, 0.01, 0.1], "width": [1, 2, 3]}, "repeat": 2,
+            "fixed": {"fail_when": {"act": '"tanh"', "lr": "0.1"}}}
+    analysed = analyse(make_and_run(tmp_path, spec))
+    check_contract(analysed)
+    assert "Failure conditions: failed: 6 of 6 rows with act=tanh and lr=0.1; 0 of 30 elsewhere" in analysed.output
+    table = pd.read_csv(analysed.report_dir / "failure_conditions.csv")
+    assert table.iloc[0].to_dict() == {"kind": "exact", "condition": "act=tanh and lr=0.1", "failed": 6, "rows": 6, "failure_rate": 1.0}
+
+
+def test_failures_at_random_are_said_to_follow_no_simple_rule(tmp_path):
+    spec = {"name": "noise", "task": "synthetic:run", "outcomes": ["score", "aux"],
+            "grid": {"a": [1, 2, 3], "b": ["p", "q", "r"]}, "repeat": 6, "fixed": {"fail_share": 0.3}}
+    analysed = analyse(make_and_run(tmp_path, spec))
+    check_contract(analysed)
+    assert "Failure conditions: the failures follow no simple rule" in analysed.output
+
+
+@pytest.mark.parametrize("name", ["state", "failed", "subgrid", "C", "np"])
+def test_a_parameter_named_like_a_column_or_a_formula_function_is_analysed(tmp_path, name):
+    spec = {**TOY, "name": "named", "grid": {"x": [0.0, 0.5, 1.0], name: ["a", "b"], "loss": ["l1", "ssim"]}, "repeat": 2}
+    analysed = analyse(make_and_run(tmp_path, spec))
+    check_contract(analysed)
+    assert analysed.exit_code == 0
