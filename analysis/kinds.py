@@ -16,8 +16,9 @@ import pandas as pd
 from gridrunner.analysis.rows import STATE, ensure_labelled
 
 PRUNED, HUNG, TIME_LIMIT = "Pruned", "Hung", "TimeLimit"
-#: What the worker ended on purpose, in words.
-STOPPED_WORDS = {PRUNED: "pruned", HUNG: "hung (no progress)", TIME_LIMIT: "past their time limit"}
+#: What the worker ended on purpose, in words (one row, several rows).
+STOPPED_WORDS = {HUNG: ("hung (no progress)", "hung (no progress)"),
+                 TIME_LIMIT: ("ran past its time limit", "ran past their time limit")}
 _KIND = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*)\s*:")
 _PRUNED = re.compile(r"^Pruned: (?P<rule>.*) at step (?P<step>-?\d+(?:\.\d+)?)\s*$", re.DOTALL)
 
@@ -78,5 +79,6 @@ def stopped_sentences(df: pd.DataFrame) -> list[str]:
     for kind in (HUNG, TIME_LIMIT):
         count = int(errors.str.startswith(kind + ":").sum())
         if count:
-            out.append(f"{count} row{'s' if count != 1 else ''} failed as {STOPPED_WORDS[kind]} ({kind}: ...)")
+            one, many = STOPPED_WORDS[kind]
+            out.append(f"{count} row{'s' if count != 1 else ''} {one if count == 1 else many} (`{kind}: ...`), counted as failed")
     return out
