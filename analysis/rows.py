@@ -181,11 +181,11 @@ def model_ready(column: pd.Series, present: pd.Series) -> pd.Series:
         labels = column.map(lambda v: None if pd.isna(v) else _number_text(v)).astype(object)
         order = list(dict.fromkeys(_number_text(v) for v in sorted(values)))
     elif isinstance(dtype, pd.CategoricalDtype):
-        labels = column.astype(object).map(lambda v: None if v is None or (isinstance(v, float) and v != v) else str(v))
+        labels = column.astype(object).astype(str).where(column.notna(), None)
         present_levels = set(labels.dropna())
-        order = [str(c) for c in dtype.categories if str(c) in present_levels]
+        order = list(dict.fromkeys(str(c) for c in dtype.categories if str(c) in present_levels))
     else:
-        labels = column.astype(object).map(lambda v: None if v is None or (isinstance(v, float) and v != v) else str(v))
+        labels = column.astype(object).astype(str).where(column.notna(), None)
         order = sorted(set(labels.dropna()))
     if null.any():
         labels = labels.where(~null, NULL_LEVEL)

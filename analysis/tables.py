@@ -24,11 +24,15 @@ def level_labels(series: pd.Series, max_levels: int = MAX_LEVELS) -> pd.Series:
         levels = pd.Categorical(series, categories=order, ordered=True).rename_categories([_label(v) for v in order])
         return _with_missing(pd.Series(levels, index=series.index))
     if isinstance(series.dtype, pd.CategoricalDtype):
-        present = set(series.dropna().astype(str))
-        order = [str(c) for c in series.cat.categories if str(c) in present]
-        labels = series.astype(object).map(lambda v: None if v is None or (isinstance(v, float) and v != v) else str(v))
-        return _with_missing(pd.Series(pd.Categorical(labels, categories=order, ordered=True), index=series.index))
-    values = series.astype(object).map(lambda v: None if v is None or (isinstance(v, float) and v != v) else str(v))
+        names = [str(c) for c in series.cat.categories]
+        if len(set(names)) == len(names):  # the usual case: relabel the codes, never the rows
+            codes = series.cat.codes.to_numpy()
+            present = np.unique(codes[codes >= 0])
+            remap = np.full(len(names) + 1, -1, dtype=np.int64)
+            remap[present] = np.arange(len(present))
+            categorical = pd.Categorical.from_codes(remap[codes], categories=[names[i] for i in present], ordered=True)
+            return _with_missing(pd.Series(categorical, index=series.index))
+    values = series.astype(str).where(series.notna(), None)
     order = sorted(set(values.dropna()))
     return _with_missing(pd.Series(pd.Categorical(values, categories=order, ordered=True), index=series.index))
 

@@ -2,7 +2,6 @@
 `Error:` line and exit 1 where no model can be fitted; never exit 3. The first three are the grids that
 crashed it (issue 12)."""
 import pandas as pd
-import pytest
 
 from cli_runs import analyse, check_contract, make_and_run
 
@@ -111,9 +110,13 @@ def test_failures_at_random_are_said_to_follow_no_simple_rule(tmp_path):
     assert "Failure conditions: the failures follow no simple rule" in analysed.output
 
 
-@pytest.mark.parametrize("name", ["state", "failed", "subgrid", "C", "np"])
-def test_a_parameter_named_like_a_column_or_a_formula_function_is_analysed(tmp_path, name):
-    spec = {**TOY, "name": "named", "grid": {"x": [0.0, 0.5, 1.0], name: ["a", "b"], "loss": ["l1", "ssim"]}, "repeat": 2}
-    analysed = analyse(make_and_run(tmp_path, spec))
+def test_parameters_named_like_analysis_columns_or_formula_functions_are_analysed(tmp_path):
+    names = {"state": ["a", "b"], "failed": [1, 2], "subgrid": [True, False], "C": ["x", "y"], "np": [0.5, 1.5]}
+    analysed = analyse(make_and_run(tmp_path, {**SYNTHETIC, "name": "named", "grid": names, "repeat": 2,
+                                               "fixed": {"effects": {"C": {'"y"': 1.0}}, "noise": 0.05}}))
     check_contract(analysed)
     assert analysed.exit_code == 0
+    model = pd.read_csv(analysed.report_dir / "outcome_model.csv").set_index("term")
+    assert {"C(param_state)[T.b]", "param_failed", "C(param_subgrid)[T.true]", "C(C)[T.y]", "np"} <= set(model.index)
+    assert model.loc["C(C)[T.y]", "estimate"] > 0.9
+    assert "The parameter `state` is shown as `param_state`" in (analysed.report_dir / "report.md").read_text()

@@ -9,8 +9,9 @@ tests/analysis/synthetic.py, whose outcome and failures follow parameters the sp
 runs `gridrunner make`, `gridrunner work --inline` and `gridrunner analyze`.
 
 The runs are deterministic (``derandomize=True``) and small enough for CI. ``GRIDRUNNER_LONG_PROPERTY=1``
-runs many more examples (minutes to hours); ``GRIDRUNNER_PROPERTY_STATS=FILE`` appends one JSON line per
-example (what was generated and what analyze did) to FILE.
+runs many more examples (400 grids and 60 planted grids; an hour or more), ``GRIDRUNNER_PROPERTY_EXAMPLES=N``
+sets the number of grids; ``GRIDRUNNER_PROPERTY_STATS=FILE`` appends one JSON line per example (what was
+generated and what analyze did) to FILE.
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ from cli_runs import analyse, check_contract, invoke, make_and_run
 from synthetic import value_key
 
 LONG = os.environ.get("GRIDRUNNER_LONG_PROPERTY") == "1"
-EXAMPLES = 400 if LONG else 14
-PLANTED_EXAMPLES = 60 if LONG else 6
+EXAMPLES = int(os.environ.get("GRIDRUNNER_PROPERTY_EXAMPLES", 400 if LONG else 14))
+PLANTED_EXAMPLES = int(os.environ.get("GRIDRUNNER_PROPERTY_EXAMPLES", 60)) // 5 if LONG else 6
 MAX_ROWS = 60
 
 NAMES = ["a", "b", "lr", "act", "depth", "loss", "C", "np", "Q", "I", "state", "failed", "subgrid", "δ", "x_1"]
