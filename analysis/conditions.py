@@ -185,10 +185,9 @@ def failure_conditions(df: pd.DataFrame, failure: str | None = None) -> Conditio
                           "no simple rule", _table("no simple rule", [], n, k, search))
     best = min(search.best, key=lambda c: (-c.failed, -c.failed / c.rows) + tuple(c.key(order)))
     sentence = (
-        f"the failures follow no simple rule: no condition on up to {MAX_LEVELS_PER_CONDITION} parameter levels holds all "
-        f"{k} of them, and no {MAX_CONDITIONS} conditions that only failures meet cover them; the condition that "
-        f"holds the most, {best.text}, holds {best.failed} ({best.failed} of its {best.rows} rows failed; "
-        f"{k - best.failed} of {n - best.rows} elsewhere)"
+        f"the failures follow no simple rule (no condition on up to {MAX_LEVELS_PER_CONDITION} parameter levels holds all "
+        f"{k}, nor do {MAX_CONDITIONS} that only failures meet); {best.text} holds the most: {best.failed} of its "
+        f"{best.rows} rows failed, {k - best.failed} of {n - best.rows} elsewhere"
     )
     return Conditions(sentence, "no simple rule", _table("no simple rule", [best], n, k, search))
 
