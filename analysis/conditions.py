@@ -11,7 +11,11 @@ description is the first of these that exists:
    first, fewer levels first): ``failed: 4 of 4 rows with a=1 and b=2; 3 of 3 rows with c=x; 0 of 40 elsewhere``;
 3. **the narrowest condition that every failure meets**, where it leaves some rows out (the study's
    finding): ``loss=ssim: 79 of 168 failed; every other loss: 0 of 336``;
-4. otherwise the failures *follow no simple rule*, and the sentence says how close the best condition comes.
+4. otherwise no simple rule covers every failure, and the sentence names the most telling condition:
+   the one with the smallest hypergeometric chance of holding so many of the failures
+   (``no simple rule covers every failure; most telling: loss=ssim, 114 of its 150 rows failed, 47 of 300
+   elsewhere``); where even that chance is 1 % or more, the failures *follow no simple rule, and no
+   condition on parameter levels stands out*.
 
 Among equally good conditions the one with fewer levels, then more rows, then the earlier parameters
 in spec order wins, so the description is deterministic.
@@ -23,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from gridrunner.analysis.rows import FAILED, REPLICATE_PARAMS, ensure_labelled, params_of
 from gridrunner.analysis.tables import MISSING_LEVEL, level_labels
@@ -33,6 +38,9 @@ MAX_CONDITIONS = 3
 #: At most this many parameters (those whose levels differ most in failure rate) enter the search.
 MAX_PARAMS = 16
 COLUMNS = ["kind", "condition", "failed", "rows", "failure_rate"]
+#: Where nothing covers every failure, the condition whose failures are least likely by chance is named,
+#: as standing out when that chance (hypergeometric, one-sided) is below this.
+STANDS_OUT = 0.01
 
 
 @dataclass
@@ -55,6 +63,7 @@ class _Cell:
     index: int  # the cell's number in the combined codes of ``params``
     failed: int
     rows: int
+    log_p: float = 0.0  # log of the hypergeometric chance of at least ``failed`` failures among ``rows`` rows
 
     @property
     def text(self) -> str:
@@ -87,9 +96,13 @@ class _Search:
             pure = np.flatnonzero(valid & (fails == rows) & (fails >= 2))
             if len(pure):
                 self.pure[combo] = pure
-            scored = np.where(valid, fails, -1)
-            if scored.max() > 0:
-                self.best.append(self.make(combo, int(scored.argmax()), fails, rows))
+            candidates = np.flatnonzero(valid & (fails > 0) & (rows < self.n))
+            if len(candidates):  # the most telling cell: the smallest chance of so many failures among its rows
+                log_p = stats.hypergeom.logsf(fails[candidates] - 1, self.n, self.k, rows[candidates])
+                index = candidates[int(np.argmin(log_p))]
+                cell = self.make(combo, index, fails, rows)
+                cell.log_p = float(log_p.min())
+                self.best.append(cell)
 
     def sizes(self, combo) -> list[int]:
         return [len(self.names[p]) for p in combo]
@@ -183,12 +196,12 @@ def failure_conditions(df: pd.DataFrame, failure: str | None = None) -> Conditio
     if not search.best:
         return Conditions(f"the failures follow no simple rule ({k} of {n} finished rows failed, and no parameter varies)",
                           "no simple rule", _table("no simple rule", [], n, k, search))
-    best = min(search.best, key=lambda c: (-c.failed, -c.failed / c.rows) + tuple(c.key(order)))
-    sentence = (
-        f"the failures follow no simple rule (no condition on up to {MAX_LEVELS_PER_CONDITION} parameter levels holds all "
-        f"{k}, nor do {MAX_CONDITIONS} that only failures meet); {best.text} holds the most: {best.failed} of its "
-        f"{best.rows} rows failed, {k - best.failed} of {n - best.rows} elsewhere"
-    )
+    best = min(search.best, key=lambda c: (round(c.log_p, 9), -c.failed) + tuple(c.key(order)))
+    counts = f"{best.failed} of its {best.rows} rows failed, {k - best.failed} of {n - best.rows} elsewhere"
+    if best.log_p < np.log(STANDS_OUT):
+        sentence = f"no simple rule covers every failure; most telling: {best.text}, {counts}"
+    else:
+        sentence = f"the failures follow no simple rule, and no condition on parameter levels stands out (the closest, {best.text}: {counts})"
     return Conditions(sentence, "no simple rule", _table("no simple rule", [best], n, k, search))
 
 
