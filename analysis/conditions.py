@@ -14,7 +14,7 @@ description is the first of these that exists:
 4. otherwise no simple rule covers every failure, and the sentence names the most telling condition:
    the one with the smallest hypergeometric chance of holding so many of the failures
    (``no simple rule covers every failure; most telling: loss=ssim, 114 of its 150 rows failed, 47 of 300
-   elsewhere``); where even that chance is 1 % or more, the failures *follow no simple rule, and no
+   elsewhere``); where even that chance, times the number of conditions compared, is 1 % or more, the failures *follow no simple rule, and no
    condition on parameter levels stands out*.
 
 Among equally good conditions the one with fewer levels, then more rows, then the earlier parameters
@@ -39,7 +39,8 @@ MAX_CONDITIONS = 3
 MAX_PARAMS = 16
 COLUMNS = ["kind", "condition", "failed", "rows", "failure_rate"]
 #: Where nothing covers every failure, the condition whose failures are least likely by chance is named,
-#: as standing out when that chance (hypergeometric, one-sided) is below this.
+#: as standing out when that chance (hypergeometric, one-sided), times the number of conditions compared
+#: (Bonferroni), is below this.
 STANDS_OUT = 0.01
 
 
@@ -82,7 +83,8 @@ class _Search:
         self.exact: list[_Cell] = []
         self.envelope: list[_Cell] = []
         self.pure: dict[tuple, np.ndarray] = {}  # combo -> indices of cells only failures meet (>= 2 of them)
-        self.best: list[_Cell] = []  # per combo, the cell holding the most failures
+        self.best: list[_Cell] = []  # per combo, the most telling cell (smallest hypergeometric chance)
+        self.tested = 0  # conditions compared for the most telling one (a Bonferroni correction)
         self.combos = [c for size in range(1, MAX_LEVELS_PER_CONDITION + 1) for c in itertools.combinations(params, size)]
         for combo in self.combos:
             cell, total = self.cell(combo)
@@ -96,6 +98,7 @@ class _Search:
             pure = np.flatnonzero(valid & (fails == rows) & (fails >= 2))
             if len(pure):
                 self.pure[combo] = pure
+            self.tested += int((valid & (rows > 0) & (rows < self.n)).sum())
             candidates = np.flatnonzero(valid & (fails > 0) & (rows < self.n))
             if len(candidates):  # the most telling cell: the smallest chance of so many failures among its rows
                 log_p = stats.hypergeom.logsf(fails[candidates] - 1, self.n, self.k, rows[candidates])
@@ -198,7 +201,7 @@ def failure_conditions(df: pd.DataFrame, failure: str | None = None) -> Conditio
                           "no simple rule", _table("no simple rule", [], n, k, search))
     best = min(search.best, key=lambda c: (round(c.log_p, 9), -c.failed) + tuple(c.key(order)))
     counts = f"{best.failed} of its {best.rows} rows failed, {k - best.failed} of {n - best.rows} elsewhere"
-    if best.log_p < np.log(STANDS_OUT):
+    if best.log_p + np.log(max(search.tested, 1)) < np.log(STANDS_OUT):
         sentence = f"no simple rule covers every failure; most telling: {best.text}, {counts}"
     else:
         sentence = f"the failures follow no simple rule, and no condition on parameter levels stands out (the closest, {best.text}: {counts})"
