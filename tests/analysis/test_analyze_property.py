@@ -10,7 +10,8 @@ runs `gridrunner make`, `gridrunner work --inline` and `gridrunner analyze`.
 
 The runs are deterministic (``derandomize=True``) and small enough for CI. ``GRIDRUNNER_LONG_PROPERTY=1``
 runs many more examples (400 grids and 60 planted grids; an hour or more), ``GRIDRUNNER_PROPERTY_EXAMPLES=N``
-sets the number of grids; ``GRIDRUNNER_PROPERTY_STATS=FILE`` appends one JSON line per example (what was
+sets the number of grids, ``GRIDRUNNER_PROPERTY_SEED=N`` draws them at random from seed N instead of the
+fixed set; ``GRIDRUNNER_PROPERTY_STATS=FILE`` appends one JSON line per example (what was
 generated and what analyze did) to FILE.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, given, seed, settings
 from hypothesis import strategies as st
 
 from cli_runs import analyse, check_contract, invoke, make_and_run
@@ -32,6 +33,14 @@ LONG = os.environ.get("GRIDRUNNER_LONG_PROPERTY") == "1"
 EXAMPLES = int(os.environ.get("GRIDRUNNER_PROPERTY_EXAMPLES", 400 if LONG else 14))
 PLANTED_EXAMPLES = int(os.environ.get("GRIDRUNNER_PROPERTY_EXAMPLES", 60)) // 5 if LONG else 6
 MAX_ROWS = 60
+#: ``GRIDRUNNER_PROPERTY_SEED=N`` draws other examples than the fixed CI set (random, from seed N).
+SEED = os.environ.get("GRIDRUNNER_PROPERTY_SEED")
+#: pytest-timeout's limit per test: the CI default, or 12 hours for a long run.
+TIMEOUT = 12 * 3600 if LONG or SEED else 900
+
+
+def seeded(test):
+    return seed(int(SEED))(test) if SEED else test
 
 NAMES = ["a", "b", "lr", "act", "depth", "loss", "C", "np", "Q", "I", "state", "failed", "subgrid", "δ", "x_1"]
 TRICKY_TEXT = ["=SUM(A1)", "+1", "-x", "@a", "a,b", 'say "hi"', "it's", "3", "1e5", "true", "null", "ünï", "日本",
@@ -117,7 +126,9 @@ def _record(entry: dict) -> None:
 
 
 @pytest.mark.slow
-@settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
+@pytest.mark.timeout(TIMEOUT)
+@seeded
+@settings(max_examples=EXAMPLES, derandomize=not SEED, database=None, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
 @given(generated=specs(), partial=st.sampled_from(["all", "all", "part", "running"]))
 def test_every_generated_grid_is_analysed_or_refused_with_one_error_line(generated, partial):
@@ -169,7 +180,9 @@ def _coefficient(fit, prefix: str):
 
 
 @pytest.mark.slow
-@settings(max_examples=PLANTED_EXAMPLES, derandomize=True, database=None, deadline=None,
+@pytest.mark.timeout(TIMEOUT)
+@seeded
+@settings(max_examples=PLANTED_EXAMPLES, derandomize=not SEED, database=None, deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(planted=planted_specs())
 def test_planted_effects_are_recovered_whatever_the_value_types(planted):
