@@ -10,6 +10,9 @@ still gets a new process, forked from the spawner, so what the README promises h
 out-of-memory kill costs the row, not the worker, and a task that imports TensorFlow imports it in the
 row's process, which gives the GPU's memory back when it exits.
 
+The spawner sets :data:`ROW_ENVIRONMENT` (where the user's environment does not) before its first fork,
+so every row's process starts with it.
+
 Lifetimes: the spawner dies with its worker and a row's process with the spawner (``PR_SET_PDEATHSIG``),
 so a killed worker never leaves a row running. The spawner installs the row's signal handlers once,
 before any fork, and its row processes inherit them: SIGUSR1 and SIGTERM make ``ctx.should_stop()``
