@@ -224,3 +224,11 @@ def test_watch_of_a_finished_grid_shows_it_once_and_ends(tmp_path):
     result = CliRunner().invoke(main, ["status", "--grid", str(grid), "--watch"])
     assert result.exit_code == 0
     assert result.output.count("2/2 finished") == 1
+
+
+def test_a_bad_watch_interval_is_a_usage_error_that_names_the_option(tmp_path):
+    grid = finishing_grid(tmp_path, rows=1, seconds=0)
+    for value, message in (("0", "0.0 is not in the range x>=0.1."), ("soon", "'soon' is not a valid float range.")):
+        result = CliRunner().invoke(main, ["status", "--grid", str(grid), "--watch", value])
+        assert result.exit_code == 2, result.output
+        assert result.output.endswith(f"Error: Invalid value for '--watch': {message}\n"), result.output
