@@ -92,9 +92,9 @@ def test_nothing_in_the_repository_imports_the_old_top_level_tasks_or_analysis()
 def test_the_core_imports_tasks_and_analysis_only_where_the_cli_dispatches_to_them():
     """The core modules (gridrunner/*.py) stand on their own; only the CLI's ``analyze`` calls down into
     gridrunner.analysis, lazily, and tasks are found by name at run time, never imported by the core."""
-    uses = {path.name: sorted(name for name in imported_modules(path)
-                              if name.startswith(("gridrunner.tasks", "gridrunner.analysis")))
-            for path in sorted(CORE.glob("*.py"))}
+    uses = {path.relative_to(CORE).as_posix(): sorted(name for name in imported_modules(path)
+                                                      if name.startswith(("gridrunner.tasks", "gridrunner.analysis")))
+            for path in sorted(CORE.rglob("*.py"))}
     assert {name: found for name, found in uses.items() if found} == {"cli.py": ["gridrunner.analysis.report"]}
     code = ("import sys, pkgutil, importlib, gridrunner\n"
             "for m in pkgutil.iter_modules(gridrunner.__path__):\n"
