@@ -329,7 +329,7 @@ def test_work_reports_a_bad_hand_edit_runs_every_other_row_and_keeps_the_bad_tex
     unreadable = ("shard-000.csv",) if case.line is None else ()
     assert {r["status"] for r in rows(grid, skip=unreadable).values()} == {"done"}
     after = snapshot(project)
-    grid_owned = re.compile(r"^runs/g/(rows|workers|shards)/")
+    grid_owned = re.compile(r"^runs/g/(rows|workers|shards|journal)/")
     assert {k: v for k, v in after.items() if not grid_owned.match(k)} == \
         {k: v for k, v in before.items() if not grid_owned.match(k)}
     assert not (project / "runs" / "x").exists() and not (project / "x").exists()
