@@ -84,7 +84,8 @@ class Journal:
     def __init__(self, shard_path: Path, fingerprint):
         self.path = journal_path(shard_path)
         self.fingerprint = fingerprint  # cells -> str, equal for cells that mean the same values
-        self._head: tuple | None = None  # ((ino, size, mtime_ns), n, sha) of the last line we read or wrote
+        # ((ino, size, mtime_ns), n, sha, ends with a line end) of the journal as we last read or wrote it
+        self._head: tuple | None = None
 
     def exists(self) -> bool:
         return self.path.exists()
@@ -109,7 +110,7 @@ class Journal:
                 entry = json.loads(line)
             except ValueError:
                 continue  # a line cut short by a crash mid-append: the one before is the head
-            self._head = (key, entry["n"], entry.get("sha"))
+            self._head = (key, entry["n"], entry.get("sha"), data.endswith(b"\n"))
             return entry["n"], entry.get("sha")
         return None
 
@@ -124,7 +125,9 @@ class Journal:
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             st = os.fstat(fd)
-            if st.st_size and os.pread(fd, 1, st.st_size - 1) != b"\n":
+            known = (self._head is not None and self._head[0] == (st.st_ino, st.st_size, st.st_mtime_ns)
+                     and self._head[3])
+            if st.st_size and not known and os.pread(fd, 1, st.st_size - 1) != b"\n":
                 os.write(fd, b"\n")  # a crash mid-append left a partial line: never glue onto it
             view = memoryview(data)
             while view:
@@ -134,7 +137,7 @@ class Journal:
             st = os.fstat(fd)
         finally:
             os.close(fd)
-        self._head = ((st.st_ino, st.st_size, st.st_mtime_ns), entry["n"], entry.get("sha"))
+        self._head = ((st.st_ino, st.st_size, st.st_mtime_ns), entry["n"], entry.get("sha"), True)
 
     def snapshot(self, header: list[str], records: list[list[str]], sha: str | None, note: str = "",
                  fsync: bool = True) -> None:

@@ -137,7 +137,7 @@ class Merge:
                          + "; ".join(self.refused[:3]) + ("; ..." if len(self.refused) > 3 else "") + ")")
         if self.bad:
             parts.append(f"kept {self.bad} bad row{'s' * (self.bad != 1)} as written")
-        if not self.kept_newer and not self.changes() and not self.refused:
+        if not parts:
             how = "was saved by hand"
             parts.append("no change to any row")
         return f"{name} {how}: " + ", ".join(parts)
@@ -440,3 +440,33 @@ def reconcile_file(path, text: str, journal, read_text) -> tuple[Shard, str]:
     shard.note = report.describe(path.name)
     shard.merge = report
     return shard, shard.note
+
+
+def hand_edit_report(store, last: int = 5) -> list[str]:
+    """For ``status`` (reads only): the last reconciliations, and the shards saved by hand that no
+    transaction has merged yet, or that are missing or look half-written."""
+    from gridrunner.journal import JOURNAL_DIR, Journal, read_notes, text_sha
+
+    lines = [note.split(" ", 1)[1] if " " in note else note for note in read_notes(store.shard_dir, last)]
+    for journal_file in sorted((store.grid_dir / JOURNAL_DIR).glob("shard-*.csv.jsonl")):
+        path = store.shard_dir / journal_file.name[: -len(".jsonl")]
+        head = Journal(path, fingerprint).head()
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            lines.append(f"{path.name} is missing but its journal holds its rows: run `gridrunner recover`")
+            continue
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            lines.append(f"{path.name} is not UTF-8 text: run `gridrunner recover` to rebuild it from its journal")
+            continue
+        if head is None or text_sha(text) == head[1]:
+            continue
+        why = looks_half_written(path, text, 1)
+        if why:
+            lines.append(f"{path.name} looks half-written ({why}): workers wait; `gridrunner recover` rebuilds it")
+        else:
+            lines.append(f"{path.name} was saved by hand since gridrunner last wrote it: the next worker, `edit` or "
+                         f"`recover` merges it")
+    return lines

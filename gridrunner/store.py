@@ -171,6 +171,18 @@ class GridStore:
         if len(self._written) > 8:
             del self._written[next(iter(self._written))]
 
+    def holds(self, path: Path, row_id: str) -> bool:
+        """Without the lock: does the shard (or, if it cannot be read, its journal) still hold ``row_id``."""
+        try:
+            return self.read(path).find(row_id) is not None
+        except ShardError:
+            state = self.journal(path).read_state()
+            return state is not None and row_id in state.latest
+
+    def note(self, message: str) -> None:
+        """Add a line to the notes that ``status`` shows."""
+        append_note(self.shard_dir, message)
+
     def glance(self, path: Path) -> tuple[bool, bool]:
         """Without the lock: (may ``path`` hold ``not_run`` rows, may it hold ``running`` rows).
 
@@ -207,7 +219,9 @@ class GridStore:
                 try:
                     journal = self.journal(path)
                     journal.append(commit_entry(shard, sha))  # fsynced before the rename
-                    write_atomic(path, text, lock)
+                    # The journal line is the durable record, so the shard's own file is not fsynced: after a
+                    # crash it is this version or an older one, which the next transaction merges as a stale copy.
+                    write_atomic(path, text, lock, fsync=False)
                 except OSError as err:
                     self._written.pop(path, None)
                     raise StoreWriteError(f"{path}: cannot write the shard ({why_failed(err)}); it keeps its previous "
@@ -236,6 +250,7 @@ class GridStore:
         except ShardHalfWritten:
             if finish is None:
                 raise
+            scan.running_elsewhere = 1  # a save in progress: the worker looks again soon
             return self._record_in_journal(*finish), scan
 
     def _claim(self, path, worker, is_stale, max_attempts, finish, scan):
