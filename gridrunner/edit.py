@@ -79,7 +79,7 @@ def edit_shard(grid_dir: Path, index: int, command: str | None = None) -> EditRe
     try:
         with store.transaction(path) as shard:
             p = shard.n_params
-            current = {shard.records[i][p]: shard.records[i] for i in shard.valid()}
+            current = {shard.records[i][p]: list(shard.records[i]) for i in shard.valid()}
             user, errors = parse_user_file(copy, edited, shard.header)
             errors = {i: m for i, m in errors.items()
                       if not (m.startswith("row_id ") and "does not match its parameters" in m and user[i][p] in opened)}

@@ -101,18 +101,25 @@ class Journal:
             key = (st.st_ino, st.st_size, st.st_mtime_ns)
             if self._head is not None and self._head[0] == key:
                 return self._head[1], self._head[2]
-            start = max(0, st.st_size - _TAIL)
-            data = os.pread(fd, st.st_size - start, start)
+            window = _TAIL
+            while True:
+                start = max(0, st.st_size - window)
+                data = os.pread(fd, st.st_size - start, start)
+                lines = data.splitlines()
+                if start > 0:
+                    lines = lines[1:]  # the first may be the end of a longer line
+                for line in reversed(lines):
+                    try:
+                        entry = json.loads(line)
+                    except ValueError:
+                        continue  # a line cut short by a crash mid-append: the one before is the head
+                    self._head = (key, entry["n"], entry.get("sha"), data.endswith(b"\n"))
+                    return entry["n"], entry.get("sha")
+                if start == 0:
+                    return None
+                window *= 4  # a snapshot line longer than the window
         finally:
             os.close(fd)
-        for line in reversed(data.splitlines()):
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by a crash mid-append: the one before is the head
-            self._head = (key, entry["n"], entry.get("sha"), data.endswith(b"\n"))
-            return entry["n"], entry.get("sha")
-        return None
 
     def append(self, entry: dict, fsync: bool = True) -> None:
         """Append one line and fsync it (before the shard's rename)."""

@@ -227,7 +227,7 @@ def merge(path, user: list, errors: dict[int, str], current: dict[str, list[str]
 
     def place(cells, rid) -> None:
         placed[rid] = len(out)
-        out.append(cells)
+        out.append(list(cells))  # a copy: the caller's body changes records in place
 
     pending_changes = {i: (rid, cells) for i, rid, cells in changes}
     for i, record in enumerate(user):
@@ -368,18 +368,18 @@ def _insert_in_order(out, errors, missing, current, p):
             k -= 1
         after.setdefault(order[k] if k >= 0 else None, []).append(rid)
     for rid in after.get(None, []):
-        result.append(current[rid])
+        result.append(list(current[rid]))
     for k, record in enumerate(out):
         if k in errors:
             result_errors[len(result)] = errors[k]
         result.append(record)
         rid = record[p] if k not in errors and len(record) > p else None
         for extra in after.get(rid, []) if rid else []:
-            result.append(current[extra])
+            result.append(list(current[extra]))
     placed = {r[p] for k, r in enumerate(result) if len(r) > p}
     for rid in missing:  # rows whose predecessor is no longer in the file
         if rid not in placed:
-            result.append(current[rid])
+            result.append(list(current[rid]))
     return result, result_errors
 
 
@@ -435,7 +435,7 @@ def reconcile_file(path, text: str, journal, read_text) -> tuple[Shard, str]:
               if not (m.startswith("row_id ") and "does not match its parameters" in m and user[i][p] in state.latest)}
     records, merged_errors, report = merge(path, user, errors, state.latest, state.header, journal_base(state))
     shard = Shard(path, state.header, records, merged_errors, list(range(2, len(records) + 2)))
-    shard.base = dict(state.latest)
+    shard.base = {rid: list(cells) for rid, cells in state.latest.items()}  # never the records' own lists
     shard.dirty = True
     shard.note = report.describe(path.name)
     shard.merge = report

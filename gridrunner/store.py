@@ -22,6 +22,7 @@ scans the whole grid per row.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 import os
@@ -99,6 +100,7 @@ class GridStore:
         # path -> (text, header, records, sha) of shards this process wrote last: see read()
         self._written: dict[Path, tuple[str, list[str], list[list[str]], str]] = {}
         self._journals: dict[Path, Journal] = {}
+        self._read_stat: dict[Path, tuple] = {}  # path -> (ino, size, mtime_ns) of the file as last read
         self._reported: set[tuple[Path, int, str]] = set()  # bad rows already reported by claim()
 
     # ---- files
@@ -122,10 +124,11 @@ class GridStore:
             return Shard(path, header, [r[:] for r in records], {}, list(range(2, len(records) + 2)))
         return Shard.parse(path, text)
 
-    @staticmethod
-    def _read_text(path: Path) -> str:
+    def _read_text(self, path: Path) -> str:
         try:
             with open(path, encoding="utf-8", newline="") as fh:  # newline="": keep quoted \r intact
+                st = os.fstat(fh.fileno())
+                self._read_stat[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
                 return fh.read()
         except FileNotFoundError:
             raise ShardError(path, "no such shard") from None
@@ -158,9 +161,17 @@ class GridStore:
                 journal.snapshot(shard.header, [shard.records[i] for i in shard.valid()], sha)
             return shard
         shard, note = reconcile_file(path, text, journal, self._read_text)
-        log.warning("%s", note)
-        append_note(self.shard_dir, note)
+        if note:
+            log.warning("%s", note)
+            append_note(self.shard_dir, note)
         return shard
+
+    def _unchanged_since_read(self, path: Path) -> bool:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return False
+        return self._read_stat.get(path) == (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def _remember(self, path: Path, text: str, shard: Shard, sha: str) -> None:
         """Keep what this process just wrote to ``path``, if it is clean, for :meth:`read`."""
@@ -189,11 +200,17 @@ class GridStore:
         A shard is replaced atomically, so this reads one whole version. A status cell is one of the
         words in STATUSES, quoted or not, so (False, False) means that version has nothing to claim;
         True may be a false alarm (a parameter value containing the word), which the claim settles.
-        Lets a worker pass over finished shards without taking their locks.
+        Lets a worker pass over finished shards without taking their locks. A finished shard that was
+        saved by hand since gridrunner last wrote it gives (True, True): the claim merges the save.
         """
         with open(path, "rb") as fh:
             data = fh.read()
-        return b"not_run" in data, b"running" in data
+        may_open, may_run = b"not_run" in data, b"running" in data
+        if not may_open and not may_run:
+            head = self.journal(path).head()
+            if head is not None and hashlib.sha1(data).hexdigest()[:16] != head[1]:
+                return True, True
+        return may_open, may_run
 
     def read_all(self) -> list[Shard]:
         return [self.read(p) for p in self.shard_paths()]
@@ -221,7 +238,8 @@ class GridStore:
                     journal.append(commit_entry(shard, sha))  # fsynced before the rename
                     # The journal line is the durable record, so the shard's own file is not fsynced: after a
                     # crash it is this version or an older one, which the next transaction merges as a stale copy.
-                    write_atomic(path, text, lock, fsync=False)
+                    replaced = write_atomic(path, text, lock, fsync=False,
+                                            still_as_read=lambda: self._unchanged_since_read(path))
                 except OSError as err:
                     self._written.pop(path, None)
                     raise StoreWriteError(f"{path}: cannot write the shard ({why_failed(err)}); it keeps its previous "
@@ -229,6 +247,11 @@ class GridStore:
                 except BaseException:
                     self._written.pop(path, None)
                     raise
+                if not replaced:
+                    # Saved by someone else while this transaction ran: their file stays, and the next
+                    # transaction merges it with the journal, where this one's changes are the newest state.
+                    self._written.pop(path, None)
+                    return
                 self._remember(path, text, shard, sha)
                 if "not_run" not in text and "running" not in text:
                     compact_if_long(journal, sha)  # a finished shard: its journal becomes one snapshot line
