@@ -35,11 +35,14 @@ import csv
 import hashlib
 import io
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-from gridrunner.errors import ShardError
+from pathlib import Path
+
+from gridrunner.errors import GridError, ShardError
 from gridrunner.journal import JournalState
 from gridrunner.shardfile import _NB, ATTEMPTS, STATUS, Shard, _BadRecord
 from gridrunner.spec import BOOK_COLUMNS, STATUSES
@@ -77,8 +80,12 @@ def fingerprint(cells: list[str]) -> str:
     return hashlib.sha1("\x1f".join(map(same_value, cells)).encode("utf-8")).hexdigest()[:16]
 
 
-class ShardHalfWritten(ShardError):
+class ShardHalfWritten(GridError):
     """The file looks half-written (an in-place save caught in the middle): never merged or written over."""
+
+    def __init__(self, path, message: str):
+        self.path = path
+        super().__init__(f"{Path(path).name} {message}")
 
 
 def looks_half_written(path, text: str, journal_rows: int) -> str | None:
@@ -395,6 +402,9 @@ __all__ = ["BOOK_COLUMNS", "Base", "Merge", "ShardHalfWritten", "fingerprint", "
 HALF_WRITTEN_WAIT_S = 1.0
 #: A file being merged must read the same twice this far apart (an in-place save still in progress changes).
 STEADY_S = 0.05
+#: A file that looks half-written but has not changed for this long is no save in progress: it was cut
+#: short for good (a crashed editor, a full disk). Its whole rows are merged and the rows it lost are kept.
+SETTLED_S = 5.0
 
 
 def reconcile_file(path, text: str, journal, read_text) -> tuple[Shard, str]:
@@ -419,8 +429,15 @@ def reconcile_file(path, text: str, journal, read_text) -> tuple[Shard, str]:
             text = again
             continue
         if time.monotonic() > deadline:
-            raise ShardHalfWritten(path, f"looks half-written ({why}): not merged and not written over; the rows "
-                                         f"stay as the journal holds them (`gridrunner recover` rebuilds the file)")
+            try:
+                settled = time.time() - os.stat(path).st_mtime > SETTLED_S
+            except FileNotFoundError:
+                settled = False
+            if not settled:
+                raise ShardHalfWritten(path, f"looks half-written ({why}): not merged and not written over; "
+                                             f"its rows stay as the journal holds them until the file is whole "
+                                             f"(`gridrunner recover` rebuilds it)")
+            return _merge_cut_file(path, text, state, why)
         time.sleep(STEADY_S)
         text = read_text(path)
     from gridrunner.journal import text_sha
@@ -439,6 +456,22 @@ def reconcile_file(path, text: str, journal, read_text) -> tuple[Shard, str]:
     shard.dirty = True
     shard.note = report.describe(path.name)
     shard.merge = report
+    return shard, shard.note
+
+
+def _merge_cut_file(path, text: str, state: JournalState, why: str) -> tuple[Shard, str]:
+    """A file cut short long ago: merge what it holds, deleting nothing (its missing rows were cut, not
+    deleted); a partial last line is kept as a bad row, as the user left it. Raises the parse's own
+    ShardError if not even the header is whole."""
+    user, errors = parse_user_file(path, text, state.header)
+    base = journal_base(state)
+    base.knew = lambda rid, age: False
+    records, merged_errors, report = merge(path, user, errors, state.latest, state.header, base)
+    shard = Shard(path, state.header, records, merged_errors, list(range(2, len(records) + 2)))
+    shard.base = {rid: list(cells) for rid, cells in state.latest.items()}
+    shard.dirty = True
+    shard.note = (f"{path.name} was cut short ({why}) and has not changed for {SETTLED_S:g} s: "
+                  + report.describe(path.name).split(": ", 1)[1])
     return shard, shard.note
 
 
