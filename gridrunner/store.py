@@ -506,7 +506,7 @@ def start_journal(path: Path, header: list[str], records: list[list[str]], text:
     journal = Journal(path, fingerprint)
     if journal.exists():
         os.replace(journal.path, journal.path.with_name(f"{journal.path.name}.replaced-{int(time.time())}"))
-    journal.snapshot(header, records, text_sha(text), fsync=fsync)
+    journal.snapshot(header, records, text_sha(text), fsync=fsync, text=text)
 
 
 def check_compatible(old: dict, new: dict, path: Path) -> None:
