@@ -117,6 +117,7 @@ class Merge:
     changed: int = 0  # parameters of not_run rows
     kept_deleted: int = 0  # rows deleted earlier that a stale copy still held
     restored: int = 0  # rows the copy predates, kept
+    restored_why: str = ""
     refused: list = field(default_factory=list)  # "row X: why the change was not applied"
     deleted_running: list = field(default_factory=list)
     bad: int = 0
@@ -129,7 +130,8 @@ class Merge:
         if self.kept_newer:
             parts.append(f"kept the newer state of {self.kept_newer} row{'s' * (self.kept_newer != 1)}")
         if self.restored:
-            parts.append(f"kept {self.restored} row{'s' * (self.restored != 1)} added after the copy was taken")
+            parts.append(f"kept {self.restored} row{'s' * (self.restored != 1)} "
+                         + (self.restored_why or "added after the copy was taken"))
         if self.kept_deleted:
             parts.append(f"kept {self.kept_deleted} earlier deletion{'s' * (self.kept_deleted != 1)}")
         for count, what in ((self.added, "added row"), (self.deleted, "deletion"), (self.reset, "reset"),
@@ -230,13 +232,11 @@ def merge(path, user: list, errors: dict[int, str], current: dict[str, list[str]
             matched.add(rid)
         else:
             changes.append((i, rid, record))
-    stale_or_same = matched
-
     def place(cells, rid) -> None:
         placed[rid] = len(out)
         out.append(list(cells))  # a copy: the caller's body changes records in place
 
-    pending_changes = {i: (rid, cells) for i, rid, cells in changes}
+    changed_at = {i for i, _rid, _cells in changes}
     for i, record in enumerate(user):
         if i in errors:
             out_errors[len(out)] = errors[i]
@@ -244,7 +244,7 @@ def merge(path, user: list, errors: dict[int, str], current: dict[str, list[str]
             report.bad += 1
             continue
         rid = record[p]
-        if rid in stale_or_same and i not in pending_changes:
+        if rid in matched and i not in changed_at:
             if rid in placed:
                 continue  # the same row twice in a stale copy: once is enough
             if rid in current:
@@ -467,6 +467,7 @@ def _merge_cut_file(path, text: str, state: JournalState, why: str) -> tuple[Sha
     base = journal_base(state)
     base.knew = lambda rid, age: False
     records, merged_errors, report = merge(path, user, errors, state.latest, state.header, base)
+    report.restored_why = "that the cut had lost"
     shard = Shard(path, state.header, records, merged_errors, list(range(2, len(records) + 2)))
     shard.base = {rid: list(cells) for rid, cells in state.latest.items()}
     shard.dirty = True

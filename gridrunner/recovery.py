@@ -23,7 +23,7 @@ from pathlib import Path
 
 from gridrunner.atomic import write_atomic
 from gridrunner.errors import ShardError
-from gridrunner.journal import JOURNAL_DIR, Journal, append_note, text_sha
+from gridrunner.journal import JOURNAL_DIR, Journal, append_note, commit_entry, text_sha
 from gridrunner.lock import ShardLock
 from gridrunner.reconcile import ShardHalfWritten, fingerprint, journal_base, looks_half_written, merge
 from gridrunner.shardfile import STATUS, Shard
@@ -126,14 +126,11 @@ def _no_deletions(state):
 
 
 def _write(path: Path, journal: Journal, header, records, note: str) -> None:
+    """Write ``records`` (a Shard, or rows) as the shard, journaled like any transaction (the lock is held)."""
     shard = records if isinstance(records, Shard) else Shard(path, header, [list(r) for r in records], {}, [])
     text = shard.render()
-    if not isinstance(records, Shard):
-        shard.base = {}
-    from gridrunner.journal import commit_entry
-
     state = journal.read_state()
-    shard.base = dict(state.latest) if state is not None else {}
+    shard.base = {rid: list(cells) for rid, cells in state.latest.items()} if state is not None else {}
     shard.note = note
     journal.append(commit_entry(shard, text_sha(text)))
     write_atomic(path, text)

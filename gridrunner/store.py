@@ -6,11 +6,17 @@ Layout of a grid directory::
     runs/<name>/spec.source.yaml     the user's file as it was at the last `make`
     runs/<name>/shards/shard-NNN.csv the rows (the CSV contract, see the README)
     runs/<name>/rows/<row_id>/       per-row files the worker and the task write
+    runs/<name>/journal/             every committed row state, per shard (:mod:`gridrunner.journal`)
 
-Every change to a shard is one transaction: take the shard's lock, read the file, change rows in
-memory, write a temporary file in the same directory, fsync it, check the lock is still ours, rename
-it over the shard, release the lock. A reader never takes the lock: rename is atomic (also over NFS),
-so a reader sees the old file or the new one, never a mix.
+Every change to a shard is one transaction: take the shard's lock; read the file (if it is not what
+gridrunner last committed, someone saved it by hand: merge it with the journal first,
+:mod:`gridrunner.reconcile`); change rows in memory; append the changed rows to the journal and fsync
+it; write a temporary file in the same directory; check the lock is still ours and the file is still
+the one read (a hand save meanwhile stays, and the next transaction merges it); rename it over the
+shard; release the lock. A reader never takes the lock: rename is atomic (also over NFS), so a reader
+sees the old file or the new one, never a mix. The journal line is the durable record, so the
+temporary file is not fsynced: after a machine crash the shard may be an older version, which the next
+transaction merges like any stale copy.
 
 The lock's algorithm and its race windows are in :mod:`gridrunner.lock`, the file format in
 :mod:`gridrunner.shardfile`, the atomic replacement in :mod:`gridrunner.atomic`. This module holds
