@@ -27,7 +27,7 @@ from pathlib import Path
 from gridrunner.errors import GridError, ShardError
 from gridrunner.journal import append_note
 from gridrunner.reconcile import fingerprint, merge, opened_base, parse_user_file
-from gridrunner.shardfile import STATUS, Shard, shard_name
+from gridrunner.shardfile import STATUS, shard_name
 from gridrunner.store import GridStore
 
 
@@ -116,4 +116,4 @@ def edit_shard(grid_dir: Path, index: int, command: str | None = None) -> EditRe
     return result
 
 
-__all__ = ["EditResult", "edit_shard", "editor_command", "Shard"]
+__all__ = ["EditResult", "edit_shard", "editor_command"]

@@ -14,7 +14,6 @@ from click.testing import CliRunner
 
 from gridrunner.cli import main
 from gridrunner.spec import row_id_of
-from gridrunner.store import GridStore, Result
 from gridrunner.worker import Worker
 from gridtools import make_grid
 
@@ -125,10 +124,3 @@ def test_edit_without_an_editor_says_how_to_name_one(grid, monkeypatch):
     assert result.output == "Error: no editor: set $VISUAL or $EDITOR, or pass --command 'CMD' (the file's path is " \
                             "added)\n"
 
-
-def test_store_records_through_an_edit(grid):
-    """A worker's result recorded while the user edits is in the merged shard (the store API path)."""
-    store = GridStore(grid)
-    path = store.shard_paths()[0]
-    _, scan = store.claim(path, "host:2", lambda *a: False, 3)
-    assert store.record(scan.claim, Result("done", {"value": 1.0}))
