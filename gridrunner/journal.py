@@ -147,6 +147,12 @@ class Journal:
         finally:
             os.close(fd)
         self._head = ((st.st_ino, st.st_size, st.st_mtime_ns), entry["n"], entry.get("sha"), True)
+        if head is None and fsync:  # a new journal: its name is durable once its directory is
+            dirfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dirfd)
+            finally:
+                os.close(dirfd)
 
     def snapshot(self, header: list[str], records: list[list[str]], sha: str | None, note: str = "",
                  fsync: bool = True, text: str | None = None) -> None:
