@@ -177,9 +177,8 @@ def model_ready(column: pd.Series, present: pd.Series) -> pd.Series:
     elif pd.api.types.is_numeric_dtype(dtype):
         if not null.any():
             return column
-        values = column.dropna().unique()
         labels = column.map(lambda v: None if pd.isna(v) else _number_text(v)).astype(object)
-        order = list(dict.fromkeys(_number_text(v) for v in sorted(values)))
+        order = sorted(set(labels.dropna()), key=lambda text: (float(text), text))  # -0.0 and 0.0 are two levels
     elif isinstance(dtype, pd.CategoricalDtype):
         labels = column.astype(object).astype(str).where(column.notna(), None)
         present_levels = set(labels.dropna())

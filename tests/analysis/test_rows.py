@@ -70,3 +70,18 @@ def test_the_benchmark_of_a_metric_is_the_median_of_its_bench_column():
     assert benchmark_value(df, "m_ssim") == pytest.approx(0.65)
     assert benchmark_value(df, "score") is None
     assert benchmark_value(df.assign(bench_score=[2.0, 2.0, 5.0]), "score") == 2.0
+
+
+def test_regression_minus_zero_and_zero_with_null_are_three_levels():
+    # found by the seeded property run: -0.0 and 0.0 are distinct spec values (distinct row ids) that
+    # numpy's unique merged, so one row's level was missing from the categories and became missing
+    import warnings
+
+    from gridrunner.analysis.rows import model_ready
+
+    column = pd.Series([-0.0, 0.0, None, 2.5], dtype=float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        levels = model_ready(column, pd.Series(True, index=column.index))
+    assert list(levels.astype(str)) == ["-0", "0", "null", "2.5"]
+    assert list(levels.cat.categories) == ["null", "-0", "0", "2.5"]
