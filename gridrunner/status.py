@@ -88,6 +88,16 @@ class GridStatus:
         return remaining * statistics.median(self.runtimes) / max(live, 1)
 
 
+#: Failed rows that the grid's own rules stopped, by the prefix of their ``error`` cell.
+STOPPED_KINDS = {"Pruned": "pruned", "Hung": "hung", "TimeLimit": "time_limit"}
+
+
+def stopped_counts(status: GridStatus) -> dict[str, int]:
+    """How many failed rows a prune rule, ``hang_after_min`` and ``row_time_limit_min`` stopped:
+    ``{"pruned": n, "hung": n, "time_limit": n}``."""
+    return {name: status.errors.get(kind, 0) for kind, name in STOPPED_KINDS.items()}
+
+
 def grid_status(grid_dir: str | Path) -> GridStatus:
     grid_dir = Path(grid_dir)
     spec = saved_spec(grid_dir)
@@ -171,6 +181,10 @@ def render(status: GridStatus, console, max_shards: int = 40, max_running: int =
         for row in sorted(status.running, key=lambda r: -(r.age_s or 0))[:max_running]:
             flag = " [red]STALE: its worker is gone; the next worker reclaims it[/]" if row.stale else ""
             console.print(f"  {row.row_id} {row.shard} {format_duration(row.age_s)} by {row.worker}{flag}")
+    stopped = stopped_counts(status)
+    if any(stopped.values()):
+        console.print(f"[bold]stopped by the grid's rules:[/] {stopped['pruned']} pruned, {stopped['hung']} hung, "
+                      f"{stopped['time_limit']} past their time limit")
     if status.errors:
         console.print("[bold]failures by kind:[/] " + ", ".join(f"{k} {n}" for k, n in status.errors.most_common(8)))
     for shard in status.shards:
