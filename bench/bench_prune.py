@@ -101,18 +101,30 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="training steps per row")
     parser.add_argument("--quick", action="store_true", help="80 steps; checks the script")
     parser.add_argument("--no-readme", action="store_true", help="print the section, leave bench/README.md alone")
+    parser.add_argument("--reuse-pilot", action="store_true",
+                        help="keep a finished pilot of the same size from an earlier run instead of running it again")
     args = parser.parse_args()
     steps = 80 if args.quick else args.steps
     from gridrunner.prune import replay
 
     load_before = common.load_average()
     started = time.perf_counter()
-    work = common.scratch("prune")
-    cache = work / "cache"
-    cache.mkdir()
+    work = common.RUNS / "prune"
+    cache = common.RUNS / "prune-cache"  # the MRI pairs, kept between runs (built by the first row otherwise)
+    cache.mkdir(parents=True, exist_ok=True)
     runs = work / "runs"
-
-    pilot_dir, pilot_time = run_grid(write_grid_spec(work / "pilot.yaml", "pilot", steps, 0, cache), runs, 2)
+    pilot_spec = write_grid_spec(common.RUNS / "prune-pilot.yaml", "pilot", steps, 0, cache)
+    reuse = (args.reuse_pilot and (runs / "pilot" / "spec.source.yaml").exists()
+             and (runs / "pilot" / "spec.source.yaml").read_text() == pilot_spec.read_text()
+             and all(r["status"] in ("done", "failed") for r in rows_of(runs / "pilot").values()))
+    if reuse:
+        for name in ("reference", "pruned"):
+            common.shutil.rmtree(runs / name, ignore_errors=True)
+        pilot_dir, pilot_time = runs / "pilot", None
+    else:
+        common.shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        pilot_dir, pilot_time = run_grid(pilot_spec, runs, 2)
     pilot_rows = rows_of(pilot_dir)
     pilot_failed = sum(r["status"] == "failed" for r in pilot_rows.values())
     pilot_compute = sum(r["runtime_s"] for r in pilot_rows.values())
@@ -148,7 +160,8 @@ def main() -> None:
         f"16 fixed test images, failure rule `{FAILURE}`.",
         "",
         f"**Pilot** (seed 0, 2 workers): {pilot_failed} of {len(pilot_rows)} rows failed; "
-        f"{fmt(pilot_compute)} row-seconds in {fmt(pilot_time.wall_s)} s.",
+        f"{fmt(pilot_compute)} row-seconds" + (f" in {fmt(pilot_time.wall_s)} s." if pilot_time else
+                                                 " (kept from an earlier run: `--reuse-pilot`)."),
         "",
         "**Replay on the pilot** (`gridrunner replay-prune RULE`); saved = Σ runtime_s × (1 − prune step / last "
         "logged step) over the pruned rows:",

@@ -10,7 +10,8 @@
 * ``tasks.toy:steps``: "trains" for ``steps`` steps of ``step_s`` seconds, checkpointing every
   ``checkpoint_every`` steps and when asked to stop, and resumes from its checkpoint. It logs
   ``loss`` = max(1 / step, ``plateau``) each step; ``hang_at: k`` makes it hang after logging step k
-  (a sleep that never ends), and ``ignore_stop: true`` makes it never look at ``ctx.should_stop()``.
+  (a sleep that never ends), ``ignore_stop: true`` makes it never look at ``ctx.should_stop()``, and
+  ``startup_s`` sleeps before the first step (a slow start-up: loading data, building a model).
 
 Every task takes an optional ``record_to`` parameter (put it in ``fixed``): a file to which it
 appends ``<event> <row_id> <pid>`` lines (``start``, ``finish``, ``step``), so tests can count
@@ -147,6 +148,7 @@ def steps(params: dict, ctx) -> dict:
     plateau = float(params.get("plateau", 0.0))
     hang_at = params.get("hang_at")
     ignore_stop = bool(params.get("ignore_stop", False))
+    time.sleep(float(params.get("startup_s", 0.0)))
     step = start
     while step < total:
         if not ignore_stop and ctx.should_stop():
