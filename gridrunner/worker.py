@@ -582,7 +582,7 @@ class Worker:
             return
         row_dir = self._ctx_row_dir
         self._row_end = (f"Hung: no progress for {self.spec.hang_after_min:g} min "
-                         f"(last step {last_step(row_dir / 'history.jsonl')})")
+                         f"({_last_step_text(last_step(row_dir / 'history.jsonl'))})")
         log.warning("%s; killing it", self._row_end)
         try:
             os.kill(pid, signal.SIGKILL)
@@ -595,8 +595,8 @@ class Worker:
         pid = self._child_pid
         if pid is None:
             return
-        self._row_end = (f"TimeLimit: ran past its limit of {self._row_limit_min:g} min (last step "
-                         f"{last_step(self._ctx_row_dir / 'history.jsonl')}); checkpoint kept")
+        self._row_end = (f"TimeLimit: ran past its limit of {self._row_limit_min:g} min "
+                         f"({_last_step_text(last_step(self._ctx_row_dir / 'history.jsonl'))}); checkpoint kept")
         log.warning("%s; asking it to stop", self._row_end)
         try:
             os.kill(pid, signal.SIGUSR1)
@@ -705,6 +705,10 @@ class Worker:
             if fired:
                 return Result("failed", metrics=metrics, runtime_s=runtime, error=f"rule: {self.rule.text}")
         return Result("done", metrics=metrics, runtime_s=runtime)
+
+
+def _last_step_text(step) -> str:
+    return "nothing logged" if step is None else f"last step {step}"
 
 
 def _save_traceback(row_dir: Path, claim: Claim, text: str) -> None:
