@@ -1,7 +1,7 @@
 """Pruning: compute saved and false prunes of a rule chosen by replay, on a CPU-sized grid of the study's task.
 
 The grid: DnCNNs (``gridrunner.tasks.dncnn``) at 64 x 64, 3 losses (l1, l2, ssim) x 2 skip schemes x 2
-depths, a few hundred steps, with the validation metric on (``val_ssim``, ``val_mae`` every
+learning rates (0.001, 0.01), depth 3, 200 steps, with the validation metric on (``val_ssim``, ``val_mae`` every
 ``eval_every`` steps on 16 fixed test images) and the demo's failure rule.
 
 1. **Pilot.** The grid runs unpruned with seed 0 (``fixed: {seed: 0}``).
@@ -18,6 +18,7 @@ It also measures the validation metric's cost: ``eval_s`` (the time spent valida
 
     .venv/bin/python bench/bench_prune.py             # the full run (about 10 minutes of CPU)
     .venv/bin/python bench/bench_prune.py --quick     # 80 steps: checks the script, not the numbers
+    .venv/bin/python bench/bench_prune.py --reuse-pilot   # keep a finished pilot of the same spec
 """
 from __future__ import annotations
 
@@ -42,13 +43,12 @@ def write_grid_spec(path: Path, name: str, steps: int, seed: int, cache: Path, p
     spec = {
         "name": name,
         "task": "dncnn",
-        "grid": {"loss": ["l1", "l2", "ssim"], "skip": ["dncnn", "resnet"], "depth": [3, 6]},
-        "fixed": {"steps": steps, "batch_size": 8, "learning_rate": 0.001, "bn_momentum": 0.9, "kernel": 3,
+        "grid": {"loss": ["l1", "l2", "ssim"], "skip": ["dncnn", "resnet"], "learning_rate": [0.001, 0.01]},
+        "fixed": {"steps": steps, "batch_size": 8, "depth": 3, "bn_momentum": 0.9, "kernel": 3,
                   "filters": 8, "size": 64, "noise": "rad41", "threads": 1, "checkpoint_every": max(steps // 4, 1),
                   "seed": seed, "cache_dir": str(cache), "examples": 0},
         "outcomes": OUTCOMES,
         "failure": FAILURE,
-        "cost": "depth",
         "max_len": 6,
         "lease_s": 60,
     }
@@ -82,6 +82,7 @@ def run_grid(spec: Path, runs: Path, workers: int) -> tuple[Path, common.Timed]:
 
 def candidate_rules(steps: int) -> list[str]:
     at = sorted({max(int(steps * f) // 10 * 10, 10) for f in (0.1, 0.2, 0.3, 0.4, 0.5)})
+    at = [s - s % (2 * max(steps // 50, 1)) for s in at]  # on the validation points (every 2 · steps / 50)
     return [f"step >= {s} and val_ssim < {t}" for s in at for t in (0.3, 0.4, 0.5, 0.6)]
 
 
@@ -98,7 +99,7 @@ def eval_cost(grid_dir: Path) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300, help="training steps per row")
+    parser.add_argument("--steps", type=int, default=200, help="training steps per row")
     parser.add_argument("--quick", action="store_true", help="80 steps; checks the script")
     parser.add_argument("--no-readme", action="store_true", help="print the section, leave bench/README.md alone")
     parser.add_argument("--reuse-pilot", action="store_true",
@@ -155,8 +156,8 @@ def main() -> None:
 
     lines = common.section("Pruning doomed rows", load_before, minutes)
     lines += [
-        f"The grid: {len(pilot_rows)} DnCNNs (loss l1, l2, ssim × skip dncnn, resnet × depth 3, 6; 8 filters, "
-        f"{steps} steps of batch 8 at 64 × 64, one thread), validation every {2 * max(steps // 50, 1)} steps on "
+        f"The grid: {len(pilot_rows)} DnCNNs (loss l1, l2, ssim × skip dncnn, resnet × learning rate 0.001, 0.01; "
+        f"depth 3, 8 filters, {steps} steps of batch 8 at 64 × 64, one thread), validation every {2 * max(steps // 50, 1)} steps on "
         f"16 fixed test images, failure rule `{FAILURE}`.",
         "",
         f"**Pilot** (seed 0, 2 workers): {pilot_failed} of {len(pilot_rows)} rows failed; "

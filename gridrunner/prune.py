@@ -174,7 +174,9 @@ class ReplayResult:
     rows: int = 0  # finished rows looked at
     with_history: int = 0
     records: int = 0
+    evaluated: int = 0  # records the rules were evaluated on (a pruned row's end at its prune)
     missing_name: int = 0  # records that lacked a name a rule reads
+    missing_names: set = field(default_factory=set)  # those names
     unevaluable: int = 0  # records on which a rule raised
     total_s: float = 0.0  # Σ runtime_s of the finished rows
     hits: list = field(default_factory=list)  # ReplayRow of the rows it prunes
@@ -222,7 +224,9 @@ class ReplayResult:
         else:
             out.append("False prunes: none.")
         if self.missing_name:
-            out.append(f"{self.missing_name} record(s) lacked a name the rules read (such a record never prunes).")
+            out.append(f"{self.missing_name} of the {self.evaluated} records replayed lacked "
+                       f"{', '.join(sorted(self.missing_names))} (a record without a name a rule reads never "
+                       f"prunes; the task logs some metrics less often than others, or never).")
         if self.unevaluable:
             out.append(f"{self.unevaluable} record(s) could not be evaluated (such a record never prunes).")
         return out
@@ -277,8 +281,11 @@ def replay(grid_dir: str | Path, rules: list[str]) -> ReplayResult:
                 if row.step is not None:
                     continue
                 values = {**params, **record}
-                if names - set(values):
+                result.evaluated += 1
+                lacking = names - set(values)
+                if lacking:
                     result.missing_name += 1
+                    result.missing_names |= lacking
                 for rule in parsed:
                     try:
                         fired = rule.evaluate(values) is True
