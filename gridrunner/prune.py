@@ -249,7 +249,7 @@ def replay(grid_dir: str | Path, rules: list[str]) -> ReplayResult:
         try:
             parsed.append(check_rule(text, spec.params + list(spec.fixed), BOOK_COLUMNS))
         except ExprError as err:
-            raise GridError(f"rule {text!r}: {err.message}") from None
+            raise GridError(str(err)) from None
     names = set().union(*(rule.names for rule in parsed))
     store = GridStore(grid_dir)
     result = ReplayResult(rules=list(rules))
