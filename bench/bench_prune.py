@@ -137,28 +137,45 @@ def main() -> None:
     clean = [(rule, r) for rule, r in candidates if not r.false_prunes and r.pruned]
     chosen, chosen_replay = max(clean, key=lambda item: item[1].saved_s) if clean else (None, None)
 
-    reference_spec = write_grid_spec(work / "reference.yaml", "reference", steps, 1, cache)
-    pruned_spec = write_grid_spec(work / "pruned.yaml", "pruned", steps, 1, cache, prune=chosen)
-    reference_dir = common.make_grid(reference_spec, runs)
-    pruned_dir = common.make_grid(pruned_spec, runs)
-    side = common.run_processes(common.gridrunner_workers(reference_dir, 1) + common.gridrunner_workers(pruned_dir, 1),
-                                timeout_s=3600)
-    reference, pruned = rows_of(reference_dir), rows_of(pruned_dir)
-    # Twins: the same parameters (row ids differ only if the specs' parameters differ; they do not).
-    ref_compute = sum(r["runtime_s"] for r in reference.values())
-    pruned_compute = sum(r["runtime_s"] for r in pruned.values())
-    pruned_rows = {rid: r for rid, r in pruned.items() if r["error"].startswith("Pruned:")}
-    false_prunes = sorted(rid for rid in pruned_rows if reference[rid]["status"] == "done")
-    ref_failed = {rid for rid, r in reference.items() if r["status"] == "failed"}
-    caught = len(ref_failed & set(pruned_rows))
-    shares = eval_cost(reference_dir)
+    side_lines = []
+    if chosen is not None:
+        reference_spec = write_grid_spec(work / "reference.yaml", "reference", steps, 1, cache)
+        pruned_spec = write_grid_spec(work / "pruned.yaml", "pruned", steps, 1, cache, prune=chosen)
+        reference_dir = common.make_grid(reference_spec, runs)
+        pruned_dir = common.make_grid(pruned_spec, runs)
+        side = common.run_processes(common.gridrunner_workers(reference_dir, 1)
+                                    + common.gridrunner_workers(pruned_dir, 1), timeout_s=3600)
+        # Twins have the same row id: the two specs make the same parameters.
+        reference, pruned = rows_of(reference_dir), rows_of(pruned_dir)
+        ref_compute = sum(r["runtime_s"] for r in reference.values())
+        pruned_compute = sum(r["runtime_s"] for r in pruned.values())
+        pruned_rows = {rid: r for rid, r in pruned.items() if r["error"].startswith("Pruned:")}
+        false_prunes = sorted(rid for rid in pruned_rows if reference[rid]["status"] == "done")
+        ref_failed = {rid for rid, r in reference.items() if r["status"] == "failed"}
+        caught = len(ref_failed & set(pruned_rows))
+        side_lines = [
+            f"**Seed 1, side by side** (one worker each, at the same time, {fmt(side.wall_s)} s):",
+            "",
+            common.table(["run", "rows", "failed", "pruned", "compute (row-s)", "false prunes"],
+                         [["without the rule", len(reference), len(ref_failed), 0, fmt(ref_compute), "–"],
+                          ["with the rule", len(pruned), sum(r["status"] == "failed" for r in pruned.values()),
+                           len(pruned_rows), fmt(pruned_compute), len(false_prunes)]]),
+            "",
+            f"Compute saved: {100 * (1 - pruned_compute / max(ref_compute, 1e-9)):.1f}% of the reference's "
+            f"row-seconds. The rule caught {caught} of the {len(ref_failed)} rows that failed in the reference run; "
+            f"false prunes (pruned here, `done` in the reference): {', '.join(false_prunes) or 'none'}. Prune steps: "
+            + (", ".join(f"{rid} at {r['error'].rsplit(' ', 1)[-1]}" for rid, r in sorted(pruned_rows.items()))
+               or "none") + ".",
+            "",
+        ]
+    shares = eval_cost(pilot_dir)
     minutes = (time.perf_counter() - started) / 60
 
     lines = common.section("Pruning doomed rows", load_before, minutes)
     lines += [
         f"The grid: {len(pilot_rows)} DnCNNs (loss l1, l2, ssim × skip dncnn, resnet × learning rate 0.001, 0.01; "
-        f"depth 3, 8 filters, {steps} steps of batch 8 at 64 × 64, one thread), validation every {2 * max(steps // 50, 1)} steps on "
-        f"16 fixed test images, failure rule `{FAILURE}`.",
+        f"depth 3, 8 filters, {steps} steps of batch 8 at 64 × 64, one thread), validation every "
+        f"{2 * max(steps // 50, 1)} steps on 16 fixed test images, failure rule `{FAILURE}`.",
         "",
         f"**Pilot** (seed 0, 2 workers): {pilot_failed} of {len(pilot_rows)} rows failed; "
         f"{fmt(pilot_compute)} row-seconds" + (f" in {fmt(pilot_time.wall_s)} s." if pilot_time else
@@ -172,25 +189,16 @@ def main() -> None:
                        f"{100 * r.saved_s / max(r.total_s, 1e-9):.1f}%"] for rule, r in candidates]),
         "",
         f"Chosen: `{chosen}` (the most saved with no false prune)." if chosen else
-        "No candidate pruned anything without a false prune; the side-by-side run below ran without a rule.",
+        "**No candidate prunes anything without a false prune**, so no rule was chosen and the side-by-side run "
+        "with other seeds was not made (it would have compared two unpruned runs): compute saved 0%.",
         "",
-        f"**Seed 1, side by side** (one worker each, at the same time, {fmt(side.wall_s)} s):",
-        "",
-        common.table(["run", "rows", "failed", "pruned", "compute (row-s)", "false prunes"],
-                     [["without the rule", len(reference), len(ref_failed), 0, fmt(ref_compute), "–"],
-                      ["with the rule", len(pruned), sum(r["status"] == "failed" for r in pruned.values()),
-                       len(pruned_rows), fmt(pruned_compute), len(false_prunes)]]),
-        "",
-        f"Compute saved: {100 * (1 - pruned_compute / max(ref_compute, 1e-9)):.1f}% of the reference's row-seconds. "
-        f"The rule caught {caught} of the {len(ref_failed)} rows that failed in the reference run; false prunes "
-        f"(pruned here, `done` in the reference): {', '.join(false_prunes) if false_prunes else 'none'}.",
-        "",
-        f"Prune steps: " + (", ".join(f"{rid} at {r['error'].rsplit(' ', 1)[-1]}" for rid, r in sorted(pruned_rows.items()))
-                            or "none") + ".",
-        "",
-        f"**The validation metric's cost** (reference run, {len(shares)} rows): validation took "
+        *side_lines,
+        f"**The validation metric's cost** (pilot, {len(shares)} rows): validating took "
         f"{fmt(100 * common.median(shares))}% of the training time per row (median; "
-        f"{common.spread([100 * s for s in shares])}%).",
+        f"{common.spread([100 * s for s in shares])}%): `eval_s` in `metrics.json` over the training time, "
+        f"steps · batch / `train_images_per_s`. Per step, with it on, that is the training step's time × (1 + that "
+        f"share); off, the training step alone (the final metrics are the same either way: "
+        f"`tests/tasks/test_mri_training.py`).",
     ]
     common.publish("prune", lines, readme=not args.no_readme)
 
