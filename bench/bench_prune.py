@@ -39,11 +39,15 @@ FAILURE = "m_ssim < 0.5 or m_mae > 1"
 OUTCOMES = ["m_mae", "m_mse", "m_ssim", "bench_ssim"]
 
 
+LOSSES = ["l1", "l2", "ssim"]
+SKIPS = ["dncnn", "resnet"]
+
+
 def write_grid_spec(path: Path, name: str, steps: int, seed: int, cache: Path, prune: str | None = None) -> Path:
     spec = {
         "name": name,
         "task": "dncnn",
-        "grid": {"loss": ["l1", "l2", "ssim"], "skip": ["dncnn", "resnet"], "learning_rate": [0.001, 0.01]},
+        "grid": {"loss": LOSSES, "skip": SKIPS, "learning_rate": [0.001, 0.01]},
         "fixed": {"steps": steps, "batch_size": 8, "depth": 3, "bn_momentum": 0.9, "kernel": 3,
                   "filters": 8, "size": 64, "noise": "rad41", "threads": 1, "checkpoint_every": max(steps // 4, 1),
                   "seed": seed, "cache_dir": str(cache), "examples": 0},
@@ -104,7 +108,11 @@ def main() -> None:
     parser.add_argument("--no-readme", action="store_true", help="print the section, leave bench/README.md alone")
     parser.add_argument("--reuse-pilot", action="store_true",
                         help="keep a finished pilot of the same size from an earlier run instead of running it again")
+    parser.add_argument("--losses", default=",".join(LOSSES), help="the grid's losses, comma-separated")
+    parser.add_argument("--skips", default=",".join(SKIPS), help="the grid's skip schemes (dncnn, resnet, none)")
     args = parser.parse_args()
+    LOSSES[:] = args.losses.split(",")
+    SKIPS[:] = args.skips.split(",")
     steps = 80 if args.quick else args.steps
     from gridrunner.prune import replay
 
@@ -173,7 +181,8 @@ def main() -> None:
 
     lines = common.section("Pruning doomed rows", load_before, minutes)
     lines += [
-        f"The grid: {len(pilot_rows)} DnCNNs (loss l1, l2, ssim × skip dncnn, resnet × learning rate 0.001, 0.01; "
+        f"The grid: {len(pilot_rows)} DnCNNs (loss {', '.join(LOSSES)} × skip {', '.join(SKIPS)} × learning rate "
+        f"0.001, 0.01; "
         f"depth 3, 8 filters, {steps} steps of batch 8 at 64 × 64, one thread), validation every "
         f"{2 * max(steps // 50, 1)} steps on 16 fixed test images, failure rule `{FAILURE}`.",
         "",
