@@ -41,15 +41,15 @@ def test_a_row_that_stops_logging_is_killed_and_fails_as_hung_with_its_last_step
 
 
 def test_a_slow_start_up_is_never_a_hang(tmp_path):
-    # 2 s before the first log, against a hang time of 0.6 s: the clock only starts at the first ctx.log.
-    grid = grid_of(tmp_path, {"startup_s": [2.0]}, hang_after_min=0.01)
+    # 3 s before the first log, against a hang time of 1.2 s: the clock only starts at the first ctx.log.
+    grid = grid_of(tmp_path, {"startup_s": [3.0]}, hang_after_min=0.02)
     Worker(grid, handle_signals=False).run()
     (row,) = rows_by(grid).values()
     assert row["status"] == "done", row["error"]
 
 
 def test_a_row_resumed_with_an_old_history_gets_no_hang_until_it_logs_again(tmp_path):
-    grid = grid_of(tmp_path, {"startup_s": [2.0]}, hang_after_min=0.01)
+    grid = grid_of(tmp_path, {"startup_s": [3.0]}, hang_after_min=0.02)
     (row,) = rows_by(grid).values()
     history = grid / "rows" / row["row_id"] / "history.jsonl"
     history.parent.mkdir(parents=True)
