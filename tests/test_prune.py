@@ -102,6 +102,8 @@ def test_status_counts_pruned_hung_and_time_limited_rows(tmp_path):
     assert stopped_counts(status) == {"pruned": 1, "hung": 0, "time_limit": 0}
     result = CliRunner().invoke(main, ["status", "--grid", str(grid)])
     assert result.exit_code == 0 and "1 pruned, 0 hung, 0 past their time limit" in result.output
+    result = CliRunner().invoke(main, ["status", "--grid", str(grid), "--json"])
+    assert json.loads(result.output)["failures"]["stopped"] == {"pruned": 1, "hung": 0, "time_limit": 0}
 
 
 # ---------------------------------------------------------------- make checks the rule
