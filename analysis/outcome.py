@@ -78,8 +78,11 @@ def outcome_model(df: pd.DataFrame, metric: str | None = None, failure: str | No
         fit.extra["anova"] = anova
     except (ValueError, np.linalg.LinAlgError) as err:
         fit.notes.append(f"no ANOVA table: {err}")
-    if np.isfinite(result.rsquared):
-        fit.notes.append(f"R² = {result.rsquared:.3f} (adjusted {result.rsquared_adj:.3f})")
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a constant metric has no R²
+        rsquared, adjusted = result.rsquared, result.rsquared_adj
+    if np.isfinite(rsquared):
+        fit.notes.append(f"R² = {rsquared:.3f} (adjusted {adjusted:.3f})")
     return fit
 
 
