@@ -38,3 +38,15 @@ def test_failure_kinds_count_each_kind(tmp_path):
     report = build_report(stopped_frame(), tmp_path / "report")
     assert "3 rows were pruned" in report.summary_text(width=400)
     assert (tmp_path / "report" / "pruning.csv").exists() and (tmp_path / "report" / "failure_kinds.csv").exists()
+
+
+def test_rows_the_worker_pruned_are_reported_with_their_rule_and_step(tmp_path):
+    from cli_runs import analyse, check_contract, make_and_run
+
+    spec = {"name": "pruned", "task": "gridrunner.tasks.toy:steps", "outcomes": ["final_step"],
+            "grid": {"plateau": [0.0, 0.5], "width": [1, 2, 3]}, "prune": "step >= 4 and loss > 0.3",
+            "fixed": {"steps": 12, "step_s": 0.005, "checkpoint_every": 4}}
+    analysed = analyse(make_and_run(tmp_path, spec))
+    check_contract(analysed)
+    assert "3 rows were pruned (counted as failed): 3 by `step >= 4 and loss > 0.3` at step 4" in analysed.output
+    assert "Failure conditions: failed: 3 of 3 rows with plateau=0.5; 0 of 3 elsewhere" in analysed.output
