@@ -22,7 +22,7 @@ or a local submission, that holds g GPUs runs g·k workers, k on each GPU:
 In a Slurm array task the workers are threads of the task's process (:class:`WorkerGroup`), so
 submitit's checkpoint-and-requeue handles all of them as it handles one: a stop reaches every worker,
 and each gives its row back with its checkpoint. Each has its own id (the task's ``host:pid:job``
-and ``:<slot>``), heartbeat and spawner. Locally, the supervisor starts g·k ``gridrunner work``
+and ``:<slot>``; ``host:pid::<slot>`` outside Slurm), heartbeat and spawner. Locally, the supervisor starts g·k ``gridrunner work``
 processes, each with its slot's environment (:func:`slot_environments`).
 """
 from __future__ import annotations
@@ -185,7 +185,9 @@ class WorkerGroup:
 
     def __init__(self, make, slots: Slots, home: int, base_id: str, environ=None):
         self.slots = slots
-        self.workers = [make(shard=home * slots.workers + j, worker_id=f"{base_id}:{j}", env=env)
+        # host:pid:job:j, or host:pid::j outside Slurm (the third field is always the job)
+        slot_id = base_id + (":" if base_id.count(":") >= 2 else "::")
+        self.workers = [make(shard=home * slots.workers + j, worker_id=f"{slot_id}{j}", env=env)
                         for j, env in enumerate(slot_environments(slots, environ))]
 
     @property
