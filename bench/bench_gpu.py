@@ -61,6 +61,7 @@ TINY_MODELS = {"small": {"depth": 2, "filters": 4, "kernel": 3},
                "largest": {"depth": 4, "filters": 16, "kernel": 3}}
 STUDY_STEPS = 4000
 GRID = {"depth": [10, 12, 15, 17, 20, 22, 25], "filters": [16, 32, 64, 128], "kernel": [3, 5, 7]}
+TINY_GRID = {"depth": [2, 3, 4], "filters": [4, 8, 16], "kernel": [3]}  # --tiny projects this one (54 rows)
 GRID_REPEATS = 6  # 3 losses × 2 skip schemes per (depth, filters, kernel): 84 · 6 = 504 rows
 BARRIER_TIMEOUT_S = 240.0
 
@@ -236,12 +237,13 @@ def summarise(k: int, slots: list[dict], cells: list[tuple[str, str]], batch: in
     return rows
 
 
-def project(results: list[dict], models: dict) -> dict:
-    """The 504-row grid in GPU-hours per (mode, k), and with the best measured k for each row."""
+def project(results: list[dict], models: dict, grid: dict = GRID) -> dict:
+    """The grid (the study's 504 rows) in GPU-hours per (mode, k), and with the best measured k for each row.
+    A k whose cells did not all run covers only the rows up to the largest model it ran."""
     import numpy as np
 
-    rows = [{"depth": d, "filters": f, "kernel": kk} for d in GRID["depth"] for f in GRID["filters"]
-            for kk in GRID["kernel"]]
+    rows = [{"depth": d, "filters": f, "kernel": kk} for d in grid["depth"] for f in grid["filters"]
+            for kk in grid["kernel"]]
     fits = {}
     for mode in ("off", "on"):
         for k in sorted({r["k"] for r in results}):
@@ -328,16 +330,19 @@ def main() -> None:
             print(f"k={k} {r['model']} {r['mode']}: " + (f"{r['images_per_s']:.1f} images/s, {1000 * r['t_step']:.1f} "
                   f"ms/step, {r['rows_per_hour']:.1f} rows/h" if "images_per_s" in r else r.get("error", "?")),
                   flush=True)
-    projection = project(results, models)
+    grid = TINY_GRID if args.tiny else GRID
+    projection = project(results, models, grid)
+    grid_rows = GRID_REPEATS * len(grid["depth"]) * len(grid["filters"]) * len(grid["kernel"])
     minutes = (time.time() - started) / 60
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "projection": projection, "memory": memory,
                                                "envs": {k: v for k, v in envs.items()}, "gpu": name,
-                                               "minutes": minutes}, default=str), encoding="utf-8")
-    publish(args, results, projection, memory, name, models, load_before, minutes)
+                                               "grid_rows": grid_rows, "minutes": minutes}, default=str),
+                                   encoding="utf-8")
+    publish(args, results, projection, memory, name, models, load_before, minutes, grid_rows)
 
 
-def publish(args, results, projection, memory, name, models, load_before, minutes) -> None:
+def publish(args, results, projection, memory, name, models, load_before, minutes, grid_rows) -> None:
     base = {(r["model"], r["mode"]): r for r in results if r["k"] == 1}
     table = []
     for r in results:
@@ -367,6 +372,7 @@ def publish(args, results, projection, memory, name, models, load_before, minute
     title = ("GPU: several rows per GPU, XLA and mixed precision" if not args.tiny else
              "GPU: several rows per GPU, XLA and mixed precision (dry run on CPU at tiny sizes)")
     lines = [*common.section(title, load_before, minutes)]
+    hours = "GPU-hours" if not args.tiny else "hours (CPU)"
     if args.tiny:
         lines += ["**No GPU was lent to the session that wrote this section, so nothing here ran on a GPU.** "
                   "This is `bench_gpu.py --tiny` on the CPU: 32×32 images, models of depth 2–4 with 4–16 "
@@ -383,8 +389,10 @@ def publish(args, results, projection, memory, name, models, load_before, minute
               common.table(["model", "mode", "k", "images/s (all k)", "ms/step (one row)", "steps", "t_start, s",
                             "rows/hour", "× k = 1", "note"], table), "",
               "Packing target, rows/hour ≥ 3× k = 1: " + "; ".join(targets) + ".", "",
-              "The 504-row grid projected (GPU-hours):", "",
-              common.table(["mode", "k", "GPU-hours"], proj_rows) if proj_rows else "(no projection: too few cells ran)"]
+              (f"The study's {grid_rows}-row grid projected (GPU-hours):" if not args.tiny else
+               f"A tiny grid of {grid_rows} rows (depth 2–4 × filters 4, 8, 16, 3×3, × 6) projected, in hours of "
+               "this CPU:"), "",
+              common.table(["mode", "k", hours], proj_rows) if proj_rows else "(no projection: too few cells ran)"]
     common.publish("gpu", lines, readme=not args.no_readme)
 
 

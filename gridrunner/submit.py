@@ -542,11 +542,12 @@ class Submission:
     folder: str
 
     def lines(self) -> list[str]:
+        packed = f", {self.settings['rows_per_gpu']} per GPU" if self.settings.get("rows_per_gpu") else ""
         if self.executor == "slurm":
             first, last = self.job_ids[0], self.job_ids[-1]
-            return [f"submitted {len(self.job_ids)} Slurm array task(s) {first} … {last} "
+            workers = f" of {self.settings['rows_per_gpu'] * self.settings['gpus']} workers{packed}" if packed else ""
+            return [f"submitted {len(self.job_ids)} Slurm array task(s){workers} {first} … {last} "
                     f"({self.profile_source}); logs in {self.folder}"]
-        packed = f", {self.settings['rows_per_gpu']} per GPU" if self.settings.get("rows_per_gpu") else ""
         return [f"started {len(self.job_ids)} local worker(s){packed}, at most {self.settings['max_parallel']} at a "
                 f"time ({self.profile_source}); logs in {self.folder}"]
 

@@ -37,6 +37,12 @@ def test_the_gpu_bench_dry_run_measures_each_k_with_its_slot_environment_and_pro
         assert r["rows_per_hour"] == pytest.approx(r["ran"] * 3600 / (4000 * r["t_step"] + r["t_start"]))
         if r["ran"] == r["k"]:
             assert r["images_per_s"] == pytest.approx(r["k"] * 3 / r["t_step"], rel=0.5)  # k rows of batch 3
-    for mode, by_k in report["projection"].items():
-        assert all(hours > 0 for hours in by_k.values()), (mode, by_k)
-    assert "The 504-row grid projected" in proc.stdout and "No GPU was lent" in proc.stdout
+    projection = report["projection"]
+    for mode in ("off", "on"):
+        complete = [k for k in (1, 2) if all("t_step" in r for r in results if r["k"] == k and r["mode"] == mode)]
+        by_k = projection.get(mode, {})
+        assert sorted(by_k) == sorted([f"k={k}" for k in complete] + (["best k"] if complete else []))
+        assert all(hours > 0 for hours in by_k.values())
+        if complete:  # the best k per row is never worse than one k for every row
+            assert by_k["best k"] <= min(by_k[f"k={k}"] for k in complete) * (1 + 1e-9)
+    assert report["grid_rows"] == 54 and "A tiny grid of 54 rows" in proc.stdout and "No GPU was lent" in proc.stdout

@@ -5,8 +5,10 @@ L1 and SSIM losses here: on this CPU it is slower than without, and its compile 
 did not finish in 10 minutes (see tasks/mri/training.py).
 
 The tolerance against float32, for the same row and seed: test SSIM within 0.02 and test MAE within
-10%. Measured at this size, the largest differences were 0.004 in SSIM and 0.2% in MAE; 16-bit
-arithmetic makes the runs differ, so equality is not expected.
+20%. Measured with these rows, the largest differences were 0.0055 in SSIM and 9.8% in MAE, both with
+``mixed_bfloat16`` and the SSIM loss (which does not train for MAE; bfloat16 keeps 8 bits of mantissa);
+with the L1 loss at most 0.0033 and 0.2%. float32 with XLA matched float32 to 4 digits. 16-bit
+arithmetic changes the training path, so equality is not expected.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from gridrunner.tasks import dncnn, unet
 from gridrunner.tasks.mri import training
 
 SSIM_TOLERANCE = 0.02
-MAE_RELATIVE_TOLERANCE = 0.10
+MAE_RELATIVE_TOLERANCE = 0.20
 FAST_SETTINGS = [("float32", True), ("mixed_bfloat16", False), ("mixed_bfloat16", True),
                  ("mixed_float16", False), ("mixed_float16", True)]
 
