@@ -228,3 +228,34 @@ def test_a_slurm_tasks_worker_group_runs_g_times_k_workers_in_its_process(projec
 
 def _pid_of(worker_ids: str) -> int:
     return int(worker_ids.split(",")[0].split(":")[1])
+
+
+def test_a_stopped_slurm_task_gives_back_the_rows_of_all_its_workers_with_their_checkpoints(project):
+    """SIGTERM (scancel, preemption) reaches every worker of the group: each running row saves its checkpoint
+    and goes back to not_run, and the task's process ends."""
+    import signal
+    import time
+
+    from gridtools import wait_until
+    from test_worker import statuses
+
+    grid = make_grid(project, {"task": "gridrunner.tasks.toy:steps", "outcomes": ["final_step"], "max_len": 2,
+                               "grid": {"i": list(range(4))}, "fixed": {"steps": 400, "step_s": 0.05}})
+    code = textwrap.dedent(f"""
+        from gridrunner.packing import Slots
+        from gridrunner.submit import WorkerJob
+        WorkerJob({str(grid)!r}, lease_s=30, grace_s=20, slots=Slots(2, 2))()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "SLURM_ARRAY_TASK_ID": "0"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: statuses(grid).count("running") == 4, 60)
+        assert wait_until(lambda: all((grid / "rows" / r / "history.jsonl").exists() for r in rows_by(grid)), 60)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert statuses(grid) == ["not_run"] * 4
+    for row_id in rows_by(grid):
+        assert int((grid / "rows" / row_id / "checkpoint" / "step").read_text()) > 0
