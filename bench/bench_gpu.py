@@ -71,9 +71,9 @@ def modes(precision: str) -> dict:
             "precision": (precision, False)}
 
 
-def plan(k: int, models: dict, extras: bool = True) -> list[tuple[str, str]]:
+def plan(k: int, models: dict, extras: bool = True, main_modes=("off", "on")) -> list[tuple[str, str]]:
     """The cells one k runs, most wanted first: each model off and on; at k = 1 then XLA and precision alone."""
-    cells = [(model, mode) for model in models for mode in ("off", "on")]
+    cells = [(model, mode) for model in models for mode in main_modes]
     if k == 1 and extras:
         cells += [(model, mode) for model in models for mode in ("xla", "precision")]
     return cells
@@ -90,7 +90,7 @@ def _barrier(folder: Path, name: str, slot: int, k: int) -> None:
     (folder / f"{name}.{slot}").touch()
     deadline = time.monotonic() + BARRIER_TIMEOUT_S
     while sum(1 for p in folder.iterdir() if p.name.startswith(name + ".")) < k and time.monotonic() < deadline:
-        time.sleep(0.005)
+        time.sleep(0.02)
 
 
 def slot_main(options: dict) -> None:
@@ -181,7 +181,7 @@ def run_k(k: int, args, models: dict, scratch: Path, deadline: float) -> list[di
     folder = scratch / f"k{k}"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    cells = plan(k, models, not args.no_extras)
+    cells = plan(k, models, not args.no_extras, args.modes.split(","))
     if time.time() > deadline:
         return [{"slot": slot, "k": k, "failed": "skipped: the time budget ran out", "cells": []} for slot in range(k)]
     procs = []
@@ -298,6 +298,7 @@ def main() -> None:
                         help="cells that would start later are skipped; the run ends by budget + 45 s (+ start-up)")
     parser.add_argument("--tiny", action="store_true", help="a dry run on CPU: 32×32, tiny models, k = 1, 2")
     parser.add_argument("--models", default="small,middle,largest", help="which of the three models to measure")
+    parser.add_argument("--modes", default="off,on", help="the modes every k runs (off, on)")
     parser.add_argument("--no-extras", action="store_true", help="at k = 1, leave out XLA alone and precision alone")
     parser.add_argument("--json", help="also write every result to this file")
     parser.add_argument("--no-readme", action="store_true")
@@ -319,13 +320,13 @@ def main() -> None:
     ks = [int(k) for k in args.ks.split(",")]
     results, memory, envs = [], {}, {}
     # Each k gets a share of the budget in proportion to its cells; time one k leaves unused goes to the next.
-    weights = [len(plan(k, models, not args.no_extras)) for k in ks]
+    weights = [len(plan(k, models, not args.no_extras, args.modes.split(","))) for k in ks]
     for i, k in enumerate(ks):
         slots = run_k(k, args, models, scratch, started + args.budget_s * sum(weights[: i + 1]) / sum(weights))
         memory[k] = sorted({s.get("memory", s.get("failed", "?")) for s in slots})
         envs[k] = sorted({(s.get("CUDA_VISIBLE_DEVICES"), s.get("GRIDRUNNER_ROWS_PER_GPU")) for s in slots},
                          key=str)
-        rows = summarise(k, slots, plan(k, models, not args.no_extras), args.batch)
+        rows = summarise(k, slots, plan(k, models, not args.no_extras, args.modes.split(",")), args.batch)
         results += rows
         for r in rows:
             print(f"k={k} {r['model']} {r['mode']}: " + (f"{r['images_per_s']:.1f} images/s, {1000 * r['t_step']:.1f} "
