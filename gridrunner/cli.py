@@ -310,6 +310,24 @@ def cancel(grid, runs_dir):
     click.echo("cancelled " + (", ".join(done) if done else "nothing: no job of this grid is running"))
 
 
+@main.command("replay-prune")
+@_grid_options
+@click.argument("rules", nargs=-1, required=True)
+def replay_prune(grid, runs_dir, rules):
+    """Replay prune RULES on every finished row's learning curve; report what they would prune.
+
+    \b
+      gridrunner replay-prune 'step >= 200 and val_ssim < 0.3'
+
+    Says how many rows the rules would prune and at which steps, the compute they would save in
+    row-seconds, and the false prunes: rows they prune that finished done, by id. Changes nothing.
+    """
+    from gridrunner.prune import replay
+
+    for line in replay(_find(grid, runs_dir), list(rules)).lines():
+        click.echo(line)
+
+
 @main.command()
 @_grid_options
 @click.option("--metric", default=None, help="Outcome to model (default: the spec's first outcome).")

@@ -10,7 +10,9 @@ A task gets:
 * ``ctx.log(step, **metrics)``: appends one JSON line to ``<row_dir>/history.jsonl`` (the learning curve
   the report draws);
 * ``ctx.should_stop()``: true once the worker has been asked to stop (time limit, preemption, SIGTERM,
-  Ctrl-C). Save a checkpoint, then ``raise ctx.Interrupted()`` (or :class:`gridrunner.Interrupted`).
+  Ctrl-C), the row ran past its ``row_time_limit_min``, or a ``prune:`` rule matched the record just
+  logged. Save a checkpoint, then ``raise ctx.Interrupted()`` (or :class:`gridrunner.Interrupted`);
+* ``ctx.pruned``: ``Pruned: <rule> at step <n>`` once a prune rule matched (see :mod:`gridrunner.prune`).
 
 Tests and notebooks can build one directly: ``Context(row_dir=tmp_path / "row")``.
 """
@@ -60,6 +62,18 @@ class Context:
         # atomic, and a forked row's process imports no threading for it).
         self._stopped = False
         self._should_stop_hook = should_stop
+        self._prune = None  # a gridrunner.prune.PruneWatch when the grid has prune rules
+
+    def watch_prune(self, rules, params: dict, grace_s: float | None = None, notice_fd: int | None = None) -> None:
+        """Evaluate the prune ``rules`` on every record this row logs from now on (see :mod:`gridrunner.prune`)."""
+        from gridrunner.prune import PruneWatch
+
+        self._prune = PruneWatch(rules, params, grace_s, notice_fd)
+
+    @property
+    def pruned(self) -> str | None:
+        """``Pruned: <rule> at step <n>`` once a prune rule has matched a logged record, else None."""
+        return self._prune.pruned if self._prune is not None else None
 
     @property
     def row_dir(self) -> Path:
@@ -85,6 +99,8 @@ class Context:
         record.update({key: _plain(value) for key, value in metrics.items()})
         with open(self.row_dir / HISTORY_FILE, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+        if self._prune is not None and self._prune.check(record) is not None:
+            self._stopped = True
 
     def should_stop(self) -> bool:
         """True once the worker has been asked to stop; poll it between training steps."""

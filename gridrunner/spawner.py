@@ -23,9 +23,10 @@ are blocked across each fork, so one that arrives while a row's process starts w
 The protocol, frames of a 4-byte length and a pickle (worker → spawner on one pipe, back on the other):
 
 * hello ``{"sys_path", "task", "preload"}`` → ``{"preloaded": bool}``;
-* a row ``{"task", "params", "row_dir", "row_id", "seed", "grid_dir", "stopped"}`` → ``{"pid": pid}``
-  once its process runs, then ``{"payload": bytes, "code": exit code or None, "signal": n or None}``
-  when it has ended.
+* a row ``{"task", "params", "row_dir", "row_id", "seed", "grid_dir", "stopped"}`` (and ``"prune", "grace_s"``
+  when the grid has prune rules) → ``{"pid": pid}`` once its process runs, then ``{"payload": bytes, "code":
+  exit code or None, "signal": n or None}`` when it has ended. The payload is JSON lines: a prune notice
+  (:mod:`gridrunner.prune`) if a rule matched, then the task's result.
 
 A row's process is reaped only when the next request comes (``waitid`` with ``WNOWAIT`` reads its status
 and leaves it a zombie), so its pid cannot be reused while the worker may still signal it.
@@ -319,6 +320,8 @@ def main(request_fd: int, reply_fd: int, worker: int) -> None:
             ctx.request_stop()
         _CURRENT = ctx  # before the fork: a stop that reaches the row's process at once finds it
         read_fd, write_fd = os.pipe()
+        if request.get("prune"):
+            ctx.watch_prune(request["prune"], request["params"], request.get("grace_s"), notice_fd=write_fd)
         # Python drops the signals a child gets before its after-fork bookkeeping is done, and the worker
         # may signal the pid as soon as it has it: blocked across the fork, such a signal waits instead.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)

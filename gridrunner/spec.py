@@ -19,6 +19,9 @@ A spec (see the README for the whole contract)::
     cost: depth * filters            # ranks rows: expensive ones are claimed first
     lease_s: 120                     # a running row whose worker stops beating this long is reclaimed
     max_attempts: 3                  # after this many worker deaths a row is failed
+    prune: step >= 200 and val_ssim < 0.3   # stop a row when its latest logged record matches (or a list)
+    hang_after_min: 30               # kill a row that has logged nothing for this long (from its first log)
+    row_time_limit_min: 2 * depth    # stop a row running longer (a number or a rule over the parameters)
 
 Expansion is deterministic and content addressed: a row's id is a hash of its canonical
 parameters (sorted keys, compact JSON), so a re-made or reordered grid recognises finished work.
@@ -48,6 +51,7 @@ STATUSES = ("not_run", "running", "done", "failed")
 TOP_KEYS = (
     "name", "task", "grid", "fixed", "exclude", "repeat", "random", "max_len", "outcomes",
     "failure", "resources", "cost", "lease_s", "max_attempts", "metric", "goal",
+    "prune", "hang_after_min", "row_time_limit_min",
 )
 RESOURCE_KEYS = ("time_min", "gpus", "cpus", "mem_gb", "partition")
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
@@ -197,6 +201,9 @@ class Spec:
     goal: str | None = None
     raw: dict = field(default_factory=dict)
     path: str | None = None
+    prune: list = field(default_factory=list)  # rule texts (gridrunner.prune)
+    hang_after_min: float | None = None
+    row_time_limit_min: float | str | None = None
 
     @property
     def params(self) -> list[str]:
@@ -224,6 +231,29 @@ class Spec:
     def cost_expr(self) -> Expr | None:
         return Expr(self.cost) if self.cost else None
 
+    def time_limit(self):
+        """None, or a function of a row's task parameters giving ``(minutes or None, error or None)``."""
+        limit = self.row_time_limit_min
+        if limit is None:
+            return None
+        if not isinstance(limit, str):
+            return lambda params: (float(limit), None)
+        expr = Expr(limit)
+
+        def minutes(params):
+            try:
+                value = expr.evaluate(params)
+            except ExprError as err:
+                return None, f"RuleError: row_time_limit_min cannot be evaluated on this row: {err}"
+            if value is None:
+                return None, None  # a parameter this row lacks: no limit, as a missing value never fires a rule
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                return None, (f"RuleError: row_time_limit_min {limit!r} is {value!r} for this row; expected a "
+                              f"positive number of minutes")
+            return float(value), None
+
+        return minutes
+
     def size(self) -> int:
         """Rows before ``exclude`` and de-duplication (sizes multiply, sub-grids add)."""
         per = sum(math.prod(len(c) for _, c in sub) for sub in self.subgrids)
@@ -249,6 +279,9 @@ class Spec:
             "max_attempts": self.max_attempts,
             "metric": self.metric,
             "goal": self.goal,
+            "prune": list(self.prune),
+            "hang_after_min": self.hang_after_min,
+            "row_time_limit_min": self.row_time_limit_min,
         }
         return out
 
@@ -334,7 +367,45 @@ class _Validator:
             self.fail(("goal",), f"expected max (larger is better) or min, got {spec.goal!r}")
         if spec.size() == 0:
             self.fail(("grid",), "the grid is empty: every parameter needs at least one value")
+        self.stopping_rules(spec, data, params + list(fixed))
         return spec
+
+    def stopping_rules(self, spec: Spec, data: dict, names: list[str]) -> None:
+        """``prune``, ``hang_after_min`` and ``row_time_limit_min`` (see gridrunner.prune and gridrunner.watchdog)."""
+        from gridrunner.prune import check_rule
+
+        rules = data.get("prune")
+        if rules is None:
+            rules = []
+        elif isinstance(rules, str):
+            rules = [rules]
+        elif not isinstance(rules, list):
+            self.fail(("prune",), f"expected a rule such as 'step >= 200 and val_ssim < 0.3', or a list of rules, "
+                                  f"got {_kind(rules)}")
+        for i, rule in enumerate(rules):
+            keypath = ("prune", i) if isinstance(data.get("prune"), list) else ("prune",)
+            if not isinstance(rule, str):
+                self.fail(keypath, f"expected a rule string such as 'step >= 200 and val_ssim < 0.3', got {rule!r}")
+            try:
+                check_rule(rule, names, BOOK_COLUMNS)
+            except ExprError as err:
+                self.fail(keypath, str(err))
+        spec.prune = list(rules)
+        hang = data.get("hang_after_min")
+        if hang is not None and (isinstance(hang, bool) or not isinstance(hang, (int, float)) or not 0 < hang < math.inf):
+            self.fail(("hang_after_min",), f"expected a positive number of minutes, got {hang!r}")
+        spec.hang_after_min = None if hang is None else float(hang)
+        limit = data.get("row_time_limit_min")
+        if isinstance(limit, str):
+            try:
+                Expr(limit).check_names(names, "parameter")
+            except ExprError as err:
+                self.fail(("row_time_limit_min",), str(err))
+        elif limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float))
+                                    or not 0 < limit < math.inf):
+            self.fail(("row_time_limit_min",), f"expected a positive number of minutes or a rule over the "
+                                               f"parameters such as '2 * depth', got {limit!r}")
+        spec.row_time_limit_min = limit if isinstance(limit, str) or limit is None else float(limit)
 
     # ---- pieces
 

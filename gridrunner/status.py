@@ -96,6 +96,16 @@ class GridStatus:
         return remaining * statistics.median(self.runtimes) / max(live, 1)
 
 
+#: Failed rows that the grid's own rules stopped, by the prefix of their ``error`` cell.
+STOPPED_KINDS = {"Pruned": "pruned", "Hung": "hung", "TimeLimit": "time_limit"}
+
+
+def stopped_counts(status: GridStatus) -> dict[str, int]:
+    """How many failed rows a prune rule, ``hang_after_min`` and ``row_time_limit_min`` stopped:
+    ``{"pruned": n, "hung": n, "time_limit": n}``."""
+    return {name: status.errors.get(kind, 0) for kind, name in STOPPED_KINDS.items()}
+
+
 def grid_status(grid_dir: str | Path) -> GridStatus:
     grid_dir = Path(grid_dir)
     spec = saved_spec(grid_dir)
@@ -193,7 +203,7 @@ def to_json(status: GridStatus, now: float | None = None) -> dict:
         "running": [running_row(row) for row in sorted(status.running, key=lambda r: -(r.age_s or 0))],
         "stale": [running_row(row) for row in status.stale],
         "live_workers": len({r.worker for r in status.running if not r.stale}),
-        "failures": {"by_kind": dict(status.errors.most_common())},
+        "failures": {"by_kind": dict(status.errors.most_common()), "stopped": stopped_counts(status)},
         "median_runtime_s": statistics.median(status.runtimes) if status.runtimes else None,
         "eta_s": None if eta is None else round(eta, 3),
         "duplicates": [{"row_id": row_id, "shards": names} for row_id, names in status.duplicates],
@@ -308,6 +318,10 @@ def render(status: GridStatus, console, max_shards: int = 40, max_running: int =
         for row in sorted(status.running, key=lambda r: -(r.age_s or 0))[:max_running]:
             flag = " [red]STALE: its worker is gone; the next worker reclaims it[/]" if row.stale else ""
             console.print(f"  {row.row_id} {row.shard} {format_duration(row.age_s)} by {row.worker}{flag}")
+    stopped = stopped_counts(status)
+    if any(stopped.values()):
+        console.print(f"[bold]stopped by the grid's rules:[/] {stopped['pruned']} pruned, {stopped['hung']} hung, "
+                      f"{stopped['time_limit']} past their time limit")
     if status.errors:
         console.print("[bold]failures by kind:[/] " + ", ".join(f"{k} {n}" for k, n in status.errors.most_common(8)))
     for shard in status.shards:

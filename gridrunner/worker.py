@@ -23,6 +23,12 @@ true in the running row (the child gets SIGUSR1). The task saves a checkpoint an
 back to ``not_run`` with its checkpoint kept, and the worker claims nothing more. A result that
 arrives for a row that is no longer this worker's (it was reclaimed after a stall, or reset) is never
 written to the shard: it is saved as ``rows/<id>/stale-result-<worker>.json`` and reported.
+
+Rows the grid stops for good, each ending ``failed`` (never given back): a ``prune:`` rule that matched a
+logged record (:mod:`gridrunner.prune`: decided in the row's own process, which tells the worker in its
+payload), a hung row (no ``ctx.log`` for ``hang_after_min``: killed at once) and a runaway row (past
+``row_time_limit_min``: asked to stop like a worker stop, killed after ``grace_s``, its checkpoint kept for
+a ``reset``). The last two are watched by :mod:`gridrunner.watchdog`, only in grids that set them.
 """
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ from typing import Callable, Iterator
 from gridrunner.context import Context, seed_from_row_id
 from gridrunner.errors import ExprError, GridError
 from gridrunner.grid import read_resolved, saved_spec
+from gridrunner.prune import parse_payload
 from gridrunner.spawner import Spawner, SpawnerDied, call_task, set_row_environment
 from gridrunner.spec import task_params
 from gridrunner.reconcile import ShardHalfWritten
@@ -256,6 +263,13 @@ class Worker:
         self._listed_at = -math.inf
         self._tour: list[Path] = []
         self._unusable: set[str] = set()  # the errors of unreadable shards, reported once each
+        self.prune = tuple(self.spec.prune)
+        self.hang_s = self.spec.hang_after_min * 60.0 if self.spec.hang_after_min else None
+        self.time_limit = self.spec.time_limit()
+        self._watchdog = None  # a RowWatchdog, made for the first row that needs one
+        self._row_end: str | None = None  # why the watchdog ended the running row (Hung: / TimeLimit: ...)
+        self._row_limit_min: float | None = None
+        self._ctx_row_dir: Path | None = None  # the watched row's directory
 
     # ---- stopping
 
@@ -315,6 +329,8 @@ class Worker:
             log.error("%s; stopping", err)
         finally:
             heartbeat.stop()
+            if self._watchdog is not None:
+                self._watchdog.close()
             if self._spawner is not None:
                 self._spawner.close()
                 self._spawner = None
@@ -550,6 +566,12 @@ class Worker:
         row_dir = self.store.row_dir(claim.row_id)  # made by the row's context if the task uses it
         params = task_params(self.spec.fixed, claim.params)
         seed = params["seed"] if isinstance(params.get("seed"), int) else seed_from_row_id(claim.row_id)
+        self._row_end = None
+        self._row_limit_min = None
+        if self.time_limit is not None:
+            self._row_limit_min, bad = self.time_limit(params)
+            if bad is not None:
+                return Result("failed", error=bad, runtime_s=0.0)
         started = time.monotonic()
         if self.inline:
             payload = self._run_inline(params, row_dir, claim.row_id, seed)
@@ -558,18 +580,66 @@ class Worker:
         runtime = time.monotonic() - started
         return self._classify(payload, params, row_dir, runtime, claim)
 
+    # ---- rows the grid stops: hung and runaway rows (the watchdog's callbacks, on its thread)
+
+    def _watch(self, row_dir: Path) -> None:
+        if self._watchdog is None:
+            from gridrunner.watchdog import RowWatchdog
+
+            self._watchdog = RowWatchdog(self._hung, self._over_time)
+        limit_s = self._row_limit_min * 60.0 if self._row_limit_min is not None else None
+        self._watchdog.watch(row_dir / "history.jsonl", self.hang_s, limit_s)
+
+    def _hung(self) -> None:
+        from gridrunner.watchdog import last_step
+
+        pid = self._child_pid
+        if pid is None:
+            return
+        row_dir = self._ctx_row_dir
+        self._row_end = (f"Hung: no progress for {self.spec.hang_after_min:g} min "
+                         f"({_last_step_text(last_step(row_dir / 'history.jsonl'))})")
+        log.warning("%s; killing it", self._row_end)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def _over_time(self) -> None:
+        from gridrunner.watchdog import last_step
+
+        pid = self._child_pid
+        if pid is None:
+            return
+        self._row_end = (f"TimeLimit: ran past its limit of {self._row_limit_min:g} min "
+                         f"({_last_step_text(last_step(self._ctx_row_dir / 'history.jsonl'))}); checkpoint kept")
+        log.warning("%s; asking it to stop", self._row_end)
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            return
+        if self._kill_timer is None:
+            self._kill_timer = threading.Timer(self.grace_s, self._kill_child)
+            self._kill_timer.daemon = True
+            self._kill_timer.start()
+
     def _context(self, row_dir: Path, row_id: str, seed: int, isolated: bool) -> Context:
         return Context(row_dir=row_dir, row_id=row_id, seed=seed, grid_dir=self.grid_dir, isolated=isolated)
 
     def _run_inline(self, params, row_dir, row_id, seed) -> dict:
         ctx = self._context(row_dir, row_id, seed, isolated=False)
+        if self.prune:
+            ctx.watch_prune(self.prune, params)
         self._ctx = ctx
         if self._stop.is_set():
             ctx.request_stop()
         try:
-            return call_task(self.spec.task, params, ctx)
+            payload = call_task(self.spec.task, params, ctx)
         finally:
             self._ctx = None
+        if ctx.pruned:
+            payload["pruned"] = ctx.pruned
+        return payload
 
     def _run_forked(self, params, row_dir, row_id, seed) -> dict:
         if self._spawner is None:
@@ -578,11 +648,17 @@ class Worker:
         sys.stderr.flush()
         request = {"task": self.spec.task, "params": params, "row_dir": str(row_dir), "row_id": row_id,
                    "seed": seed, "grid_dir": str(self.grid_dir), "stopped": self._stop.is_set()}
+        if self.prune:
+            request["prune"], request["grace_s"] = self.prune, self.grace_s
+        watched = self.hang_s is not None or self._row_limit_min is not None
         try:
             pid = self._spawner.begin(request)
         except SpawnerDied as err:
             return {"error": f"TaskDied: {err} before the row's process started"}
         self._child_pid = pid
+        if watched:
+            self._ctx_row_dir = row_dir
+            self._watch(row_dir)
         try:
             if self._stop.is_set():
                 os.kill(pid, signal.SIGUSR1)  # a stop asked for while the request was on its way
@@ -590,16 +666,20 @@ class Worker:
         except SpawnerDied as err:
             return {"error": f"TaskDied: {err} while the row ran (its process dies with it)"}
         finally:
+            if watched:
+                self._watchdog.clear()
             self._child_pid = None
             if self._kill_timer is not None:
                 self._kill_timer.cancel()
                 self._kill_timer = None
         raw = ended["payload"]
-        if raw:
-            try:
-                return json.loads(raw)
-            except ValueError:
-                pass
+        payload = parse_payload(raw) if raw else None
+        if payload and ("metrics" in payload or "error" in payload or "interrupted" in payload):
+            return payload
+        if payload and payload.get("pruned"):
+            return {"pruned": payload["pruned"], "note": "killed after the stop grace period"}
+        if self._row_end is not None:
+            return {"interrupted": True, "note": "killed by gridrunner"}
         sig = ended.get("signal")
         if sig is not None:
             if self._stop.is_set() and sig == signal.SIGKILL:
@@ -610,6 +690,11 @@ class Worker:
         return {"error": f"TaskDied: the task process exited with code {ended.get('code')} without a result"}
 
     def _classify(self, payload: dict, params: dict, row_dir: Path, runtime: float, claim: Claim) -> Result:
+        if payload.get("pruned"):  # final, however the task ended after the rule matched
+            metrics = {k: v for k, v in (payload.get("metrics") or {}).items() if math.isfinite(v)}
+            return Result("failed", metrics=metrics, runtime_s=runtime, error=payload["pruned"])
+        if self._row_end is not None and payload.get("interrupted"):  # hung or runaway; a real result still wins
+            return Result("failed", runtime_s=runtime, error=self._row_end)
         if payload.get("interrupted"):
             return Result("not_run", runtime_s=runtime)
         if "error" in payload:
@@ -636,6 +721,10 @@ class Worker:
             if fired:
                 return Result("failed", metrics=metrics, runtime_s=runtime, error=f"rule: {self.rule.text}")
         return Result("done", metrics=metrics, runtime_s=runtime)
+
+
+def _last_step_text(step) -> str:
+    return "nothing logged" if step is None else f"last step {step}"
 
 
 def _save_traceback(row_dir: Path, claim: Claim, text: str) -> None:

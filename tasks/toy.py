@@ -8,7 +8,10 @@
 * ``tasks.toy:crash``: fails in the way ``mode`` names: ``raise``, ``nan``, ``exit``, ``segfault``,
   ``memory`` (allocates until a cap of ``cap_mb``), ``none`` (returns None), or ``ok``.
 * ``tasks.toy:steps``: "trains" for ``steps`` steps of ``step_s`` seconds, checkpointing every
-  ``checkpoint_every`` steps and when asked to stop, and resumes from its checkpoint.
+  ``checkpoint_every`` steps and when asked to stop, and resumes from its checkpoint. It logs
+  ``loss`` = max(1 / step, ``plateau``) each step; ``hang_at: k`` makes it hang after logging step k
+  (a sleep that never ends), ``ignore_stop: true`` makes it never look at ``ctx.should_stop()``, and
+  ``startup_s`` sleeps before the first step (a slow start-up: loading data, building a model).
 
 Every task takes an optional ``record_to`` parameter (put it in ``fixed``): a file to which it
 appends ``<event> <row_id> <pid>`` lines (``start``, ``finish``, ``step``), so tests can count
@@ -142,16 +145,24 @@ def steps(params: dict, ctx) -> dict:
         tmp.write_text(str(step))
         os.replace(tmp, path)
 
+    plateau = float(params.get("plateau", 0.0))
+    hang_at = params.get("hang_at")
+    ignore_stop = bool(params.get("ignore_stop", False))
+    time.sleep(float(params.get("startup_s", 0.0)))
     step = start
     while step < total:
-        if ctx.should_stop():
+        if not ignore_stop and ctx.should_stop():
             save(step)
             _record(params, ctx, f"interrupted@{step}")
             raise Interrupted(f"stopped at step {step}")
         time.sleep(step_s)
         step += 1
         _record(params, ctx, "step")
-        ctx.log(step, loss=1.0 / step)
+        ctx.log(step, loss=max(1.0 / step, plateau))
+        if hang_at is not None and step >= int(hang_at):
+            _record(params, ctx, f"hang@{step}")
+            while True:
+                time.sleep(3600)
         if step % every == 0:
             save(step)
     save(step)

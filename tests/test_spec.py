@@ -123,10 +123,12 @@ BAD_SPECS = [
     ("", "g.yaml: the spec is empty; it needs at least `task`, `grid` and `outcomes`"),
     ("task: [unclosed\n", "g.yaml:2: invalid YAML: expected ',' or ']', but got '<stream end>'"),
     ("- just\n- a list\n", "g.yaml:1: the spec must be a mapping of keys (name, task, grid, fixed, exclude, repeat, "
-                           "random, max_len, outcomes, failure, resources, cost, lease_s, max_attempts, metric, goal), got a list"),
+                           "random, max_len, outcomes, failure, resources, cost, lease_s, max_attempts, metric, goal, prune, hang_after_min, "
+                           "row_time_limit_min), got a list"),
     (GOOD + "outcome: [x]\n", "g.yaml:4, at key outcome: unknown key 'outcome'; did you mean 'outcomes'? (valid: "
                               "name, task, grid, fixed, exclude, repeat, random, max_len, outcomes, failure, "
-                              "resources, cost, lease_s, max_attempts, metric, goal)"),
+                              "resources, cost, lease_s, max_attempts, metric, goal, prune, "
+                              "hang_after_min, row_time_limit_min)"),
     ("task: gridrunner.tasks.toy:noop\noutcomes: [value]\n", "g.yaml:1: missing required key 'grid'"),
     ("task: no_such_module:run\ngrid: {x: [1]}\noutcomes: [value]\n",
      "g.yaml:1, at key task: cannot import task 'no_such_module:run': no module 'no_such_module' in the current "

@@ -17,6 +17,12 @@
    A finished row keeps its last checkpoint: it holds the trained weights.
 5. A loss that is not finite stops the row at once with ``FloatingPointError`` (the worker
    records it as failed, with the step), instead of training on NaNs.
+   Every ``eval_every`` steps the learning curve also gets ``val_mae`` and ``val_ssim``: the model
+   in inference mode on ``eval_images`` test images, the same fixed ones for every row of a data
+   configuration, whatever its loss. That is the signal a grid's ``prune:`` rule can share across
+   losses. It reads the model and changes nothing: the trained weights and the final metrics are
+   the same with it off (``eval_every: 0``). Its time goes to ``eval_s`` in ``metrics.json`` and is
+   left out of ``train_images_per_s``.
 6. The model is tested on the held-out split: ``m_mae``, ``m_mse``, ``m_ssim`` (mean over test
    images), the same for the undersampled input (``bench_*``, the study's benchmark line),
    and for each noise in ``eval_noise`` the same six prefixed by its name (``rad15_m_ssim``,
@@ -64,6 +70,8 @@ class TrainingConfig:
     learning_rate: float = 1e-3
     checkpoint_every: int = 500  # steps; also saved when asked to stop
     log_every: int = 0  # steps between learning-curve points; 0 = steps / 50
+    eval_every: int | None = None  # steps between val_mae/val_ssim points; None = 2 * log_every; 0 = off
+    eval_images: int = 16  # the fixed test images those are measured on
     threads: int = 0  # TensorFlow intra- and inter-op threads; 0 = its default (all cores)
     deterministic: bool = True
     eval_noise: tuple = ()  # extra test noises, e.g. [rad15, pois]
@@ -94,6 +102,11 @@ def split_params(params: dict, model_defaults: dict) -> tuple[dict, TrainingConf
     config = TrainingConfig(**training)
     if config.steps < 0 or config.checkpoint_every < 1:
         raise ValueError(f"steps must be >= 0 and checkpoint_every >= 1, got {config.steps} and {config.checkpoint_every}")
+    if config.eval_every is not None and (isinstance(config.eval_every, bool) or not isinstance(config.eval_every, int)
+                                          or config.eval_every < 0):
+        raise ValueError(f"eval_every must be a whole number of steps >= 0 (0 turns it off), got {config.eval_every!r}")
+    if isinstance(config.eval_images, bool) or not isinstance(config.eval_images, int) or config.eval_images < 1:
+        raise ValueError(f"eval_images must be a whole number >= 1, got {config.eval_images!r}")
     check_speed_options(config.jit_compile, config.precision)
     data = dataset.DataConfig.from_params(params)
     for noise in config.eval_noise:
@@ -220,6 +233,11 @@ def train_and_evaluate(build_model, loss: str, batch_size: int, config: Training
         manager.save(checkpoint_number=step)
 
     log_every = config.log_every or max(config.steps // 50, 1)
+    eval_every = 2 * log_every if config.eval_every is None else config.eval_every
+    validation = validation_batch(tests[""], config.eval_images) if eval_every else None
+    # traced once, reused at every validation; float32 whatever the model's precision
+    infer = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32))
+    eval_time = 0.0
     window, window_start, train_time, last_loss = [], time.perf_counter(), 0.0, math.nan
     for step in range(start_step, config.steps):
         if ctx.should_stop():
@@ -231,12 +249,21 @@ def train_and_evaluate(build_model, loss: str, batch_size: int, config: Training
             raise FloatingPointError(f"{loss} loss became {loss_value} at step {step}")
         window.append(loss_value)
         done = step + 1
+        record = {}
         if done % log_every == 0 or done == config.steps:
             elapsed = time.perf_counter() - window_start
             train_time += elapsed
             last_loss = float(np.mean(window))
-            ctx.log(done, loss=last_loss, images_per_s=len(window) * batch_size / max(elapsed, 1e-9))
+            record.update(loss=last_loss, images_per_s=len(window) * batch_size / max(elapsed, 1e-9))
             window, window_start = [], time.perf_counter()
+        if validation is not None and (done % eval_every == 0 or done == config.steps):
+            eval_started = time.perf_counter()
+            record.update(validate(infer, validation))
+            spent = time.perf_counter() - eval_started
+            eval_time += spent
+            window_start += spent  # the training clock leaves validation out
+        if record:
+            ctx.log(done, **record)
         if done % config.checkpoint_every == 0 and done < config.steps:
             save(done)
     steps_run = config.steps - start_step
@@ -260,6 +287,7 @@ def train_and_evaluate(build_model, loss: str, batch_size: int, config: Training
         resumed_from=float(start_step),
         train_images_per_s=steps_run * batch_size / train_time if train_time > 0 else math.nan,
         data_s=data_s,
+        eval_s=eval_time,
         train_pairs=float(len(train)),
         test_pairs=float(len(tests[""])),
         parameters=float(model.count_params()),
@@ -269,6 +297,19 @@ def train_and_evaluate(build_model, loss: str, batch_size: int, config: Training
     )
     _write_json(ctx.row_dir / METRICS_FILE, metrics)  # every metric, also those the spec's outcomes leave out
     return metrics
+
+
+def validation_batch(test: dataset.Pairs, count: int) -> dataset.Pairs:
+    """``count`` test pairs spread evenly over the split: fixed by the data alone, so every row of a data
+    configuration (whatever its loss, model or seed) is measured on the same images."""
+    chosen = np.unique(np.linspace(0, len(test) - 1, num=min(count, len(test))).astype(int))
+    return dataset.Pairs(test.x[chosen], test.y[chosen], test.source[chosen], test.group[chosen])
+
+
+def validate(infer, validation: dataset.Pairs) -> dict:
+    """``val_mae`` and ``val_ssim`` of ``infer`` (the model in inference mode) on the validation pairs."""
+    scores = image_metrics(infer(validation.x).numpy(), validation.y)
+    return {"val_mae": scores["mae"], "val_ssim": scores["ssim"]}
 
 
 def predict(model, images: np.ndarray, batch: int = 32) -> np.ndarray:

@@ -84,6 +84,17 @@ SPECS = [
      "g.yaml:4, at key failure: unexpected character ':' at column 8 in '(lambda: 1)() > 0'"),
     (GOOD + "cost: x *\n", "g.yaml:4, at key cost: expected a number, string, name or '(', found the end at column "
                            "4 in 'x *'"),
+    (GOOD + "prune: x > 1\n",
+     "g.yaml:4, at key prune: the rule reads only parameters, so it would prune rows before they learn anything; "
+     "use `exclude` to leave such rows out, or add a logged metric or `step` in 'x > 1'"),
+    (GOOD + "prune: [step > 3 and loss > 1, 'status == 1']\n",
+     "g.yaml:4, at key prune[1]: 'status' is a bookkeeping column, never in a logged record (a record has step, "
+     "time and the metrics the task logs) in 'status == 1'"),
+    (GOOD + "prune: loss\n",
+     "g.yaml:4, at key prune: a prune rule must be a condition such as 'step >= 200 and val_ssim < 0.3' in 'loss'"),
+    (GOOD + "hang_after_min: -5\n", "g.yaml:4, at key hang_after_min: expected a positive number of minutes, got -5"),
+    (GOOD + "row_time_limit_min: 2 * y\n",
+     "g.yaml:4, at key row_time_limit_min: unknown parameter 'y' (valid: x) in '2 * y'"),
     (GOOD + "exclude: ['x >> 1']\n",
      "g.yaml:4, at key exclude[0]: expected a number, string, name or '(', found '>' at column 4 in 'x >> 1'"),
     (GOOD + "random: {n: 0, params: {lr: {uniform: [0, 1]}}}\n",
@@ -196,6 +207,10 @@ ARGS = {
                               "Error: Invalid value for '--max-rows': 0 is not in the range x>=1."),
     "analyze an unknown metric": Args(["analyze", "--metric", "nope"], 1,
                                       "Error: unknown metric 'nope' (outcomes: value)"),
+    "replay-prune a rule that does not parse": Args(
+        ["replay-prune", "step >"], 1,
+        "Error: expected a number, string, name or '(', found the end at column 7 in 'step >'"),
+    "replay-prune without a rule": Args(["replay-prune"], USAGE, "Error: Missing argument 'RULES...'."),
     "an unknown command": Args(["frobnicate"], USAGE, "Error: No such command 'frobnicate'."),
     "an unknown option": Args(["status", "--bogus"], USAGE, "Error: No such option '--bogus'. Did you mean '--runs'?"),
 }

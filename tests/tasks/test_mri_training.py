@@ -101,3 +101,43 @@ def test_impossible_models_fail_in_the_worker_before_any_training(tmp_path, smal
     (shard,) = (grid / "shards").glob("*.csv")
     text = shard.read_text()
     assert "ValueError: " in text and "filters and reps" in text
+
+
+def test_the_validation_metric_changes_neither_the_trained_model_nor_the_final_metrics(tmp_path, small_row):
+    row = dncnn_row(small_row, loss="ssim", steps=20, seed=5)
+    without = dncnn.run({**row, "eval_every": 0}, Context(tmp_path / "rows" / "off"))
+    ctx = Context(tmp_path / "rows" / "on")
+    with_it = dncnn.run({**row, "eval_every": 4, "eval_images": 6}, ctx)
+    for name in MAIN_METRICS + ("train_loss",):
+        assert with_it[name] == without[name], name
+    points = [point for point in ctx.history() if "val_ssim" in point]
+    assert [point["step"] for point in points] == [4, 8, 12, 16, 20]
+    assert all(-1 <= point["val_ssim"] <= 1 and point["val_mae"] >= 0 for point in points)
+    assert with_it["eval_s"] > 0 and without["eval_s"] == 0
+
+
+def test_the_validation_images_are_fixed_by_the_data_alone(small_row):
+    # validation_batch takes the test split and a count, nothing of the row's loss, model or seed.
+    cache = training.dataset.cache_folder(small_row["cache_dir"])
+    test = training.dataset.load_pairs(training.dataset.DataConfig.from_params(small_row), "test", cache)[0]
+    chosen = training.validation_batch(test, 16)
+    assert len(chosen) == min(16, len(test)) and set(chosen.source) <= set(test.source)
+    again = training.validation_batch(test, 16)
+    assert (again.x == chosen.x).all()
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "often", True])
+def test_a_bad_eval_every_fails_the_row_before_training(small_row, bad):
+    with pytest.raises(ValueError, match="eval_every"):
+        training.split_params({**small_row, "eval_every": bad}, dncnn.MODEL_DEFAULTS)
+
+
+def test_a_prune_rule_on_the_validation_metric_stops_the_row_at_that_step_with_its_checkpoint(tmp_path, small_row):
+    row = dncnn_row(small_row, steps=20, eval_every=4, checkpoint_every=100)
+    ctx = Context(tmp_path / "rows" / "r1")
+    ctx.watch_prune(["step >= 8 and val_ssim < 2"], row)  # val_ssim is at most 1: matches at its first point >= 8
+    with pytest.raises(Interrupted, match="stopped at step 8 of 20"):
+        dncnn.run(row, ctx)
+    assert ctx.pruned == "Pruned: step >= 8 and val_ssim < 2 at step 8"
+    resumed = dncnn.run(row, Context(tmp_path / "rows" / "r1"))  # the checkpoint the stop saved
+    assert resumed["resumed_from"] == 8

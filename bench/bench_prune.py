@@ -1,0 +1,216 @@
+"""Pruning: compute saved and false prunes of a rule chosen by replay, on a CPU-sized grid of the study's task.
+
+The grid: DnCNNs (``gridrunner.tasks.dncnn``) at 64 x 64, 3 losses (l1, l2, ssim) x 2 skip schemes x 2
+learning rates (0.001, 0.01), depth 3, 200 steps, with the validation metric on (``val_ssim``, ``val_mae`` every
+``eval_every`` steps on 16 fixed test images) and the demo's failure rule.
+
+1. **Pilot.** The grid runs unpruned with seed 0 (``fixed: {seed: 0}``).
+2. **Choosing a rule by replay.** ``gridrunner.prune.replay`` replays every candidate
+   ``step >= S and val_ssim < T`` on the pilot's ``history.jsonl`` files. The rule chosen is the one that
+   saves the most row-seconds with no false prune (a prune of a row that finished ``done``).
+3. **Other seeds, side by side.** The same grid with seed 1 runs twice at once, one worker each: without
+   the rule (the reference) and with it (``prune:``). Compute is the sum of the rows' ``runtime_s``
+   (row-seconds: the row's process from fork to result, start-up and testing included). A false prune
+   is a row pruned in the pruned run whose twin in the reference run finished ``done``.
+
+It also measures the validation metric's cost: ``eval_s`` (the time spent validating, from every row's
+``metrics.json``) against the row's training time (steps / ``train_images_per_s`` · batch).
+
+    .venv/bin/python bench/bench_prune.py             # the full run (about 10 minutes of CPU)
+    .venv/bin/python bench/bench_prune.py --quick     # 80 steps: checks the script, not the numbers
+    .venv/bin/python bench/bench_prune.py --reuse-pilot   # keep a finished pilot of the same spec
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from common import fmt  # noqa: E402
+
+FAILURE = "m_ssim < 0.5 or m_mae > 1"
+OUTCOMES = ["m_mae", "m_mse", "m_ssim", "bench_ssim"]
+
+
+LOSSES = ["l1", "l2", "ssim"]
+SKIPS = ["dncnn", "resnet"]
+
+
+def write_grid_spec(path: Path, name: str, steps: int, seed: int, cache: Path, prune: str | None = None) -> Path:
+    spec = {
+        "name": name,
+        "task": "dncnn",
+        "grid": {"loss": LOSSES, "skip": SKIPS, "learning_rate": [0.001, 0.01]},
+        "fixed": {"steps": steps, "batch_size": 8, "depth": 3, "bn_momentum": 0.9, "kernel": 3,
+                  "filters": 8, "size": 64, "noise": "rad41", "threads": 1, "checkpoint_every": max(steps // 4, 1),
+                  "seed": seed, "cache_dir": str(cache), "examples": 0},
+        "outcomes": OUTCOMES,
+        "failure": FAILURE,
+        "max_len": 6,
+        "lease_s": 60,
+    }
+    if prune:
+        spec["prune"] = prune
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def rows_of(grid_dir: Path) -> dict:
+    """row_id -> {params..., status, runtime_s, error} through gridrunner's store."""
+    from gridrunner.spec import decode_cell
+    from gridrunner.store import ERROR, RUNTIME, STATUS, GridStore
+
+    out = {}
+    for shard in GridStore(grid_dir).read_all():
+        p = shard.n_params
+        for i in shard.valid():
+            fields = shard.records[i]
+            params = {name: decode_cell(cell) for name, cell in zip(shard.params, fields[:p]) if cell != ""}
+            out[fields[p]] = {**params, "status": fields[p + STATUS], "error": fields[p + ERROR],
+                              "runtime_s": float(fields[p + RUNTIME] or 0.0)}
+    return out
+
+
+def run_grid(spec: Path, runs: Path, workers: int) -> tuple[Path, common.Timed]:
+    grid_dir = common.make_grid(spec, runs)
+    timed = common.run_processes(common.gridrunner_workers(grid_dir, workers), timeout_s=3600)
+    return grid_dir, timed
+
+
+def candidate_rules(steps: int) -> list[str]:
+    at = sorted({max(int(steps * f) // 10 * 10, 10) for f in (0.1, 0.2, 0.3, 0.4, 0.5)})
+    at = [s - s % (2 * max(steps // 50, 1)) for s in at]  # on the validation points (every 2 · steps / 50)
+    return [f"step >= {s} and val_ssim < {t}" for s in at for t in (0.3, 0.4, 0.5, 0.6)]
+
+
+def eval_cost(grid_dir: Path) -> list[float]:
+    """Per row: validation seconds / training seconds, from ``metrics.json``."""
+    shares = []
+    for path in sorted((grid_dir / "rows").glob("*/metrics.json")):
+        m = json.loads(path.read_text())
+        if m.get("train_images_per_s") and m.get("steps_run"):
+            train_s = m["steps_run"] * 8 / m["train_images_per_s"]
+            shares.append(m["eval_s"] / train_s)
+    return shares
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=200, help="training steps per row")
+    parser.add_argument("--quick", action="store_true", help="80 steps; checks the script")
+    parser.add_argument("--no-readme", action="store_true", help="print the section, leave bench/README.md alone")
+    parser.add_argument("--reuse-pilot", action="store_true",
+                        help="keep a finished pilot of the same size from an earlier run instead of running it again")
+    parser.add_argument("--losses", default=",".join(LOSSES), help="the grid's losses, comma-separated")
+    parser.add_argument("--skips", default=",".join(SKIPS), help="the grid's skip schemes (dncnn, resnet, none)")
+    args = parser.parse_args()
+    LOSSES[:] = args.losses.split(",")
+    SKIPS[:] = args.skips.split(",")
+    steps = 80 if args.quick else args.steps
+    from gridrunner.prune import replay
+
+    load_before = common.load_average()
+    started = time.perf_counter()
+    work = common.RUNS / "prune"
+    cache = common.RUNS / "prune-cache"  # the MRI pairs, kept between runs (built by the first row otherwise)
+    cache.mkdir(parents=True, exist_ok=True)
+    runs = work / "runs"
+    pilot_spec = write_grid_spec(common.RUNS / "prune-pilot.yaml", "pilot", steps, 0, cache)
+    reuse = (args.reuse_pilot and (runs / "pilot" / "spec.source.yaml").exists()
+             and (runs / "pilot" / "spec.source.yaml").read_text() == pilot_spec.read_text()
+             and all(r["status"] in ("done", "failed") for r in rows_of(runs / "pilot").values()))
+    if reuse:
+        for name in ("reference", "pruned"):
+            common.shutil.rmtree(runs / name, ignore_errors=True)
+        pilot_dir, pilot_time = runs / "pilot", None
+    else:
+        common.shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        pilot_dir, pilot_time = run_grid(pilot_spec, runs, 2)
+    pilot_rows = rows_of(pilot_dir)
+    pilot_failed = sum(r["status"] == "failed" for r in pilot_rows.values())
+    pilot_compute = sum(r["runtime_s"] for r in pilot_rows.values())
+
+    candidates = []
+    for rule in candidate_rules(steps):
+        result = replay(pilot_dir, [rule])
+        candidates.append((rule, result))
+    clean = [(rule, r) for rule, r in candidates if not r.false_prunes and r.pruned]
+    chosen, chosen_replay = max(clean, key=lambda item: item[1].saved_s) if clean else (None, None)
+
+    side_lines = []
+    if chosen is not None:
+        reference_spec = write_grid_spec(work / "reference.yaml", "reference", steps, 1, cache)
+        pruned_spec = write_grid_spec(work / "pruned.yaml", "pruned", steps, 1, cache, prune=chosen)
+        reference_dir = common.make_grid(reference_spec, runs)
+        pruned_dir = common.make_grid(pruned_spec, runs)
+        side = common.run_processes(common.gridrunner_workers(reference_dir, 1)
+                                    + common.gridrunner_workers(pruned_dir, 1), timeout_s=3600)
+        # Twins have the same row id: the two specs make the same parameters.
+        reference, pruned = rows_of(reference_dir), rows_of(pruned_dir)
+        ref_compute = sum(r["runtime_s"] for r in reference.values())
+        pruned_compute = sum(r["runtime_s"] for r in pruned.values())
+        pruned_rows = {rid: r for rid, r in pruned.items() if r["error"].startswith("Pruned:")}
+        false_prunes = sorted(rid for rid in pruned_rows if reference[rid]["status"] == "done")
+        ref_failed = {rid for rid, r in reference.items() if r["status"] == "failed"}
+        caught = len(ref_failed & set(pruned_rows))
+        side_lines = [
+            f"**Seed 1, side by side** (one worker each, at the same time, {fmt(side.wall_s)} s):",
+            "",
+            common.table(["run", "rows", "failed", "pruned", "compute (row-s)", "false prunes"],
+                         [["without the rule", len(reference), len(ref_failed), 0, fmt(ref_compute), "–"],
+                          ["with the rule", len(pruned), sum(r["status"] == "failed" for r in pruned.values()),
+                           len(pruned_rows), fmt(pruned_compute), len(false_prunes)]]),
+            "",
+            f"Compute saved: {100 * (1 - pruned_compute / max(ref_compute, 1e-9)):.1f}% of the reference's "
+            f"row-seconds. The rule caught {caught} of the {len(ref_failed)} rows that failed in the reference run; "
+            f"false prunes (pruned here, `done` in the reference): {', '.join(false_prunes) or 'none'}. Prune steps: "
+            + (", ".join(f"{rid} at {r['error'].rsplit(' ', 1)[-1]}" for rid, r in sorted(pruned_rows.items()))
+               or "none") + ".",
+            "",
+        ]
+    shares = eval_cost(pilot_dir)
+    minutes = (time.perf_counter() - started) / 60
+
+    lines = common.section("Pruning doomed rows", load_before, minutes)
+    lines += [
+        f"The grid: {len(pilot_rows)} DnCNNs (loss {', '.join(LOSSES)} × skip {', '.join(SKIPS)} × learning rate "
+        f"0.001, 0.01; "
+        f"depth 3, 8 filters, {steps} steps of batch 8 at 64 × 64, one thread), validation every "
+        f"{2 * max(steps // 50, 1)} steps on 16 fixed test images, failure rule `{FAILURE}`.",
+        "",
+        f"**Pilot** (seed 0, 2 workers): {pilot_failed} of {len(pilot_rows)} rows failed; "
+        f"{fmt(pilot_compute)} row-seconds" + (f" in {fmt(pilot_time.wall_s)} s." if pilot_time else
+                                                 " (kept from an earlier run: `--reuse-pilot`)."),
+        "",
+        "**Replay on the pilot** (`gridrunner replay-prune RULE`); saved = Σ runtime_s × (1 − prune step / last "
+        "logged step) over the pruned rows:",
+        "",
+        common.table(["rule", "pruned", "of them failed", "false prunes", "saved row-s", "saved %"],
+                     [[f"`{rule}`", r.pruned, r.pruned - len(r.false_prunes), len(r.false_prunes), fmt(r.saved_s),
+                       f"{100 * r.saved_s / max(r.total_s, 1e-9):.1f}%"] for rule, r in candidates]),
+        "",
+        f"Chosen: `{chosen}` (the most saved with no false prune)." if chosen else
+        "**No candidate prunes anything without a false prune**, so no rule was chosen and the side-by-side run "
+        "with other seeds was not made (it would have compared two unpruned runs): compute saved 0%.",
+        "",
+        *side_lines,
+        f"**The validation metric's cost** (pilot, {len(shares)} rows): validating took "
+        f"{fmt(100 * common.median(shares))}% of the training time per row (median; "
+        f"{common.spread([100 * s for s in shares])}%): `eval_s` in `metrics.json` over the training time, "
+        f"steps · batch / `train_images_per_s`. Per step, with it on, that is the training step's time × (1 + that "
+        f"share); off, the training step alone (the final metrics are the same either way: "
+        f"`tests/tasks/test_mri_training.py`).",
+    ]
+    common.publish("prune", lines, readme=not args.no_readme)
+
+
+if __name__ == "__main__":
+    main()

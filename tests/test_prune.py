@@ -1,0 +1,206 @@
+"""Prune rules through the real worker and spawner: a matching record stops the row, which ends failed with
+`Pruned: <rule> at step <n>` and is never run again; the rule is checked at make; replay-prune on a finished grid."""
+import json
+import time
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gridrunner.cli import main
+from gridrunner.context import Context
+from gridrunner.errors import ExprError, SpecError
+from gridrunner.prune import PruneWatch, check_rule, message, parse_payload, replay
+from gridrunner.spec import BOOK_COLUMNS, validate
+from gridrunner.status import grid_status, stopped_counts
+from gridrunner.worker import Worker
+from gridtools import events, make_grid
+from test_worker import rows_by
+
+STEPS = "gridrunner.tasks.toy:steps"
+
+
+def steps_grid(tmp_path, prune, grid=None, name="g", **fixed):
+    spec = {"task": STEPS, "outcomes": ["final_step"],
+            "grid": grid or {"plateau": [0.0, 0.5]},
+            "fixed": {"steps": 20, "step_s": 0.01, "checkpoint_every": 5, "record_to": str(tmp_path / "events"),
+                      **fixed}}
+    if prune is not None:
+        spec["prune"] = prune
+    return make_grid(tmp_path, spec, name=name)
+
+
+def by_plateau(grid):
+    return {float(r["plateau"]): r for r in rows_by(grid).values()}
+
+
+def test_a_matching_rule_stops_the_row_which_checkpoints_and_fails_with_the_rule_and_step(tmp_path):
+    grid = steps_grid(tmp_path, "step >= 4 and loss > 0.3")
+    summary = Worker(grid, handle_signals=False, grace_s=5).run()
+    assert (summary.done, summary.failed, summary.given_back) == (1, 1, 0)
+    rows = by_plateau(grid)
+    assert rows[0.0]["status"] == "done" and rows[0.0]["error"] == ""
+    assert rows[0.5]["status"] == "failed"
+    assert rows[0.5]["error"] == "Pruned: step >= 4 and loss > 0.3 at step 4"
+    pruned_id = rows[0.5]["row_id"]
+    # It stopped as a worker stop stops a row: at the next should_stop(), after saving its checkpoint.
+    assert events(tmp_path / "events")[(f"interrupted@4", pruned_id)] == 1
+    assert (grid / "rows" / pruned_id / "checkpoint" / "step").read_text() == "4"
+    history = [json.loads(line) for line in (grid / "rows" / pruned_id / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history] == [1, 2, 3, 4]
+    # Not rerun: a second worker finds nothing to claim.
+    again = Worker(grid, handle_signals=False).run()
+    assert (again.done, again.failed, again.rows) == (0, 0, [])
+    assert events(tmp_path / "events")[(f"start@0", pruned_id)] == 1
+
+
+def test_a_task_that_ignores_the_stop_is_killed_after_the_grace_time_with_the_same_ending(tmp_path):
+    grid = steps_grid(tmp_path, ["step >= 3 and loss > 0.3"], grid={"plateau": [0.5]}, steps=100000, step_s=0.01,
+                      ignore_stop=True)
+    started = time.monotonic()
+    summary = Worker(grid, handle_signals=False, grace_s=0.5).run()
+    took = time.monotonic() - started
+    (row,) = rows_by(grid).values()
+    assert (summary.failed, row["status"]) == (1, "failed")
+    assert row["error"] == "Pruned: step >= 3 and loss > 0.3 at step 3"
+    assert took < 20  # 100,000 steps would take over 1,000 s
+    assert events(tmp_path / "events")[("finish", row["row_id"])] == 0
+
+
+def test_a_task_that_ignores_the_stop_but_finishes_within_the_grace_is_still_pruned(tmp_path):
+    grid = steps_grid(tmp_path, "step >= 3 and loss > 0.3", grid={"plateau": [0.5]}, ignore_stop=True)
+    Worker(grid, handle_signals=False, grace_s=30).run()
+    (row,) = rows_by(grid).values()
+    assert row["status"] == "failed" and row["error"] == "Pruned: step >= 3 and loss > 0.3 at step 3"
+
+
+def test_inline_rows_are_pruned_too(tmp_path):
+    grid = steps_grid(tmp_path, "step >= 4 and loss > 0.3")
+    Worker(grid, handle_signals=False, inline=True).run()
+    rows = by_plateau(grid)
+    assert rows[0.5]["error"] == "Pruned: step >= 4 and loss > 0.3 at step 4" and rows[0.0]["status"] == "done"
+
+
+def test_the_first_rule_of_a_list_that_matches_names_the_prune_and_parameters_can_join_a_rule(tmp_path):
+    grid = steps_grid(tmp_path, ["step >= 6 and loss > 0.3", "plateau > 0 and step >= 2"])
+    Worker(grid, handle_signals=False).run()
+    assert by_plateau(grid)[0.5]["error"] == "Pruned: plateau > 0 and step >= 2 at step 2"
+
+
+def test_a_rule_that_cannot_be_evaluated_or_lacks_its_metric_never_prunes_and_crashes_nothing(tmp_path):
+    grid = steps_grid(tmp_path, ["log(loss - 1) > 0", "val_ssim < 0.3", "len(loss) > 0"])
+    summary = Worker(grid, handle_signals=False).run()
+    assert (summary.done, summary.failed) == (2, 0)
+    assert all(r["status"] == "done" for r in rows_by(grid).values())
+
+
+def test_status_counts_pruned_hung_and_time_limited_rows(tmp_path):
+    grid = steps_grid(tmp_path, "step >= 4 and loss > 0.3")
+    Worker(grid, handle_signals=False).run()
+    status = grid_status(grid)
+    assert stopped_counts(status) == {"pruned": 1, "hung": 0, "time_limit": 0}
+    result = CliRunner().invoke(main, ["status", "--grid", str(grid)])
+    assert result.exit_code == 0 and "1 pruned, 0 hung, 0 past their time limit" in result.output
+    result = CliRunner().invoke(main, ["status", "--grid", str(grid), "--json"])
+    assert json.loads(result.output)["failures"]["stopped"] == {"pruned": 1, "hung": 0, "time_limit": 0}
+
+
+# ---------------------------------------------------------------- make checks the rule
+
+BASE = {"task": STEPS, "outcomes": ["final_step"], "grid": {"plateau": [0.0]}, "fixed": {"steps": 5}}
+
+
+@pytest.mark.parametrize("prune, words", [
+    ("step >=", "expected a number"),
+    ("val_ssim", "must be a condition"),
+    ("plateau > 0", "reads only parameters"),
+    ("steps > 3 and plateau < 1", "reads only parameters"),
+    ("runtime_s > 10", "'runtime_s' is a bookkeeping column"),
+    ([3], "expected a rule string"),
+    (3, "expected a rule such as"),
+    ({"a": 1}, "expected a rule such as"),
+])
+def test_make_refuses_a_prune_rule_it_cannot_use_and_says_why(prune, words):
+    with pytest.raises(SpecError, match="at key prune") as err:
+        validate({**BASE, "prune": prune}, check_task=False)
+    assert words in str(err.value)
+
+
+def test_a_list_entry_that_is_bad_is_named_by_its_index():
+    with pytest.raises(SpecError, match=r"at key prune\[1\]"):
+        validate({**BASE, "prune": ["step > 3", "status == 'done'"]}, check_task=False)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(alphabet="steplosval_ <>=!()+-*/.0123456789andornt'[],", max_size=40))
+def test_any_prune_text_is_either_accepted_or_refused_with_a_spec_error(text):
+    try:
+        spec = validate({**BASE, "prune": text}, check_task=False)
+    except SpecError as err:
+        assert "at key prune" in str(err)
+        return
+    # An accepted rule evaluates on any record without raising anything but ExprError (which never prunes).
+    watch = PruneWatch(spec.prune, {"plateau": 0.0})
+    for record in ({"step": 1, "time": 0.0, "loss": 0.5}, {"step": 2}, {"step": 3, "loss": "nan"}, {}):
+        assert watch.check(record) in (None, message(text, record.get("step")))
+
+
+def test_check_rule_accepts_metrics_that_no_parameter_names():
+    assert check_rule("step >= 200 and val_ssim < 0.3", ["depth", "loss"], BOOK_COLUMNS).names == {"step", "val_ssim"}
+    with pytest.raises(ExprError):
+        check_rule("depth > 3", ["depth"], BOOK_COLUMNS)
+
+
+def test_a_payload_with_a_prune_notice_and_a_result_is_read_whole():
+    assert parse_payload(b'{"pruned": "Pruned: x at step 3"}\n{"interrupted": true}') == {
+        "pruned": "Pruned: x at step 3", "interrupted": True}
+    assert parse_payload(b'{"metrics": {"a": 1.0}}') == {"metrics": {"a": 1.0}}
+    assert parse_payload(b'{"pruned": "P"}\n{"metr') == {"pruned": "P"}  # a result cut off by a kill
+    assert parse_payload(b"garbage") is None
+
+
+def test_a_context_without_a_worker_prunes_on_its_own_log(tmp_path):
+    ctx = Context(tmp_path / "rows" / "r")
+    ctx.watch_prune(["step >= 2 and loss > 0.3"], {})
+    ctx.log(1, loss=0.9)
+    assert not ctx.should_stop() and ctx.pruned is None
+    ctx.log(2, loss=0.9)
+    assert ctx.should_stop() and ctx.pruned == "Pruned: step >= 2 and loss > 0.3 at step 2"
+
+
+# ---------------------------------------------------------------- replay
+
+def test_replay_reports_prunes_steps_saved_compute_and_names_the_false_prunes(tmp_path):
+    grid = steps_grid(tmp_path, None, grid={"plateau": [0.0, 0.3, 0.5]},
+                      record_to=str(tmp_path / "events"))
+    # The failure rule of a pilot, by hand: the plateau 0.5 row "failed" (set here as a finished failure).
+    Worker(grid, handle_signals=False).run()
+    rows = by_plateau(grid)
+    from gridrunner.store import GridStore
+
+    store = GridStore(grid)
+    path = store.shard_paths()[0]
+    text = path.read_text().replace(f"{rows[0.5]['row_id']},done,", f"{rows[0.5]['row_id']},failed,")
+    path.write_text(text)
+
+    result = replay(grid, ["step >= 5 and loss > 0.25"])
+    assert result.rows == 3 and result.pruned == 2 and result.failed_rows == 1
+    assert [hit.row_id for hit in result.false_prunes] == [rows[0.3]["row_id"]]
+    assert result.steps() == [(5, 2)]
+    runtime = {r["row_id"]: float(r["runtime_s"]) for r in rows.values()}
+    expected = sum(runtime[rows[p]["row_id"]] * (1 - 5 / 20) for p in (0.3, 0.5))
+    assert result.saved_s == pytest.approx(expected)
+    out = CliRunner().invoke(main, ["replay-prune", "--grid", str(grid), "step >= 5 and loss > 0.25"])
+    assert out.exit_code == 0, out.output
+    assert "It would prune 2 row(s): 1 of the 1 that failed, and 1 that finished done." in out.output
+    assert f"  {rows[0.3]['row_id']} at step 5 of 20 by step >= 5 and loss > 0.25" in out.output
+    assert "At steps: 5 (2 rows)" in out.output
+    clean = replay(grid, ["step >= 5 and loss > 0.4"])
+    assert clean.pruned == 1 and not clean.false_prunes
+
+
+def test_replay_of_a_bad_rule_is_one_error_line(tmp_path):
+    grid = steps_grid(tmp_path, None)
+    out = CliRunner().invoke(main, ["replay-prune", "--grid", str(grid), "plateau >"])
+    assert out.exit_code == 1 and out.output.startswith("Error: expected a number") and "in 'plateau >'" in out.output and out.output.count("\n") == 1
