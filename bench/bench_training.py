@@ -14,8 +14,15 @@ Start-up per row: a fresh process imports TensorFlow and Keras and builds the mo
 training step traces the step function. That is set against a 4,000-step row (the study's length),
 whose time is extrapolated from the measured steady-state step time: 4,000 · batch / images/s.
 
+**Speed options** (``--speed``, its own section): the same task row under each ``precision`` and
+``jit_compile`` setting, alternating (float32, float32 + XLA, mixed_bfloat16, ... in each repeat), so
+each setting's images/s is set against float32's from the same repeat. images/s counts every window
+but the first (which holds the trace, and XLA's compile); the first window's extra time is reported
+apart as the compile cost.
+
     .venv/bin/python bench/bench_training.py            # 3 alternating repeats of 300 steps
     .venv/bin/python bench/bench_training.py --quick    # 1 repeat of 100 steps
+    .venv/bin/python bench/bench_training.py --speed    # the speed options only: 2 repeats of 150 steps
 """
 from __future__ import annotations
 
@@ -115,6 +122,59 @@ def startup_probe(params_json: str) -> None:
     print(json.dumps({"import_s": t1 - t0, "data_s": t2 - t1, "build_s": t3 - t2, "first_step_s": t4 - t3}))
 
 
+SPEED_SETTINGS = [("float32", False), ("float32", True), ("mixed_bfloat16", False), ("mixed_bfloat16", True),
+                  ("mixed_float16", False), ("mixed_float16", True)]
+
+
+def speed_options(params: dict, repeats: int, load_before: str, started: float, readme: bool) -> None:
+    """Images/s of the task under every precision and XLA setting, alternating, against float32."""
+    base = common.RUNS / "training"
+    rates: dict[tuple, list[float]] = {s: [] for s in SPEED_SETTINGS}
+    ratios: dict[tuple, list[float]] = {s: [] for s in SPEED_SETTINGS}
+    compile_s: dict[tuple, list[float]] = {s: [] for s in SPEED_SETTINGS}
+    ssim: dict[tuple, list[float]] = {s: [] for s in SPEED_SETTINGS}
+    batch, window = params["batch_size"], params["log_every"]
+    for k in range(repeats):
+        for setting in SPEED_SETTINGS:
+            precision, jit = setting
+            windows, metrics = run_task({**params, "precision": precision, "jit_compile": jit},
+                                        base / f"speed-{k}-{precision}-{jit}")
+            history = [json.loads(line) for line in
+                       (base / f"speed-{k}-{precision}-{jit}" / "history.jsonl").read_text().splitlines() if line]
+            first_s = window * batch / history[0]["images_per_s"]
+            rates[setting].append(median(windows))
+            compile_s[setting].append(first_s - window * batch / median(windows))
+            ssim[setting].append(metrics["m_ssim"])
+            print(f"repeat {k}: {precision}{' + XLA' if jit else ''}: {rates[setting][-1]:.1f} images/s, "
+                  f"first window +{compile_s[setting][-1]:.1f} s, m_ssim {metrics['m_ssim']:.4f}", flush=True)
+        for setting in SPEED_SETTINGS:
+            ratios[setting].append(rates[setting][-1] / rates[("float32", False)][-1])
+    minutes = (time.perf_counter() - started) / 60
+    rows = [[f"`{p}`", "on" if j else "off", with_spread(rates[(p, j)]), with_spread(ratios[(p, j)]),
+             with_spread(compile_s[(p, j)], 2), with_spread(ssim[(p, j)], 4)] for p, j in SPEED_SETTINGS]
+    lines = [
+        *common.section("Training speed options: precision and XLA on CPU", load_before, minutes),
+        f"The task row of the section above (DnCNN depth {MODEL['depth']}, {MODEL['filters']} filters, "
+        f"{params['loss']} loss, batch {batch}, 64×64, {params['steps']} steps, TensorFlow threads: "
+        f"{params['threads'] or 'its default (all cores)'}) under each setting, alternating within each of "
+        f"{repeats} repeats. images/s: median over windows of {window} steps after the first; *× float32*: "
+        f"over float32 without XLA in the same repeat (the machine was shared with other work, so the ratios "
+        f"are the figures to read); *first window*: the extra seconds of the first window (trace, XLA "
+        f"compile); *m_ssim*: the test SSIM the row reached. Median (min–max) over the repeats.",
+        "",
+        common.table(["precision", "XLA", "images/s", "× float32", "first window, s", "m_ssim"], rows),
+        "",
+        "This CPU has AVX-512 with BF16 instructions (oneDNN runs bfloat16 natively); oneDNN has no float16 "
+        "kernels on it and TensorFlow falls back to Eigen for them. XLA is meant for GPUs: the task uses it only "
+        "when a row asks (`jit_compile: true`), and the tests keep it to the L1 and SSIM losses at tiny sizes "
+        "(with MS-SSIM its CPU compile did not finish in 10 minutes). The test SSIM after these few steps "
+        "differs between settings because 16-bit arithmetic changes the training path; the tests bound the "
+        "difference on a tiny row (0.02 SSIM, 20% MAE). No GPU was lent to this session: nothing here ran on "
+        "a GPU (see the GPU section).",
+    ]
+    common.publish("training_speed", lines, readme=readme)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -126,9 +186,13 @@ def main() -> None:
     parser.add_argument("--startup-repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="100 steps, one repeat")
     parser.add_argument("--no-readme", action="store_true")
+    parser.add_argument("--speed", action="store_true",
+                        help="measure the precision and XLA settings only (default 2 repeats of 150 steps)")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.repeats, args.startup_repeats = 100, 1, 1
+    elif args.speed and "--steps" not in sys.argv and "--repeats" not in sys.argv:
+        args.steps, args.repeats = 150, 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     load_before = common.load_average()
     started = time.perf_counter()
@@ -149,6 +213,10 @@ def main() -> None:
     dataset.load_pairs(data, "test", common.RUNS / "cache")
     if built:
         print(f"built the training pairs in {time.perf_counter() - build_start:.1f} s (cached in bench/runs/cache)")
+
+    if args.speed:
+        speed_options(params, args.repeats, load_before, started, readme=not args.no_readme)
+        return
 
     task_rates, fit_rates, train_pairs = [], [], 0
     for k in range(args.repeats):

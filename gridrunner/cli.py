@@ -256,9 +256,11 @@ def split(grid, runs_dir, shard, into):
               help="Requeues per task after a time limit or preemption (default 3).")
 @click.option("--max-parallel", type=click.IntRange(min=1), default=None,
               help="Local executor: at most this many workers at once (default: the CPU count).")
+@click.option("--rows-per-gpu", type=click.IntRange(min=1), default=None,
+              help="Run this many workers on each GPU of a task (GPUs x this many per task; --cpus is then per worker).")
 @click.option("--wait", "wait_", is_flag=True, help="Block with a live progress bar until the work is done.")
 def submit(grid, runs_dir, n, profile, executor, partition, time_min, gpus, cpus, mem_gb, account, max_requeues,
-           max_parallel, wait_):
+           max_parallel, rows_per_gpu, wait_):
     """Run workers as one Slurm job array, or as local processes where there is no Slurm.
 
     Settings come from the profile, overridden by the spec's resources, overridden by these flags.
@@ -271,7 +273,8 @@ def submit(grid, runs_dir, n, profile, executor, partition, time_min, gpus, cpus
         raise click.BadParameter(f"must be at least 1, got {n}", param_hint="'--shards'")
     grid_dir = _find(grid, runs_dir)
     flags = {"partition": partition, "time_min": time_min, "gpus": gpus, "cpus": cpus, "mem_gb": mem_gb,
-             "account": account, "max_requeues": max_requeues, "max_parallel": max_parallel}
+             "account": account, "max_requeues": max_requeues, "max_parallel": max_parallel,
+             "rows_per_gpu": rows_per_gpu}
     result = submission.submit(grid_dir, n, profile=profile, executor=executor, flags=flags)
     for line in result.lines():
         click.echo(line)

@@ -150,9 +150,10 @@ def call_task(task: str, params: dict, ctx: Context) -> dict:
 class Spawner:
     """The worker's handle on its spawner process: :meth:`begin` a row, then :meth:`end` it."""
 
-    def __init__(self, task: str, preload: bool = True):
+    def __init__(self, task: str, preload: bool = True, env: dict | None = None):
         self.task = task
         self.preload = preload
+        self.env = env  # added to the spawner's environment (and so its rows'), e.g. CUDA_VISIBLE_DEVICES
         self.preloaded = False
         self.proc = None
         self._to = self._from = None
@@ -174,7 +175,8 @@ class Spawner:
                 f"main({request_r}, {reply_w}, {os.getpid()})")
         try:
             self.proc = subprocess.Popen([sys.executable, *subprocess._args_from_interpreter_flags(), "-c", code],
-                                         pass_fds=(request_r, reply_w))
+                                         pass_fds=(request_r, reply_w),
+                                         env={**os.environ, **self.env} if self.env else None)
         except OSError as err:
             for fd in (request_r, request_w, reply_r, reply_w):
                 os.close(fd)

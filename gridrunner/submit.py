@@ -21,6 +21,7 @@ command returns unless ``--wait`` is given.
 from __future__ import annotations
 
 import difflib
+import functools
 import getpass
 import json
 import logging
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import yaml
 
+from gridrunner import packing
 from gridrunner.errors import GridError, ProfileError
 from gridrunner.grid import read_resolved, saved_spec
 from gridrunner.store import GridStore, now_iso, pid_alive
@@ -59,6 +61,7 @@ PROFILE_KEYS = {
     "max_parallel": "local executor: at most this many worker processes at once",
     "lease_s": "heartbeat lease of the workers (default: the spec's lease_s)",
     "slurm": "a mapping of further sbatch options, passed through as they are",
+    "rows_per_gpu": "run this many workers on each GPU of a task (gridrunner.packing); cpus is then per worker",
 }
 SPEC_RESOURCES = {"time_min": "time_min", "gpus": "gpus", "cpus": "cpus", "mem_gb": "mem_gb", "partition": "partition"}
 DEFAULTS = {"executor": "auto", "time_min": 60, "signal_delay_s": 120, "max_requeues": 3}
@@ -117,6 +120,8 @@ def validate_profile(data, source: str) -> dict:
         if key in ("gpus", "cpus", "time_min", "max_requeues", "array_parallelism", "max_parallel", "signal_delay_s"):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ProfileError(f"{source}: {key} must be a whole number >= 0, got {value!r}")
+        if key == "rows_per_gpu" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ProfileError(f"{source}: rows_per_gpu must be a whole number >= 1, got {value!r}")
         if key in ("mem_gb", "lease_s") and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
             raise ProfileError(f"{source}: {key} must be a positive number, got {value!r}")
     return dict(data)
@@ -433,11 +438,13 @@ class WorkerJob(_Checkpointable):
       running at the SIGKILL stays ``running`` until a worker sees that this job is dead.
     """
 
-    def __init__(self, grid_dir: str, lease_s: float | None = None, grace_s: float = 60.0, steal: bool = True):
+    def __init__(self, grid_dir: str, lease_s: float | None = None, grace_s: float = 60.0, steal: bool = True,
+                 slots=None):
         self.grid_dir = str(grid_dir)
         self.lease_s = lease_s
         self.grace_s = grace_s
         self.steal = steal
+        self.slots = slots  # gridrunner.packing.Slots: g·k workers in this task, k per GPU
         self._worker = None
         self._thread = None
 
@@ -446,6 +453,7 @@ class WorkerJob(_Checkpointable):
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self.__dict__.setdefault("slots", None)
         self._worker = None
         self._thread = None
 
@@ -467,8 +475,10 @@ class WorkerJob(_Checkpointable):
         signal.signal(signal.SIGTERM, on_term)
         shard = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
         view = SchedulerView(Path(self.grid_dir))
-        self._worker = Worker(self.grid_dir, shard=shard, steal=self.steal, lease_s=self.lease_s,
-                              grace_s=self.grace_s, handle_signals=False, dead_jobs=view.dead_jobs)
+        make = functools.partial(Worker, self.grid_dir, steal=self.steal, lease_s=self.lease_s, grace_s=self.grace_s,
+                                 handle_signals=False, dead_jobs=view.dead_jobs)
+        self._worker = make(shard=shard) if self.slots is None else \
+            packing.WorkerGroup(make, self.slots, shard, make_worker_id())
         if terminated:
             self._worker.request_stop()
         result = {}
@@ -507,7 +517,7 @@ class WorkerJob(_Checkpointable):
                 logging.getLogger("gridrunner.submit").warning(
                     "the worker did not stop within %.0f s; requeuing anyway (its row is reclaimed once "
                     "this job is seen requeued)", self.grace_s + 15)
-        return DelayedSubmission(WorkerJob(self.grid_dir, self.lease_s, self.grace_s, self.steal))
+        return DelayedSubmission(WorkerJob(self.grid_dir, self.lease_s, self.grace_s, self.steal, self.slots))
 
 
 def _log_to_stderr() -> None:
@@ -532,12 +542,14 @@ class Submission:
     folder: str
 
     def lines(self) -> list[str]:
+        packed = f", {self.settings['rows_per_gpu']} per GPU" if self.settings.get("rows_per_gpu") else ""
         if self.executor == "slurm":
             first, last = self.job_ids[0], self.job_ids[-1]
-            return [f"submitted {len(self.job_ids)} Slurm array task(s) {first} … {last} "
+            workers = f" of {self.settings['rows_per_gpu'] * self.settings['gpus']} workers{packed}" if packed else ""
+            return [f"submitted {len(self.job_ids)} Slurm array task(s){workers} {first} … {last} "
                     f"({self.profile_source}); logs in {self.folder}"]
-        return [f"started {len(self.job_ids)} local worker(s), at most {self.settings['max_parallel']} at a time "
-                f"({self.profile_source}); logs in {self.folder}"]
+        return [f"started {len(self.job_ids)} local worker(s){packed}, at most {self.settings['max_parallel']} at a "
+                f"time ({self.profile_source}); logs in {self.folder}"]
 
 
 def submit(grid_dir: Path, shards: int | None = None, profile: str = "default", executor: str | None = None,
@@ -546,13 +558,19 @@ def submit(grid_dir: Path, shards: int | None = None, profile: str = "default", 
     grid_dir = Path(grid_dir)
     spec = saved_spec(grid_dir)
     n_files = len(GridStore(grid_dir).shard_paths())
+    settings_profile, source = load_profile(profile, grid_dir)
+    settings = resolve_settings(settings_profile, spec.resources, {**(flags or {}), "executor": executor})
+    kind = choose_executor(settings)
+    slots = packing.slots_from_settings(settings, local=kind == "local")
+    if slots is not None and kind == "local":
+        if shards not in (None, slots.workers):
+            raise GridError(f"--shards {shards}: a local submission with rows_per_gpu {slots.rows_per_gpu} on "
+                            f"{slots.gpus} GPU(s) runs {slots.workers} workers (leave --shards out)")
+        shards = slots.workers
     if shards is None:
         shards = max(n_files, 1)
     if shards < 1:
         raise GridError(f"--shards must be at least 1, got {shards}")
-    settings_profile, source = load_profile(profile, grid_dir)
-    settings = resolve_settings(settings_profile, spec.resources, {**(flags or {}), "executor": executor})
-    kind = choose_executor(settings)
     view = SchedulerView(grid_dir)
     state = claimable(grid_dir, dead_jobs=view.dead_jobs if kind == "slurm" else None)
     if state.runnable == 0:
@@ -560,37 +578,18 @@ def submit(grid_dir: Path, shards: int | None = None, profile: str = "default", 
                         f"running in live workers. `gridrunner reset --status failed` makes failed rows runnable; "
                         f"`gridrunner make` adds rows")
     if kind == "slurm":
-        return _submit_slurm(grid_dir, spec, shards, settings, source)
-    return _submit_local(grid_dir, spec, shards, settings, source)
+        return _submit_slurm(grid_dir, spec, shards, settings, source, slots)
+    return _submit_local(grid_dir, spec, shards, settings, source, slots)
 
 
-def _submit_slurm(grid_dir: Path, spec, shards: int, settings: dict, source: str) -> Submission:
+def _submit_slurm(grid_dir: Path, spec, shards: int, settings: dict, source: str, slots=None) -> Submission:
     import submitit
 
     folder = jobs_dir(grid_dir) / "slurm" / "%j"
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=int(settings["max_requeues"]))
-    params = {
-        "job_name": f"gridrunner-{spec.name}",
-        "time": int(settings["time_min"]),
-        "signal_delay_s": int(settings["signal_delay_s"]),
-        "array_parallelism": int(settings.get("array_parallelism") or shards),
-    }
-    for key, target in (("partition", "partition"), ("account", "account"), ("qos", "qos"),
-                        ("constraint", "constraint"), ("gpus", "gpus_per_node"), ("cpus", "cpus_per_task"),
-                        ("setup", "setup")):
-        if settings.get(key) not in (None, "", []):
-            params[target] = settings[key]
-    if settings.get("mem_gb"):
-        params["mem"] = f"{int(float(settings['mem_gb']) * 1024)}MB"
-    if settings.get("slurm"):
-        params["additional_parameters"] = dict(settings["slurm"])
-    try:
-        executor.update_parameters(**params)
-    except ValueError as err:  # an option submitit does not know
-        raise ProfileError(f"{source}: {str(err).splitlines()[0]}") from None
+    executor = slurm_executor(folder, spec.name, shards, settings, source, slots)
     # The row gets the signal delay less 20 s to checkpoint; the rest is for recording it and requeuing.
     grace = max(5.0, float(settings["signal_delay_s"]) - 20.0)
-    job = WorkerJob(str(grid_dir.resolve()), settings.get("lease_s"), grace)
+    job = WorkerJob(str(grid_dir.resolve()), settings.get("lease_s"), grace, slots=slots)
     try:
         jobs = _submit_array(executor, job, shards)
     except submitit.core.utils.FailedJobError as err:  # sbatch refused: say what it said
@@ -603,6 +602,34 @@ def _submit_slurm(grid_dir: Path, spec, shards: int, settings: dict, source: str
     return Submission("slurm", ids, settings, source, logs)
 
 
+def slurm_executor(folder: Path, name: str, shards: int, settings: dict, source: str, slots=None):
+    """The submitit executor of a grid's job array, from resolved settings (its sbatch options included)."""
+    import submitit
+
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=int(settings["max_requeues"]))
+    params = {
+        "job_name": f"gridrunner-{name}",
+        "time": int(settings["time_min"]),
+        "signal_delay_s": int(settings["signal_delay_s"]),
+        "array_parallelism": int(settings.get("array_parallelism") or shards),
+    }
+    for key, target in (("partition", "partition"), ("account", "account"), ("qos", "qos"),
+                        ("constraint", "constraint"), ("gpus", "gpus_per_node"), ("cpus", "cpus_per_task"),
+                        ("setup", "setup")):
+        if settings.get(key) not in (None, "", []):
+            params[target] = settings[key]
+    if settings.get("mem_gb"):
+        params["mem"] = f"{int(float(settings['mem_gb']) * 1024)}MB"
+    params.update(packing.slurm_parameters(slots, settings))  # g GPUs and cpus · g · k CPUs per task
+    if settings.get("slurm"):
+        params["additional_parameters"] = dict(settings["slurm"])
+    try:
+        executor.update_parameters(**params)
+    except ValueError as err:  # an option submitit does not know
+        raise ProfileError(f"{source}: {str(err).splitlines()[0]}") from None
+    return executor
+
+
 def _submit_array(executor, job: WorkerJob, shards: int):
     """One job array: ``executor.batch()`` turns the submissions into array tasks 0..shards-1."""
     with executor.batch():
@@ -610,8 +637,10 @@ def _submit_array(executor, job: WorkerJob, shards: int):
     return futures
 
 
-def _submit_local(grid_dir: Path, spec, shards: int, settings: dict, source: str) -> Submission:
+def _submit_local(grid_dir: Path, spec, shards: int, settings: dict, source: str, slots=None) -> Submission:
     max_parallel = int(settings.get("max_parallel") or min(shards, os.cpu_count() or 1))
+    if slots is not None:
+        max_parallel = slots.workers  # every slot at once: a slot's worker holds its share of a GPU
     settings["max_parallel"] = max_parallel
     stamp = time.strftime("%Y%m%d-%H%M%S")
     folder = jobs_dir(grid_dir) / "local" / stamp
@@ -620,6 +649,8 @@ def _submit_local(grid_dir: Path, spec, shards: int, settings: dict, source: str
                str(folder)]
     if settings.get("lease_s"):
         command.append(f"--lease={settings['lease_s']}")
+    if slots is not None:
+        command.append("--slots=" + json.dumps(packing.slot_environments(slots)))
     log = open(folder / "supervisor.log", "ab")
     try:
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
@@ -633,9 +664,11 @@ def _submit_local(grid_dir: Path, spec, shards: int, settings: dict, source: str
     return Submission("local", ids, settings, source, str(folder))
 
 
-def supervise(grid_dir: str, shards: int, max_parallel: int, folder: str, lease: str | None = None) -> int:
+def supervise(grid_dir: str, shards: int, max_parallel: int, folder: str, lease: str | None = None,
+              slots: list | None = None) -> int:
     """The detached local supervisor: run ``shards`` workers, at most ``max_parallel`` at a time.
 
+    ``slots``: one environment update per worker (``rows_per_gpu``: its GPU, :mod:`gridrunner.packing`).
     SIGTERM (``gridrunner cancel``) is passed on to the running workers, which give their rows back.
     """
     stopping = False
@@ -660,7 +693,8 @@ def supervise(grid_dir: str, shards: int, max_parallel: int, folder: str, lease:
             if lease:
                 cmd.append(lease)
             out = open(Path(folder) / f"worker-{next_index}.log", "ab")
-            running[next_index] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+            env = {**os.environ, **slots[next_index]} if slots else None
+            running[next_index] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env)
             out.close()
             next_index += 1
         time.sleep(0.2)
@@ -727,8 +761,12 @@ def wait(grid_dir: Path, poll_s: float = 2.0, on_progress=None) -> bool:
 
 def _main(argv: list[str]) -> int:
     if len(argv) >= 5 and argv[0] == "supervise":
-        return supervise(argv[1], int(argv[2]), int(argv[3]), argv[4], argv[5] if len(argv) > 5 else None)
-    print("usage: python -m gridrunner.submit supervise GRID SHARDS MAX_PARALLEL FOLDER [--lease=S]", file=sys.stderr)
+        options = argv[5:]
+        lease = next((o for o in options if o.startswith("--lease=")), None)
+        slots = next((json.loads(o.partition("=")[2]) for o in options if o.startswith("--slots=")), None)
+        return supervise(argv[1], int(argv[2]), int(argv[3]), argv[4], lease, slots)
+    print("usage: python -m gridrunner.submit supervise GRID SHARDS MAX_PARALLEL FOLDER [--lease=S] [--slots=JSON]",
+          file=sys.stderr)
     return 2
 
 

@@ -233,6 +233,7 @@ class Worker:
         dead_jobs: Callable[[], set] | None = None,
         handle_signals: bool = True,
         preload: bool = True,
+        env: dict | None = None,
     ):
         self.grid_dir = Path(grid_dir)
         resolved = read_resolved(self.grid_dir)
@@ -251,6 +252,7 @@ class Worker:
         self.rule = self.spec.failure_rule()
         self.handle_signals = handle_signals
         self.preload = preload
+        self.env = env  # set in the spawner's environment, so in every row's (gridrunner.packing)
         self._stop = threading.Event()
         self._child_pid: int | None = None
         self._spawner: Spawner | None = None
@@ -317,7 +319,7 @@ class Worker:
             if self.inline:
                 set_row_environment()  # the rows run in this process
             else:
-                self._spawner = Spawner(self.spec.task, preload=self.preload)
+                self._spawner = Spawner(self.spec.task, preload=self.preload, env=self.env)
                 self._spawner.start()  # before claiming anything: a spawner that cannot start costs no row
             heartbeat.start()
             self.store.recover()
@@ -641,7 +643,7 @@ class Worker:
 
     def _run_forked(self, params, row_dir, row_id, seed) -> dict:
         if self._spawner is None:
-            self._spawner = Spawner(self.spec.task, preload=self.preload)
+            self._spawner = Spawner(self.spec.task, preload=self.preload, env=self.env)
         sys.stdout.flush()
         sys.stderr.flush()
         request = {"task": self.spec.task, "params": params, "row_dir": str(row_dir), "row_id": row_id,

@@ -5,7 +5,8 @@
 1. TensorFlow is set up: ``threads`` intra-op and inter-op threads (0: TensorFlow's default, which
    depends on the machine's cores; bit-identical results need a fixed count), op
    determinism when ``deterministic`` (the default; it cost nothing measurable here), GPU
-   memory growth when there is a GPU (Keras uses it without any change), and the seed.
+   memory growth when there is a GPU (Keras uses it without any change), or a 1/k share of
+   the GPU's memory when k rows share it (``rows_per_gpu``, :mod:`gridrunner.packing`), and the seed.
 2. The pairs come from :mod:`gridrunner.tasks.mri.dataset` (built once, cached, shared by all rows).
 3. The model trains for ``steps`` steps of Adam(``learning_rate``) in a custom ``tf.function``
    step. Batch ``s`` is fixed by the seed and ``s`` alone (a seeded permutation per epoch),
@@ -32,8 +33,17 @@
 Why not ``model.fit``: a requeued row must resume at the step it stopped at, not at an epoch
 boundary, and a NaN must end the row with its step; a custom step does both in a few lines.
 Measured on this 2-core CPU, it trains at the same images/s as ``model.fit`` of the same model on
-the same data (``bench/bench_training.py``). XLA stays off: it was slower on CPU and never
-finished compiling MS-SSIM.
+the same data (``bench/bench_training.py``).
+
+Faster steps, both off by default (so the metrics of existing grids do not change):
+
+* ``jit_compile: true`` compiles the training step with XLA. On a CPU it is slower, and with the
+  MS-SSIM losses its compile did not finish in 10 minutes: it is meant for GPUs.
+* ``precision: mixed_bfloat16 | mixed_float16`` builds the model under that Keras mixed-precision
+  policy: layers compute in 16 bits, variables stay float32. The model's output is cast to float32
+  before the loss (the SSIM losses need float32 images), and so are the test predictions.
+  ``mixed_float16`` trains with :class:`keras.optimizers.LossScaleOptimizer` (dynamic loss
+  scaling: a step whose scaled gradients overflow is skipped and the scale lowered).
 """
 from __future__ import annotations
 
@@ -48,6 +58,7 @@ import numpy as np
 from gridrunner.tasks.mri import dataset, losses
 
 EXAMPLES_FILE = "examples.npz"
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 METRICS_FILE = "metrics.json"
 
 
@@ -68,6 +79,8 @@ class TrainingConfig:
     examples: int = 3  # test images saved with their predictions
     cache_dir: str = ""  # "" = $GRIDRUNNER_DATA_CACHE, else <grid>/cache
     seed: int | None = None  # default: the row's seed (ctx.seed)
+    jit_compile: bool = False  # XLA for the training step (GPUs; slower on CPU)
+    precision: str = "float32"  # or mixed_bfloat16, mixed_float16 (with loss scaling)
 
 
 def split_params(params: dict, model_defaults: dict) -> tuple[dict, TrainingConfig, dataset.DataConfig]:
@@ -94,23 +107,34 @@ def split_params(params: dict, model_defaults: dict) -> tuple[dict, TrainingConf
         raise ValueError(f"eval_every must be a whole number of steps >= 0 (0 turns it off), got {config.eval_every!r}")
     if isinstance(config.eval_images, bool) or not isinstance(config.eval_images, int) or config.eval_images < 1:
         raise ValueError(f"eval_images must be a whole number >= 1, got {config.eval_images!r}")
+    check_speed_options(config.jit_compile, config.precision)
     data = dataset.DataConfig.from_params(params)
     for noise in config.eval_noise:
         dataset.undersampling.parse_noise(noise)
     return model, config, data
 
 
+def check_speed_options(jit_compile, precision) -> None:
+    """Raise ValueError unless ``jit_compile`` is a boolean and ``precision`` one of :data:`PRECISIONS`."""
+    if not isinstance(jit_compile, bool):
+        raise ValueError(f"jit_compile must be true or false, got {jit_compile!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
 def configure_tensorflow(threads: int = 0, deterministic: bool = True, seed: int = 0) -> None:
-    """Threads, determinism, GPU memory growth and seeds; call before building anything."""
+    """Threads, determinism, GPU memory (growth, or a share of the GPU when rows share it) and seeds;
+    call before building anything."""
     import keras
     import tensorflow as tf
+
+    from gridrunner.packing import configure_gpu_memory
 
     try:
         if threads:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
             tf.config.threading.set_inter_op_parallelism_threads(threads)
-        for gpu in tf.config.list_physical_devices("GPU"):
-            tf.config.experimental.set_memory_growth(gpu, True)
+        configure_gpu_memory(tf)
     except RuntimeError:
         # TensorFlow was already initialised in this process (several rows in one notebook or
         # test session): the first setting stays, which only matters for bit-exact reruns.
@@ -118,6 +142,47 @@ def configure_tensorflow(threads: int = 0, deterministic: bool = True, seed: int
     if deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(seed)
+
+
+def build_model_in(precision: str, build_model):
+    """``build_model()`` under the Keras policy ``precision``; the global policy is restored after."""
+    import keras
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        return build_model()
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def make_optimizer(learning_rate: float, precision: str = "float32"):
+    """Adam; wrapped in a dynamic :class:`keras.optimizers.LossScaleOptimizer` for ``mixed_float16``."""
+    import keras
+
+    optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
+    if precision == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def make_train_step(model, loss_fn, optimizer, jit_compile: bool = False):
+    """One training step as a ``tf.function`` (XLA-compiled with ``jit_compile``); returns the float32 loss.
+
+    The loss is computed in float32 whatever the model's compute dtype, and scaled by the optimizer
+    when it scales losses (``optimizer.scale_loss`` is the identity for plain Adam)."""
+    import tensorflow as tf
+
+    @tf.function(jit_compile=jit_compile)
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            loss_value = loss_fn(y, tf.cast(model(x, training=True), tf.float32))
+            scaled = optimizer.scale_loss(loss_value)
+        gradients = tape.gradient(scaled, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        return loss_value
+
+    return train_step
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
@@ -130,7 +195,6 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
 
 def train_and_evaluate(build_model, loss: str, batch_size: int, config: TrainingConfig, data: dataset.DataConfig, ctx) -> dict:
     """Train ``build_model()`` with ``loss`` and return the test metrics (see the module docstring)."""
-    import keras
     import tensorflow as tf
 
     from gridrunner.errors import Interrupted
@@ -151,9 +215,9 @@ def train_and_evaluate(build_model, loss: str, batch_size: int, config: Training
     if len(train) < batch_size:
         raise ValueError(f"batch size {batch_size} is larger than the {len(train)} training pairs")
 
-    model = build_model()
+    model = build_model_in(config.precision, build_model)
     loss_fn = losses.get_loss(loss, data.size)
-    optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate)
+    optimizer = make_optimizer(config.learning_rate, config.precision)
     optimizer.build(model.trainable_variables)  # so a checkpoint restores its slots at once
     step_var = tf.Variable(0, dtype=tf.int64, trainable=False)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var)
@@ -162,13 +226,7 @@ def train_and_evaluate(build_model, loss: str, batch_size: int, config: Training
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
     start_step = int(step_var.numpy())
 
-    @tf.function
-    def train_step(x, y):
-        with tf.GradientTape() as tape:
-            loss_value = loss_fn(y, model(x, training=True))
-        gradients = tape.gradient(loss_value, model.trainable_variables)
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-        return loss_value
+    train_step = make_train_step(model, loss_fn, optimizer, config.jit_compile)
 
     def save(step: int) -> None:
         step_var.assign(step)
@@ -177,7 +235,8 @@ def train_and_evaluate(build_model, loss: str, batch_size: int, config: Training
     log_every = config.log_every or max(config.steps // 50, 1)
     eval_every = 2 * log_every if config.eval_every is None else config.eval_every
     validation = validation_batch(tests[""], config.eval_images) if eval_every else None
-    infer = tf.function(lambda x: model(x, training=False))  # traced once, reused at every validation
+    # traced once, reused at every validation; float32 whatever the model's precision
+    infer = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32))
     eval_time = 0.0
     window, window_start, train_time, last_loss = [], time.perf_counter(), 0.0, math.nan
     for step in range(start_step, config.steps):
@@ -257,7 +316,7 @@ def predict(model, images: np.ndarray, batch: int = 32) -> np.ndarray:
     """The model's output for ``images`` (inference mode, batch-norm moving statistics)."""
     import tensorflow as tf
 
-    run = tf.function(lambda x: model(x, training=False))
+    run = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32))
     return np.concatenate([run(images[i : i + batch]).numpy() for i in range(0, len(images), batch)])
 
 

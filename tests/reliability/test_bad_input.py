@@ -167,8 +167,14 @@ ARGS = {
         ["submit", "--profile", "typo", "--executor", "local"], 1,
         "Error: {project}/jobs/typo.yaml: unknown key 'gpu'; did you mean 'gpus'? (valid keys: executor, partition, "
         "account, qos, constraint, gpus, cpus, mem_gb, time_min, setup, signal_delay_s, max_requeues, "
-        "array_parallelism, max_parallel, lease_s, slurm)",
+        "array_parallelism, max_parallel, lease_s, slurm, rows_per_gpu)",
         {"jobs/typo.yaml": "gpu: 1\n"}),
+    "submit --rows-per-gpu 0": Args(["submit", "--rows-per-gpu", "0"], USAGE,
+                                    "Error: Invalid value for '--rows-per-gpu': 0 is not in the range x>=1."),
+    "submit a profile with rows_per_gpu 0": Args(
+        ["submit", "--profile", "pack", "--executor", "local"], 1,
+        "Error: {project}/jobs/pack.yaml: rows_per_gpu must be a whole number >= 1, got 0",
+        {"jobs/pack.yaml": "rows_per_gpu: 0\n"}),
     "submit --executor bogus": Args(["submit", "--executor", "bogus"], USAGE,
                                     "Error: Invalid value for '--executor': 'bogus' is not one of 'auto', 'slurm', "
                                     "'local'."),
