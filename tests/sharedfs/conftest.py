@@ -91,3 +91,25 @@ def project(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(RELIABILITY), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("COLUMNS", "400")
     return home
+
+
+def _reliability_conftest():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reliability_conftest", RELIABILITY / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_Reaper = _reliability_conftest().Reaper
+
+
+@pytest.fixture
+def reaper():
+    """tests/reliability's reaper: processes a test started are killed when it ends (before the unmount)."""
+    reaper = _Reaper()
+    try:
+        yield reaper
+    finally:
+        reaper.kill_all()

@@ -19,7 +19,8 @@ Modelled NFS client behaviours, with the nfs(5) option that each follows:
   the entry expires: the stale-dentry window. With ``all``, "no such file" is cached too.
 * **Attributes** (``acregmin``/``acregmax``/``actimeo``, one fixed ``--attr-ttl``; ``noac`` is
   ``--attr-ttl 0``). ``stat`` answers from the client's cache of a file's attributes for ``attr-ttl``
-  seconds after they were fetched. The cache is per file (inode), as NFS's is.
+  seconds after they were fetched, while the client holds the file (a name entry or an open handle).
+  The cache is per file, as NFS's is (an inode number the server reuses is another file).
 * **Close-to-open** (``cto``, the default). ``open`` fetches the file's attributes from the server; if
   they changed (mtime, ctime or size) since this client cached the file's data, the data is dropped.
   A read through an open handle may then serve cached data. Nothing stronger is promised.
@@ -86,6 +87,11 @@ class Ref:
     ino: int
     is_dir: bool
     users: int = 1  # cache entries and handles holding it
+    # The client's caches of this file. They live on the reference, not under the inode number: the
+    # server reuses the number of a deleted file, and NFS's file handles tell the two apart.
+    attrs: os.stat_result | None = None
+    attrs_expire: float = 0.0
+    data: tuple[bytes, tuple] | None = None  # (content, the attributes' stamp when it was read)
 
     def reopen(self, flags: int) -> int:
         return os.open(f"/proc/self/fd/{self.fd}", flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
@@ -193,8 +199,7 @@ class Client(Operations):
         self.lookupcache = lookupcache
         self.power_loss = power_loss
         self.entries: dict[str, Entry] = {}
-        self.attrs: dict[int, tuple[os.stat_result, float]] = {}  # ino -> (attributes, expiry)
-        self.data: dict[int, tuple[bytes, tuple]] = {}  # ino -> (content, attributes' stamp when read)
+        self.refs: dict[int, Ref] = {}  # ino -> the reference that pins that file, while one does
         self.handles: dict[int, Handle] = {}
         self.silly: set[int] = set()  # inodes this client removed while it had them open
         self.next_fh = 1
@@ -211,23 +216,33 @@ class Client(Operations):
         return self.root + path if path != "/" else self.root
 
     def _lookup_server(self, path: str) -> Ref:
+        """LOOKUP at the server: a reference with one user (the caller)."""
         fd = os.open(self._server(path), os.O_PATH | os.O_NOFOLLOW)
         st = os.fstat(fd)
-        return Ref(fd, st.st_ino, stat.S_ISDIR(st.st_mode))
+        ref = self.refs.get(st.st_ino)
+        if ref is not None:  # pinned by our descriptor, so the very same file: keep its caches
+            os.close(fd)
+            ref.users += 1
+            return ref
+        ref = self.refs[st.st_ino] = Ref(fd, st.st_ino, stat.S_ISDIR(st.st_mode))
+        return ref
 
     def _drop_ref(self, ref: Ref | None) -> None:
         if ref is not None:
             ref.users -= 1
             if ref.users <= 0:
                 os.close(ref.fd)
+                if self.refs.get(ref.ino) is ref:
+                    del self.refs[ref.ino]
+                    self.silly.discard(ref.ino)
 
     def _fetch_attrs(self, ref: Ref) -> os.stat_result:
         """GETATTR at the server: ESTALE if another client removed the file."""
         st = os.fstat(ref.fd)
         if st.st_nlink == 0 and ref.ino not in self.silly:
-            self.attrs.pop(ref.ino, None)
+            ref.attrs = None
             raise FuseOSError(errno.ESTALE)
-        self.attrs[ref.ino] = (st, _now() + self.attr_ttl)
+        ref.attrs, ref.attrs_expire = st, _now() + self.attr_ttl
         return st
 
     # ---- the name cache
@@ -273,9 +288,8 @@ class Client(Operations):
             self._forget(path)
 
     def _attrs_of(self, path: str, ref: Ref, fresh: bool = False) -> os.stat_result:
-        cached = self.attrs.get(ref.ino)
-        if not fresh and cached is not None and cached[1] > _now():
-            return cached[0]
+        if not fresh and ref.attrs is not None and ref.attrs_expire > _now():
+            return ref.attrs
         try:
             return self._fetch_attrs(ref)
         except FuseOSError:
@@ -306,7 +320,7 @@ class Client(Operations):
         try:
             self._attrs_of(path, ref, fresh=True)  # ESTALE if gone
             change(f"/proc/self/fd/{ref.fd}")
-            self.attrs.pop(ref.ino, None)
+            ref.attrs = None
         finally:
             if fh is None or fh not in self.handles:
                 self._drop_ref(ref)
@@ -356,14 +370,12 @@ class Client(Operations):
         ref = self._resolve(path)
         try:
             st = self._attrs_of(path, ref, fresh=True)  # close-to-open: the server's attributes
-            cached = self.data.get(ref.ino)
-            if cached is not None and cached[1] != self._stamp(st):
-                del self.data[ref.ino]
+            if ref.data is not None and ref.data[1] != self._stamp(st):
+                ref.data = None
             fd = ref.reopen(flags)
             if flags & os.O_TRUNC:
                 os.ftruncate(fd, 0)
-                self.data.pop(ref.ino, None)
-                self.attrs.pop(ref.ino, None)
+                ref.data = ref.attrs = None
             return self._new_handle(ref, fd, path)
         finally:
             self._drop_ref(ref)
@@ -379,6 +391,7 @@ class Client(Operations):
             parent, name = self.durability.parent(path)
             if parent is not None:
                 self.durability.live[parent][name] = self.durability.new(False)
+        ref.data = ref.attrs = None  # created, or opened and maybe truncated
         ref.users += 1
         self._set_entry(path, ref)
         try:
@@ -398,7 +411,7 @@ class Client(Operations):
 
     def read(self, path, size, offset, fh):
         handle = self.handles[fh]
-        cached = self.data.get(handle.ref.ino)
+        cached = handle.ref.data
         if cached is None:
             self._check_handle(path, handle)
             st = os.fstat(handle.fd)
@@ -408,15 +421,13 @@ class Client(Operations):
                 if not more:
                     break
                 content += more
-            cached = (content, self._stamp(st))
-            self.data[handle.ref.ino] = cached
+            cached = handle.ref.data = (content, self._stamp(st))
         return cached[0][offset: offset + size]
 
     def write(self, path, data, offset, fh):
         handle = self.handles[fh]
         self._check_handle(path, handle)
-        self.data.pop(handle.ref.ino, None)
-        self.attrs.pop(handle.ref.ino, None)
+        handle.ref.data = handle.ref.attrs = None
         return os.pwrite(handle.fd, data, offset)
 
     def flush(self, path, fh):
