@@ -102,6 +102,26 @@ def safe_cell(text: str) -> str:
     return text
 
 
+# --------------------------------------------------------------------------- reading over NFS
+
+ESTALE_RETRIES = 20
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """The whole file at ``path``. On NFS a read fails with ``ESTALE`` when another client replaced the
+    file between this client's lookup and its read (a shard renamed over, a lock released): open the name
+    again, which looks it up afresh (tests/sharedfs shows it). FileNotFoundError passes through."""
+    for attempt in range(ESTALE_RETRIES):
+        try:
+            with open(path, "rb") as fh:
+                return fh.read()
+        except OSError as err:
+            if err.errno != errno.ESTALE or attempt == ESTALE_RETRIES - 1:
+                raise
+            time.sleep(0.001 * attempt)
+    raise AssertionError("unreachable")
+
+
 # --------------------------------------------------------------------------- the lock
 
 class ShardLock:
@@ -118,6 +138,7 @@ class ShardLock:
         start = time.monotonic()
         delay = 0.0005
         holder = "?"
+        vanished = 0
         while True:
             token = secrets.token_hex(8)
             try:
@@ -125,7 +146,18 @@ class ShardLock:
             except FileExistsError:
                 holder = self._break_if_stale()
                 if holder is None:
-                    continue  # broke a stale lock: try again at once
+                    vanished += 1
+                    if vanished <= 2:
+                        continue  # broke a stale lock, or it was just released: try again at once
+                    # The server has a lock that this client's lookup cache says is not there (NFS
+                    # caches "no such file"): wait for it like any other holder instead of spinning.
+                    holder = "a holder this NFS client's lookup cache does not show yet"
+                else:
+                    vanished = 0
+            except OSError as err:
+                if err.errno != errno.ESTALE:
+                    raise
+                holder = "a lock that other NFS clients replace as this one looks"
             else:
                 try:
                     try:
@@ -164,10 +196,13 @@ class ShardLock:
     @staticmethod
     def _read(path: str) -> str:
         try:
-            with open(path, encoding="utf-8", errors="replace") as fh:
-                return fh.read().strip()
+            return read_bytes(path).decode("utf-8", errors="replace").strip()
         except (FileNotFoundError, IsADirectoryError):
             return ""
+        except OSError as err:
+            if err.errno == errno.ESTALE:  # replaced again and again by other clients: it is not ours
+                return ""
+            raise
 
     def _is_stale(self, content: str, mtime: float) -> bool:
         parts = content.split()
@@ -188,6 +223,10 @@ class ShardLock:
             mtime = os.stat(self.path).st_mtime
         except FileNotFoundError:
             return None
+        except OSError as err:
+            if err.errno == errno.ESTALE:  # NFS: another client replaced it as we looked; look again
+                return None
+            raise
         content = self._read(self.path)
         if not self._is_stale(content, mtime):
             return content or "a holder that has not written its name yet"
@@ -476,12 +515,34 @@ def write_atomic(path: Path, text: str, lock: ShardLock | None = None, fsync: bo
             raise GridError(f"{path}: the lock was broken while this process held it (stalled for over "
                             f"{lock.stale_s:.0f} s); the write was abandoned and the shard is unchanged")
         os.replace(tmp, path)
+        if fsync:
+            # The rename is durable only once its directory is: without this a power loss can bring back
+            # the previous shard and lose a recorded result (tests/sharedfs/test_power_loss.py).
+            fsync_directory(path.parent)
     except BaseException:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise
+
+
+def make_dirs(path: Path) -> None:
+    """``mkdir -p`` that also works on NFS with ``lookupcache=all``: a directory that another client made
+    since this client looked for it fails ``mkdir`` with EEXIST while a ``stat`` still answers "no such
+    directory" from the cache of negative lookups, which makes ``Path.mkdir(exist_ok=True)`` raise."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        pass
+
+
+def fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class StoreWriteError(GridError):
@@ -563,8 +624,7 @@ class GridStore:
 
     def read(self, path: Path) -> Shard:
         try:
-            with open(path, encoding="utf-8", newline="") as fh:  # newline="": keep quoted \r intact
-                text = fh.read()
+            text = read_bytes(path).decode("utf-8")  # bytes: quoted \r stays intact
         except FileNotFoundError:
             raise ShardError(path, "no such shard") from None
         except UnicodeDecodeError as err:
@@ -594,8 +654,7 @@ class GridStore:
         True may be a false alarm (a parameter value containing the word), which the claim settles.
         Lets a worker pass over finished shards without taking their locks.
         """
-        with open(path, "rb") as fh:
-            data = fh.read()
+        data = read_bytes(path)
         return b"not_run" in data, b"running" in data
 
     def read_all(self) -> list[Shard]:

@@ -26,6 +26,7 @@ written to the shard: it is saved as ``rows/<id>/stale-result-<worker>.json`` an
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -44,7 +45,7 @@ from gridrunner.errors import ExprError, GridError
 from gridrunner.grid import read_resolved, saved_spec
 from gridrunner.spawner import Spawner, SpawnerDied, call_task
 from gridrunner.spec import task_params
-from gridrunner.store import (HOST, Claim, GridStore, Result, StoreWriteError, parse_iso, pid_alive,
+from gridrunner.store import (HOST, Claim, make_dirs, GridStore, Result, StoreWriteError, parse_iso, pid_alive,
                               remove_orphaned_breaks, shard_index)
 
 log = logging.getLogger("gridrunner.worker")
@@ -101,7 +102,7 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._beat, name="gridrunner-heartbeat", daemon=True)
 
     def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path.parent)
         self.path.write_text(json.dumps(self.info) + "\n", encoding="utf-8")
         self._thread.start()
 
@@ -177,13 +178,20 @@ class Liveness:
         path = heartbeat_path(self.grid_dir, holder)
         lease = self.lease_s
         try:
-            last = path.stat().st_mtime
-            try:
-                lease = max(lease, float(json.loads(path.read_text(encoding="utf-8")).get("lease_s", lease)))
-            except (ValueError, OSError, AttributeError):
-                pass
+            # open, then fstat: on NFS an open fetches the attributes from the server (close-to-open),
+            # where a stat may answer from the attribute cache (acregmax, up to 60 s) with an old mtime.
+            with open(path, "rb") as fh:
+                last = os.fstat(fh.fileno()).st_mtime
+                try:
+                    lease = max(lease, float(json.loads(fh.read().decode("utf-8")).get("lease_s", lease)))
+                except (ValueError, OSError, AttributeError):
+                    pass
         except FileNotFoundError:
             last = parse_iso(started_at) or 0.0
+        except OSError as err:
+            if err.errno != errno.ESTALE:
+                raise
+            return False, now + 1.0  # NFS: replaced as we looked (a restarted worker); judge it again soon
         return now - last > lease, last + lease
 
 
@@ -519,7 +527,7 @@ class Worker:
             return
         summary.stale += 1
         row_dir = self.store.row_dir(claim.row_id)
-        row_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(row_dir)
         aside = row_dir / f"stale-result-{heartbeat_path(self.grid_dir, self.worker_id).stem}.json"
         aside.write_text(json.dumps({"worker": claim.worker, "attempt": claim.attempt, "status": result.status,
                                      "metrics": result.metrics, "error": result.error,
@@ -623,6 +631,6 @@ class Worker:
 
 
 def _save_traceback(row_dir: Path, claim: Claim, text: str) -> None:
-    row_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(row_dir)
     with open(row_dir / TRACEBACK_FILE, "a", encoding="utf-8") as fh:
         fh.write(f"--- attempt {claim.attempt} by {claim.worker} at {claim.started_at}\n{text.rstrip()}\n")

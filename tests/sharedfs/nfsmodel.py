@@ -73,6 +73,7 @@ from mfusepy import FUSE, FuseOSError, Operations
 KERNEL_OPTIONS = dict(entry_timeout=0, attr_timeout=0, negative_timeout=0,
                       direct_io=True, hard_remove=True)
 POWER_LOSS_FILE = "power-loss"
+UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
 
 
 def _now() -> float:
@@ -332,7 +333,17 @@ class Client(Operations):
         self._setattr(path, None, lambda p: os.chown(p, uid, gid))
 
     def utimens(self, path, times=None):
-        self._setattr(path, None, lambda p: os.utime(p, ns=times) if times else os.utime(p))
+        def change(p):
+            if not times:
+                return os.utime(p)
+            # The kernel passes utime(NULL) and touch's "now" as UTIME_NOW, and "leave it" as UTIME_OMIT,
+            # in the nanoseconds field (mfusepy hands them over as tv_sec * 1e9 + tv_nsec, tv_sec 0).
+            st = os.stat(p)
+            now = time.time_ns()
+            atime, mtime = ((now if t == UTIME_NOW else old if t == UTIME_OMIT else t)
+                            for t, old in zip(times, (st.st_atime_ns, st.st_mtime_ns)))
+            os.utime(p, ns=(atime, mtime))
+        self._setattr(path, None, change)
 
     def truncate(self, path, length, fh=None):
         def change(p):

@@ -73,6 +73,14 @@ def test_stat_serves_cached_attributes_and_open_revalidates_them(nfs):
     assert os.stat(b / "hb").st_mtime == before + 100
 
 
+def test_touching_a_file_sets_its_mtime_to_now(nfs):
+    a = nfs.mount("a", entry_ttl=TTL, attr_ttl=0)
+    _write(a / "hb", "")
+    os.utime(a / "hb", (1, 1))
+    os.utime(a / "hb")  # what a heartbeat does: the kernel sends UTIME_NOW
+    assert abs(os.stat(a / "hb").st_mtime - time.time()) < 5
+
+
 def test_open_drops_cached_data_of_a_file_that_changed(nfs):
     a, b = nfs.mount("a", entry_ttl=5, attr_ttl=5), nfs.mount("b", entry_ttl=5, attr_ttl=5)
     _write(a / "d", "one")

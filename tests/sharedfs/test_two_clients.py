@@ -121,6 +121,8 @@ def _watch(grid: str, stop_file: str, out_file: str) -> None:
     from gridrunner.status import grid_status
 
     rounds, problems = 0, []
+    grid_status(grid), load(grid)  # the imports take seconds; the workers start once this is done
+    open(out_file + ".ready", "w").close()
     while not os.path.exists(stop_file):
         try:
             status = grid_status(grid)
@@ -131,7 +133,7 @@ def _watch(grid: str, stop_file: str, out_file: str) -> None:
         rounds += 1
         problems += [f"status: {s.path.name}: {s.error}" for s in status.shards if s.error]
         problems += [f"load: {bad}" for bad in frame.attrs["bad_rows"]]
-        if len(frame) != 120:
+        if len(frame) != 160:
             problems.append(f"load: {len(frame)} rows")
     with open(out_file, "w") as fh:
         json.dump({"rounds": rounds, "problems": problems[:20]}, fh)
@@ -141,13 +143,16 @@ def _watch(grid: str, stop_file: str, out_file: str) -> None:
 def test_status_and_analyze_on_one_client_read_every_shard_while_the_other_client_replaces_them(nfs, project,
                                                                                                  reaper):
     a, b = _two_clients(nfs)
-    grid_a = make_grid(a, {"task": "gridrunner.tasks.toy:noop", "outcomes": ["value"], "max_len": 30,
-                           "grid": {"i": list(range(120))}})
+    grid_a = make_grid(a, {"task": "gridrunner.tasks.toy:sleep", "outcomes": ["slept"], "max_len": 40,
+                           "grid": {"i": list(range(160))}, "fixed": {"duration": 0.03}})
     grid_b = b / grid_a.relative_to(a)
     stop, out = project / "watch.stop", project / "watch.json"
     code = f"import test_two_clients as t; t._watch({str(grid_b)!r}, {str(stop)!r}, {str(out)!r})"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ["PYTHONPATH"]])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__),
+                                                           os.path.dirname(os.path.dirname(__file__)),
+                                                           os.environ["PYTHONPATH"]])}
     watcher = _spawn(reaper, [sys.executable, "-c", code], project / "watch.log", env=env)
+    assert wait_until(lambda: os.path.exists(str(out) + ".ready") or watcher.poll() is not None, 120)
     workers = [_spawn(reaper, worker_cmd(grid_a, "--shard", str(k)), project / f"worker-{k}.log") for k in range(4)]
     for k, worker in enumerate(workers):
         assert worker.wait(timeout=600) == 0, (project / f"worker-{k}.log").read_text()[-3000:]

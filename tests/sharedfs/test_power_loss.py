@@ -1,0 +1,70 @@
+"""Power loss at random moments of a running grid, then a restart: no recorded result is lost.
+
+One client in nfsmodel's power-loss mode (as LazyFS): at the crash, every write that was not fsynced
+and every directory change (a new name, a rename) whose directory was not fsynced after it is dropped.
+A result is *recorded* when the worker has logged it ("<row_id> <shard> done in ..."), which it does
+only after the transaction that wrote it returned.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from gridtools import make_grid, wait_until, worker_cmd
+from reliability_tools import executions, rows
+
+DONE = re.compile(r"^\S+ ([0-9a-f]{12}) shard-\d+\.csv done", re.M)
+
+
+@pytest.mark.slow
+def test_a_power_loss_at_a_random_moment_never_loses_a_recorded_result(nfs, project, reaper, tmp_path):
+    side = project / "executions.log"
+    n_rows, n_crashes = 150, 3
+    # The grid is made on the server before the first mount, so everything in it is durable.
+    grid = make_grid(nfs.server, {"task": "reliability_tasks:run", "outcomes": ["token", "value"],
+                                  "grid": {"i": list(range(n_rows))}, "max_len": 50, "lease_s": 5,
+                                  "fixed": {"record_to": str(side), "duration": 0.02}})
+    relative = grid.relative_to(nfs.server)
+    control = tmp_path / "control"
+    control.mkdir()
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = random.Random(seed)
+    print(f"power-loss seed {seed}")
+    recorded: set[str] = set()
+    for crash in range(n_crashes + 1):
+        mount = nfs.mount(f"boot{crash}", entry_ttl=1.0, attr_ttl=1.0, power_loss=control)
+        workers = []
+        for k in range(3):
+            log = project / f"boot{crash}-worker{k}.log"
+            with open(log, "w") as fh:
+                workers.append((reaper(subprocess.Popen([c for c in worker_cmd(mount / relative, "--shard", str(k)) if c != "--quiet"],
+                                                        stdout=fh, stderr=fh)), log))
+        if crash == n_crashes:  # the last boot runs the grid to its end
+            for proc, log in workers:
+                assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+            nfs.get(mount).unmount()
+            break
+        time.sleep(rng.uniform(1.0, 4.0))
+        for proc, _ in workers:  # the power goes: every process dies at once
+            proc.send_signal(signal.SIGKILL)
+        for proc, _ in workers:
+            proc.wait()
+        for _, log in workers:
+            recorded |= set(DONE.findall(log.read_text()))
+        nfs.get(mount).unmount(power_loss=True)
+        after = rows(nfs.server / relative)
+        lost = sorted(rid for rid in recorded if after[rid]["status"] != "done")
+        assert not lost, f"crash {crash}: {len(lost)} of {len(recorded)} recorded results lost: {lost[:5]}"
+    final = rows(nfs.server / relative)
+    assert {r["status"] for r in final.values()} == {"done"} and len(final) == n_rows
+    runs = executions(side)
+    for row_id, row in final.items():
+        run = runs.get(int(float(row["token"])))
+        assert run is not None and run.row_id == row_id and run.finished
+    print(f"power loss: {n_crashes} crashes, {len(recorded)} results recorded before them, none lost")
