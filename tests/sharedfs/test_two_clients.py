@@ -169,19 +169,25 @@ def _in_another_host(hostname: str, command: list[str]) -> list[str]:
 
 @pytest.mark.slow
 def test_a_live_workers_row_on_another_host_is_never_reclaimed_through_a_stale_cached_mtime(nfs, project, reaper):
-    # The lease (2 s) is shorter than the watching client's attribute cache (3 s): a heartbeat judged by
-    # `stat` would look up to 0.5 + 3 s old, and the row would be stolen from its live worker.
+    # Client b caches attributes for 10 s (acregmax); the lease is 2 s. Once anything on b has looked at
+    # the owner's heartbeat, a `stat` there answers with that mtime until the cache expires, so a worker
+    # on b that judged the heartbeat by `stat` would find it older than the lease and steal the row from
+    # its live owner. Judged by open + fstat (close-to-open fetches the attributes), it never does.
     if shutil.which("unshare") is None or os.geteuid() != 0:
         pytest.skip("needs root and unshare, to run a worker under another host name")
     a = nfs.mount("a", entry_ttl=1.0, attr_ttl=1.0)
-    b = nfs.mount("b", entry_ttl=3.0, attr_ttl=3.0)
+    b = nfs.mount("b", entry_ttl=10.0, attr_ttl=10.0)
     side = project / "executions.log"
     grid_a = make_grid(a, {"task": "gridrunner.tasks.toy:sleep", "outcomes": ["slept"], "lease_s": 2,
-                           "grid": {"duration": [8.0, 0.0]}, "fixed": {"record_to": str(side)}})
+                           "grid": {"duration": [10.0, 0.0]}, "fixed": {"record_to": str(side)}})
     grid_b = b / grid_a.relative_to(a)
     owner = _spawn(reaper, _in_another_host("othernode", worker_cmd(grid_a, "--no-steal", "--max-rows", "1")),
                    project / "owner.log")
     assert wait_until(lambda: any(event == "start" for event, _ in events(side)), 60)
+    (beat,) = (grid_b / "workers").glob("othernode*.hb")  # client b now caches its attributes
+    looked = os.stat(beat).st_mtime
+    time.sleep(2.5)
+    assert os.stat(beat).st_mtime == looked, "client b should still answer stat from its attribute cache"
     thief = _spawn(reaper, worker_cmd(grid_b), project / "thief.log")
     assert thief.wait(timeout=120) == 0, (project / "thief.log").read_text()[-3000:]
     assert owner.wait(timeout=120) == 0, (project / "owner.log").read_text()[-3000:]
