@@ -17,7 +17,7 @@ import time
 import pytest
 
 from gridtools import make_grid, wait_until, worker_cmd
-from reliability_tools import executions, rows
+from reliability_tools import executions, leftovers, rows
 
 DONE = re.compile(r"^\S+ ([0-9a-f]{12}) shard-\d+\.csv done", re.M)
 
@@ -67,4 +67,5 @@ def test_a_power_loss_at_a_random_moment_never_loses_a_recorded_result(nfs, proj
     for row_id, row in final.items():
         run = runs.get(int(float(row["token"])))
         assert run is not None and run.row_id == row_id and run.finished
+    assert leftovers(nfs.server / relative) == [], "a lock or temporary file outlived the restart"
     print(f"power loss: {n_crashes} crashes, {len(recorded)} results recorded before them, none lost")
