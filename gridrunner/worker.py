@@ -8,7 +8,11 @@ again, when any of these holds:
 * the scheduler says its job ended (``dead_jobs``, filled in by submission);
 * its heartbeat file ``workers/<id>.hb`` has not been touched for longer than the lease.
 
-Heartbeats never rewrite a shard: a thread touches the worker's own file every quarter lease.
+Heartbeats never rewrite a shard: a thread touches the worker's own file every quarter lease. A
+heartbeat's age is read through an ``open`` and ``fstat``: on NFS the open fetches the attributes from
+the server (close-to-open), where a ``stat`` may answer with a cached, older mtime. On a ``nocto``
+mount that does not hold, and a worker refuses a lease too short for the attribute cache
+(:mod:`gridrunner.nfs`).
 
 Each row runs in a fresh child process by default, so a segfault, an ``os._exit`` or an out-of-memory
 kill costs the row, not the worker, and TensorFlow's GPU memory goes back at the end of every row. The
@@ -43,6 +47,7 @@ from typing import Callable, Iterator
 from gridrunner.context import Context, seed_from_row_id
 from gridrunner.errors import ExprError, GridError
 from gridrunner.grid import read_resolved, saved_spec
+from gridrunner.nfs import lease_problem
 from gridrunner.spawner import Spawner, SpawnerDied, call_task
 from gridrunner.spec import task_params
 from gridrunner.store import (HOST, Claim, make_dirs, GridStore, Result, StoreWriteError, parse_iso, pid_alive,
@@ -297,6 +302,9 @@ class Worker:
     # ---- the loop
 
     def run(self) -> Summary:
+        problem = lease_problem(self.grid_dir, self.lease_s)
+        if problem is not None:
+            raise GridError(problem)  # before anything is claimed: its rows would be reclaimed while it runs
         summary = Summary(self.worker_id)
         start = time.monotonic()
         if self.project_dir and self.project_dir not in sys.path:
