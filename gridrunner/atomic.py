@@ -82,16 +82,6 @@ def read_bytes(path: str | Path) -> bytes:
     raise AssertionError("unreachable")
 
 
-def make_dirs(path: Path) -> None:
-    """``mkdir -p`` that also works on NFS with ``lookupcache=all``: a directory that another client made
-    since this client looked for it fails ``mkdir`` with EEXIST while a ``stat`` still answers "no such
-    directory" from the cache of negative lookups, which makes ``Path.mkdir(exist_ok=True)`` raise."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        pass
-
-
 class StoreWriteError(GridError):
     """A shard could not be written (disk full, read-only, quota). The shard keeps its previous content."""
 

@@ -75,9 +75,7 @@ class Context:
         # Made on first use rather than for every row: a directory costs a row that writes nothing
         # more than the rest of its bookkeeping (an inode and a journal entry, under the rows/ lock).
         if name not in self._made:
-            from gridrunner.store import make_dirs  # here: store imports spec, which imports context
-
-            make_dirs(path)
+            path.mkdir(parents=True, exist_ok=True)
             self._made.add(name)
         return path
 

@@ -53,7 +53,6 @@ class ShardLock:
         start = time.monotonic()
         delay = 0.0005
         holder = "?"
-        vanished = 0
         while True:
             token = secrets.token_hex(8)
             try:
@@ -61,14 +60,7 @@ class ShardLock:
             except FileExistsError:
                 holder = self._break_if_stale()
                 if holder is None:
-                    vanished += 1
-                    if vanished <= 2:
-                        continue  # broke a stale lock, or it was just released: try again at once
-                    # The server has a lock that this client's lookup cache says is not there (NFS
-                    # caches "no such file"): wait for it like any other holder instead of spinning.
-                    holder = "a holder this NFS client's lookup cache does not show yet"
-                else:
-                    vanished = 0
+                    continue  # broke a stale lock: try again at once
             except OSError as err:
                 if err.errno != errno.ESTALE:
                     raise

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from gridrunner.atomic import (StoreWriteError, fsync_directory, make_dirs, read_bytes, remove_orphaned_temps,
-                               why_failed, write_atomic)
+from gridrunner.atomic import (StoreWriteError, fsync_directory, read_bytes, remove_orphaned_temps, why_failed,
+                               write_atomic)
 from gridrunner.errors import GridError, ShardError, SpecError
 from gridrunner.lock import BROKEN, HOST, ShardLock, pid_alive, remove_orphaned_breaks
 from gridrunner.shardfile import (_NB, ATTEMPTS, ERROR, FINISHED, ROW_ID, RUNTIME, SHARD_GLOB, STARTED, STATUS,
@@ -41,7 +41,7 @@ from gridrunner.spec import canonical_json
 
 __all__ = [  # re-exported from the modules above, for `from gridrunner.store import X`
     "BROKEN", "HOST", "ShardLock", "pid_alive", "remove_orphaned_breaks", "StoreWriteError", "remove_orphaned_temps",
-    "why_failed", "write_atomic", "fsync_directory", "make_dirs", "read_bytes", "ATTEMPTS", "ERROR", "FINISHED", "ROW_ID", "RUNTIME", "SHARD_GLOB", "STARTED",
+    "why_failed", "write_atomic", "fsync_directory", "read_bytes", "ATTEMPTS", "ERROR", "FINISHED", "ROW_ID", "RUNTIME", "SHARD_GLOB", "STARTED",
     "STATUS", "WORKER", "Shard", "header_for", "now_iso", "parse_iso", "safe_cell", "shard_index", "shard_name",
     "SHARD_DIR", "ROWS_DIR", "SPEC_FILE", "SOURCE_FILE", "Claim", "Result", "ClaimScan", "GridStore",
     "write_shards", "check_compatible",

@@ -50,7 +50,7 @@ from gridrunner.grid import read_resolved, saved_spec
 from gridrunner.nfs import lease_problem
 from gridrunner.spawner import Spawner, SpawnerDied, call_task
 from gridrunner.spec import task_params
-from gridrunner.store import (HOST, Claim, make_dirs, GridStore, Result, StoreWriteError, parse_iso, pid_alive,
+from gridrunner.store import (HOST, Claim, GridStore, Result, StoreWriteError, parse_iso, pid_alive,
                               remove_orphaned_breaks, shard_index)
 
 log = logging.getLogger("gridrunner.worker")
@@ -107,7 +107,7 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._beat, name="gridrunner-heartbeat", daemon=True)
 
     def start(self) -> None:
-        make_dirs(self.path.parent)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.info) + "\n", encoding="utf-8")
         self._thread.start()
 
@@ -535,7 +535,7 @@ class Worker:
             return
         summary.stale += 1
         row_dir = self.store.row_dir(claim.row_id)
-        make_dirs(row_dir)
+        row_dir.mkdir(parents=True, exist_ok=True)
         aside = row_dir / f"stale-result-{heartbeat_path(self.grid_dir, self.worker_id).stem}.json"
         aside.write_text(json.dumps({"worker": claim.worker, "attempt": claim.attempt, "status": result.status,
                                      "metrics": result.metrics, "error": result.error,
@@ -639,6 +639,6 @@ class Worker:
 
 
 def _save_traceback(row_dir: Path, claim: Claim, text: str) -> None:
-    make_dirs(row_dir)
+    row_dir.mkdir(parents=True, exist_ok=True)
     with open(row_dir / TRACEBACK_FILE, "a", encoding="utf-8") as fh:
         fh.write(f"--- attempt {claim.attempt} by {claim.worker} at {claim.started_at}\n{text.rstrip()}\n")

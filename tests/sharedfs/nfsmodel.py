@@ -16,7 +16,8 @@ Modelled NFS client behaviours, with the nfs(5) option that each follows:
   A path resolves through the client's cache of path -> file for ``--entry-ttl`` seconds (the directory
   attribute timeout ``acdirmin``..``acdirmax`` decides this on Linux; here one fixed TTL). After another
   client renames a new file over the name, this client keeps resolving the name to the *old* file until
-  the entry expires: the stale-dentry window. With ``all``, "no such file" is cached too.
+  the entry expires: the stale-dentry window. With ``all``, "no such file" is cached too; as on Linux,
+  a ``create`` or ``mkdir`` that the server refuses with ``EEXIST`` drops the name's cached entry.
 * **Attributes** (``acregmin``/``acregmax``/``actimeo``, one fixed ``--attr-ttl``; ``noac`` is
   ``--attr-ttl 0``). ``stat`` answers from the client's cache of a file's attributes for ``attr-ttl``
   seconds after they were fetched, while the client holds the file (a name entry or an open handle).
@@ -38,6 +39,8 @@ Modelled NFS client behaviours, with the nfs(5) option that each follows:
   ``--locks enolck`` makes every lock call fail with ``ENOLCK`` (a client whose lock daemon is down).
 * **The server**: ``O_CREAT|O_EXCL``, ``rename``, ``link`` and ``unlink`` are atomic on it. Writes go
   through to it at once (as with the ``sync`` option); ``fsync`` reaches it.
+* **A slow server** (``--read-delay S``, fault injection): each read from the server waits first, so
+  that another client can replace the file in between, and the read fails with ``ESTALE``.
 * **Power loss** (``--power-loss CONTROL_DIR``, one client; as Jepsen's LazyFS). The process tracks
   what is durable: a file's data as of its last ``fsync``, a directory's entries as of its last
   ``fsync`` of that directory (so a new file, a rename or an unlink is lost at a crash unless its
@@ -193,8 +196,9 @@ class Client(Operations):
     use_ns = True
 
     def __init__(self, backing: str, entry_ttl: float, attr_ttl: float, lookupcache: str = "all",
-                 locks: str = "local", power_loss: str | None = None):
+                 locks: str = "local", power_loss: str | None = None, read_delay: float = 0.0):
         self.root = os.path.realpath(backing)
+        self.read_delay = read_delay
         self.entry_ttl = entry_ttl
         self.attr_ttl = attr_ttl
         self.lookupcache = lookupcache
@@ -392,7 +396,11 @@ class Client(Operations):
             self._drop_ref(ref)
 
     def create(self, path, mode, flags=os.O_WRONLY):
-        fd = os.open(self._server(path), flags | os.O_CREAT, mode)
+        try:
+            fd = os.open(self._server(path), flags | os.O_CREAT, mode)
+        except FileExistsError:
+            self._forget(path)  # as Linux's NFS client drops the name's cached entry when the server says EEXIST
+            raise
         try:
             ref = self._lookup_server(path)
         except OSError:
@@ -424,6 +432,8 @@ class Client(Operations):
         handle = self.handles[fh]
         cached = handle.ref.data
         if cached is None:
+            if self.read_delay:
+                time.sleep(self.read_delay)  # a slow server: other clients act between open and read
             self._check_handle(path, handle)
             st = os.fstat(handle.fd)
             content = os.pread(handle.fd, max(st.st_size, 1 << 16), 0)
@@ -492,7 +502,11 @@ class Client(Operations):
         return 0
 
     def mkdir(self, path, mode):
-        os.mkdir(self._server(path), mode)
+        try:
+            os.mkdir(self._server(path), mode)
+        except FileExistsError:
+            self._forget(path)  # as create
+            raise
         self._forget(path)
         if self.durability is not None:
             parent, name = self.durability.parent(path)
@@ -592,7 +606,7 @@ class Mount:
 
     def __init__(self, backing: Path, mountpoint: Path, entry_ttl: float = 2.0, attr_ttl: float = 2.0,
                  lookupcache: str = "all", locks: str = "local", power_loss: Path | None = None,
-                 log_file: Path | None = None):
+                 read_delay: float = 0.0, log_file: Path | None = None):
         self.backing, self.mountpoint = Path(backing), Path(mountpoint)
         self.power_loss = power_loss
         self.mountpoint.mkdir(parents=True, exist_ok=True)
@@ -600,6 +614,8 @@ class Mount:
                    "--attr-ttl", str(attr_ttl), "--lookupcache", lookupcache, "--locks", locks]
         if power_loss is not None:
             command += ["--power-loss", str(power_loss)]
+        if read_delay:
+            command += ["--read-delay", str(read_delay)]
         self.log_file = log_file or self.mountpoint.with_name(self.mountpoint.name + ".log")
         with open(self.log_file, "w") as log_fh:
             self.proc = subprocess.Popen(command, stdout=log_fh, stderr=log_fh)
@@ -639,9 +655,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lookupcache", choices=["all", "positive", "none"], default="all")
     parser.add_argument("--locks", choices=["local", "enolck"], default="local")
     parser.add_argument("--power-loss", metavar="CONTROL_DIR")
+    parser.add_argument("--read-delay", type=float, default=0.0, metavar="S",
+                        help="wait S seconds before each read from the server (fault injection: it widens the "
+                             "window in which another client replaces a file this one has open)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    client = Client(args.backing, args.entry_ttl, args.attr_ttl, args.lookupcache, args.locks, args.power_loss)
+    client = Client(args.backing, args.entry_ttl, args.attr_ttl, args.lookupcache, args.locks, args.power_loss,
+                    args.read_delay)
     _FUSE(client, args.mountpoint, foreground=True, nothreads=True, fsname="nfsmodel", **KERNEL_OPTIONS)
 
 

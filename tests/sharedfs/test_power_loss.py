@@ -50,13 +50,18 @@ def test_a_power_loss_at_a_random_moment_never_loses_a_recorded_result(nfs, proj
                 assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
             nfs.get(mount).unmount()
             break
-        time.sleep(rng.uniform(1.0, 4.0))
-        for proc, _ in workers:  # the power goes: every process dies at once
+        # The power goes at a random moment after the first result of this boot was recorded.
+        assert wait_until(lambda: any(DONE.search(log.read_text()) for _, log in workers), 120), \
+            "no result was recorded in this boot: " + " | ".join(log.read_text()[-500:] for _, log in workers)
+        time.sleep(rng.uniform(0.0, 2.0))
+        for proc, _ in workers:  # every process dies at once
             proc.send_signal(signal.SIGKILL)
         for proc, _ in workers:
             proc.wait()
+        before = len(recorded)
         for _, log in workers:
             recorded |= set(DONE.findall(log.read_text()))
+        assert len(recorded) > before
         nfs.get(mount).unmount(power_loss=True)
         after = rows(nfs.server / relative)
         lost = sorted(rid for rid in recorded if after[rid]["status"] != "done")
