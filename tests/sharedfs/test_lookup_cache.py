@@ -96,3 +96,29 @@ def test_status_load_and_glance_retry_estale_while_another_client_replaces_the_s
         stop.set()
         writer.join()
     assert len(replaced) > 10
+
+
+COUNT = """
+import sys
+from pathlib import Path
+from gridrunner.store import ShardLock, write_atomic
+directory, n = Path(sys.argv[1]), int(sys.argv[2])
+for _ in range(n):
+    with ShardLock(directory / "counter.lock") as lock:
+        value = int((directory / "counter").read_text())
+        write_atomic(directory / "counter", f"{value + 1}\\n", lock)
+"""
+
+
+def test_the_lock_excludes_across_clients_while_reads_of_it_meet_estale(nfs, project):
+    # b reads slowly, so a's holders release the lock (unlink it) between b's open of the lock file and
+    # its read: b's look at the holder fails with ESTALE, which must mean "look again", not an error.
+    a = nfs.mount("a", entry_ttl=1.0, attr_ttl=1.0)
+    b = nfs.mount("b", entry_ttl=1.0, attr_ttl=1.0, read_delay=0.01)
+    (a / "counter").write_text("0\n")
+    procs = [subprocess.Popen([sys.executable, "-c", COUNT, str(client), "40"], stderr=subprocess.PIPE, text=True)
+             for client in (a, b, a, b)]
+    errors = [proc.communicate(timeout=300)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 4, "\n".join(e[-1500:] for e in errors)
+    assert (a / "counter").read_text() == "160\n"
+    assert sorted(p.name for p in a.iterdir()) == ["counter"]
