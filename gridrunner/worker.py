@@ -48,7 +48,7 @@ from gridrunner.context import Context, seed_from_row_id
 from gridrunner.errors import ExprError, GridError
 from gridrunner.grid import read_resolved, saved_spec
 from gridrunner.nfs import lease_problem
-from gridrunner.spawner import Spawner, SpawnerDied, call_task
+from gridrunner.spawner import Spawner, SpawnerDied, call_task, set_row_environment
 from gridrunner.spec import task_params
 from gridrunner.store import (HOST, Claim, GridStore, Result, StoreWriteError, parse_iso, pid_alive,
                               remove_orphaned_breaks, shard_index)
@@ -315,7 +315,9 @@ class Worker:
                 previous[sig] = signal.signal(sig, self.request_stop)
         heartbeat = Heartbeat(self.grid_dir, self.worker_id, self.lease_s)
         try:
-            if not self.inline:
+            if self.inline:
+                set_row_environment()  # the rows run in this process
+            else:
                 self._spawner = Spawner(self.spec.task, preload=self.preload)
                 self._spawner.start()  # before claiming anything: a spawner that cannot start costs no row
             heartbeat.start()
