@@ -64,22 +64,25 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-ESTALE_RETRIES = 20
+ESTALE_RETRY_S = 5.0
 
 
 def read_bytes(path: str | Path) -> bytes:
     """The whole file at ``path``. On NFS a read fails with ``ESTALE`` when another client replaced the
     file between this client's lookup and its read (a shard renamed over, a lock released): open the name
-    again, which looks it up afresh (tests/sharedfs shows it). FileNotFoundError passes through."""
-    for attempt in range(ESTALE_RETRIES):
+    again, which looks it up afresh, for up to ``ESTALE_RETRY_S`` seconds (tests/sharedfs shows it).
+    FileNotFoundError passes through."""
+    start = time.monotonic()
+    attempt = 0
+    while True:
         try:
             with open(path, "rb") as fh:
                 return fh.read()
         except OSError as err:
-            if err.errno != errno.ESTALE or attempt == ESTALE_RETRIES - 1:
+            if err.errno != errno.ESTALE or time.monotonic() - start > ESTALE_RETRY_S:
                 raise
-            time.sleep(0.001 * attempt)
-    raise AssertionError("unreachable")
+        attempt += 1
+        time.sleep(min(0.001 * attempt, 0.02))
 
 
 class StoreWriteError(GridError):

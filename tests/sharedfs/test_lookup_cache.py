@@ -78,7 +78,7 @@ def test_status_load_and_glance_retry_estale_while_another_client_replaces_the_s
             with store.transaction(shard_a) as shard:
                 shard.dirty = True  # the same rows, a new file
             replaced.append(1)
-            time.sleep(0.03)  # a replacement every ~60 ms (under load): about half the reads meet one
+            time.sleep(0.03)  # a replacement every ~50 ms: about half the reads meet one
 
     writer = threading.Thread(target=replace_again_and_again)
     writer.start()
