@@ -22,10 +22,14 @@ if TYPE_CHECKING:
     from gridrunner.lock import ShardLock
 
 
-def write_atomic(path: Path, text: str, lock: ShardLock | None = None, fsync: bool = True) -> None:
+def write_atomic(path: Path, text: str, lock: ShardLock | None = None, fsync: bool = True,
+                 still_as_read=None) -> bool:
     """Write ``text`` to ``path`` through a temporary file and a rename; the old file stays on any error.
 
-    With ``lock``, the rename happens only if the lock is still ours (see the module docstring).
+    With ``lock``, the rename happens only if the lock is still ours (see the module docstring). With
+    ``still_as_read`` (a callable), the rename happens only if it returns True: a shard that someone
+    saved without the lock (an editor) since the transaction read it is not written over. Returns whether
+    the file was replaced.
     """
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
@@ -43,11 +47,15 @@ def write_atomic(path: Path, text: str, lock: ShardLock | None = None, fsync: bo
         if lock is not None and not lock.still_held():
             raise GridError(f"{path}: the lock was broken while this process held it (stalled for over "
                             f"{lock.stale_s:.0f} s); the write was abandoned and the shard is unchanged")
+        if still_as_read is not None and not still_as_read():
+            os.unlink(tmp)
+            return False
         os.replace(tmp, path)
         if fsync:
             # The rename is durable only once its directory is: without this a power loss can bring back
             # the previous shard and lose a recorded result (tests/sharedfs/test_power_loss.py).
             fsync_directory(path.parent)
+        return True
     except BaseException:
         try:
             os.unlink(tmp)
@@ -67,22 +75,27 @@ def fsync_directory(path: Path) -> None:
 ESTALE_RETRY_S = 5.0
 
 
+def estale_again(err: OSError, start: float) -> bool:
+    """True (after a short wait) if ``err`` is NFS's ``ESTALE`` and a retry begun at ``start`` may go on:
+    another client replaced the file between this client's lookup and its read, and opening the name
+    again looks it up afresh (tests/sharedfs shows it)."""
+    if err.errno != errno.ESTALE or time.monotonic() - start > ESTALE_RETRY_S:
+        return False
+    time.sleep(0.002)
+    return True
+
+
 def read_bytes(path: str | Path) -> bytes:
-    """The whole file at ``path``. On NFS a read fails with ``ESTALE`` when another client replaced the
-    file between this client's lookup and its read (a shard renamed over, a lock released): open the name
-    again, which looks it up afresh, for up to ``ESTALE_RETRY_S`` seconds (tests/sharedfs shows it).
-    FileNotFoundError passes through."""
+    """The whole file at ``path``, retrying ``ESTALE`` for up to ``ESTALE_RETRY_S`` seconds
+    (:func:`estale_again`). FileNotFoundError passes through."""
     start = time.monotonic()
-    attempt = 0
     while True:
         try:
             with open(path, "rb") as fh:
                 return fh.read()
         except OSError as err:
-            if err.errno != errno.ESTALE or time.monotonic() - start > ESTALE_RETRY_S:
+            if not estale_again(err, start):
                 raise
-        attempt += 1
-        time.sleep(min(0.001 * attempt, 0.02))
 
 
 class StoreWriteError(GridError):

@@ -202,6 +202,31 @@ def reset(grid, runs_dir, statuses, rows, where, dry_run):
 
 @main.command()
 @_grid_options
+@click.option("--shard", default=0, show_default=True, type=click.IntRange(min=0), help="The shard to edit.")
+@click.option("--command", "command", default=None, help="The editor command (default: $VISUAL, then $EDITOR); "
+                                                        "the file's path is added at the end.")
+def edit(grid, runs_dir, shard, command):
+    """Edit a shard in your editor, safely while workers run: on save, your changes are merged under the lock."""
+    from gridrunner.edit import edit_shard
+
+    result = edit_shard(_find(grid, runs_dir), shard, command)
+    click.echo(result.summary)
+    for conflict in result.conflicts:
+        click.echo(f"  {conflict}")
+
+
+@main.command()
+@_grid_options
+def recover(grid, runs_dir):
+    """Rebuild shards that were deleted, truncated or garbled, from their journals; say what was rebuilt."""
+    from gridrunner.recovery import recover_grid
+
+    for rebuilt in recover_grid(_find(grid, runs_dir)):
+        click.echo(rebuilt.line())
+
+
+@main.command()
+@_grid_options
 @click.option("--shard", required=True, type=click.IntRange(min=0), help="The shard to split.")
 @click.option("--into", required=True, type=click.IntRange(min=2), help="How many files to split it into.")
 def split(grid, runs_dir, shard, into):

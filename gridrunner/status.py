@@ -30,6 +30,7 @@ from gridrunner.store import (
     parse_iso,
 )
 from gridrunner.worker import Liveness, make_worker_id
+from gridrunner.reconcile import hand_edit_report
 
 
 @dataclass
@@ -63,6 +64,7 @@ class GridStatus:
     errors: Counter = field(default_factory=Counter)  # error kind -> count
     duplicates: list = field(default_factory=list)  # (row_id, [shard names])
     jobs: list = field(default_factory=list)  # filled in by submission: dicts with job_id, state, ...
+    hand_edits: list = field(default_factory=list)  # lines: what reconciliations did, and what awaits one
 
     @property
     def counts(self) -> Counter:
@@ -102,6 +104,7 @@ def grid_status(grid_dir: str | Path) -> GridStatus:
     status = GridStatus(grid_dir, spec.name)
     seen: dict[str, str] = {}
     now = time.time()
+    status.hand_edits = hand_edit_report(store)
     for path in store.shard_paths():
         entry = ShardStatus(path)
         status.shards.append(entry)
@@ -312,5 +315,7 @@ def render(status: GridStatus, console, max_shards: int = 40, max_running: int =
             console.print(f"[red]bad row[/] {shard.path}:{line}: {message}")
     for row_id, names in status.duplicates[:5]:
         console.print(f"[red]duplicate row[/] {row_id} in {' and '.join(names)}: delete one copy")
+    for line in status.hand_edits:
+        console.print(f"[bold]hand edit[/] {line}", soft_wrap=True)
     for job in status.jobs:
         console.print(f"job {job.get('job_id')}: {job.get('state')} {job.get('detail', '')}".rstrip())

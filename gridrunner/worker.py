@@ -50,7 +50,8 @@ from gridrunner.grid import read_resolved, saved_spec
 from gridrunner.nfs import lease_problem
 from gridrunner.spawner import Spawner, SpawnerDied, call_task, set_row_environment
 from gridrunner.spec import task_params
-from gridrunner.store import (HOST, Claim, GridStore, Result, StoreWriteError, parse_iso, pid_alive,
+from gridrunner.reconcile import ShardHalfWritten
+from gridrunner.store import (HOST, Claim, ClaimScan, GridStore, Result, StoreWriteError, parse_iso, pid_alive,
                               remove_orphaned_breaks, shard_index)
 
 log = logging.getLogger("gridrunner.worker")
@@ -478,6 +479,11 @@ class Worker:
                                          finish=pending)
         except FileNotFoundError:
             return None  # a shard deleted by hand
+        except ShardHalfWritten as err:  # a save in progress: look again soon, like a shard with running rows
+            if str(err) not in self._unusable:
+                self._unusable.add(str(err))
+                log.warning("%s", err)
+            return None, ClaimScan(running_elsewhere=1)
         except GridError as err:
             if isinstance(err, StoreWriteError):
                 raise
@@ -542,6 +548,12 @@ class Worker:
         aside.write_text(json.dumps({"worker": claim.worker, "attempt": claim.attempt, "status": result.status,
                                      "metrics": result.metrics, "error": result.error,
                                      "runtime_s": result.runtime_s}, indent=1), encoding="utf-8")
+        if not self.store.holds(claim.path, claim.row_id):
+            message = (f"{claim.row_id}: the row was deleted from the shard by hand while this worker ran it; its "
+                       f"result was not written to the shard and is kept in {aside}")
+            log.warning("%s", message)
+            self.store.note(message)
+            return
         log.warning("%s: the row was reclaimed or reset while this worker ran it (a stall past the lease?); "
                     "its result was not written to the shard and is kept in %s", claim.row_id, aside)
 
