@@ -12,10 +12,17 @@ and counts every execution in a side file, so duplicates and missing rows are me
   ``filelock`` lock, reads the whole CSV with pandas, runs the first ``not_run`` row, marks it
   ``done`` and writes the whole CSV back. The task runs inside the worker process.
 * **floor**: lock (an ``O_EXCL`` lock file) → read a 100-row shard → write a temporary file → fsync
-  → rename → unlock, in a loop, on the same disk: the cost of one durable shard transaction.
+  → rename → fsync the directory → unlock, in a loop, on the same disk: the cost of one durable shard
+  transaction.
+
+``--dir-fsync`` measures only what the directory fsync after each shard rename costs (the rename is
+durable through a power loss only with it; tests/sharedfs/test_power_loss.py): the floor with and
+without it, and gridrunner's no-op rows with and without it (the latter with
+``gridrunner.atomic.fsync_directory`` replaced by a no-op in the worker processes), interleaved.
 
     .venv/bin/python bench/bench_overhead.py            # the full run (about 27 minutes on 2 cores)
     .venv/bin/python bench/bench_overhead.py --quick    # 500 and 2,000 no-op rows, 400 sleep rows, once (about 3 minutes)
+    .venv/bin/python bench/bench_overhead.py --dir-fsync  # the directory fsync's cost alone (about 3 minutes)
 """
 from __future__ import annotations
 
@@ -39,7 +46,7 @@ FLOOR_CASE_OPS = 100
 
 # --------------------------------------------------------------------------- the floor
 
-def floor_worker(directory: Path, shard: Path, ops: int) -> None:
+def floor_worker(directory: Path, shard: Path, ops: int, dir_fsync: bool = True) -> None:
     """``ops`` durable transactions on a copy of ``shard``; prints the seconds they took."""
     path = directory / "shard.csv"
     lock = str(path) + ".lock"
@@ -57,17 +64,22 @@ def floor_worker(directory: Path, shard: Path, ops: int) -> None:
         os.fsync(fd)
         os.close(fd)
         os.replace(tmp, path)
+        if dir_fsync:
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            os.fsync(fd)
+            os.close(fd)
         os.unlink(lock)
     print(time.perf_counter() - start)
 
 
-def measure_floor(shard: Path, processes: int, ops: int = FLOOR_OPS) -> float:
+def measure_floor(shard: Path, processes: int, ops: int = FLOOR_OPS, dir_fsync: bool = True) -> float:
     """Transactions per second of ``processes`` floor loops at once, each on its own file."""
     base = common.scratch(f"overhead/floor-{processes}")
     commands = []
     for i in range(processes):
         (base / str(i)).mkdir()
-        commands.append([common.PYTHON, __file__, "--_floor", str(base / str(i)), str(shard), str(ops)])
+        commands.append([common.PYTHON, __file__, "--_floor", str(base / str(i)), str(shard), str(ops),
+                         str(int(dir_fsync))])
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, text=True) for c in commands]
     seconds = [float(p.communicate()[0]) for p in procs]
     shutil.rmtree(base, ignore_errors=True)
@@ -147,7 +159,11 @@ def expected_rows(rows: int) -> set[str]:
     return {f"{i}-{j}" for i in range(a) for j in range(b)}
 
 
-def run_gridrunner(kind: str, rows: int, workers: int, tag: str, *extra: str) -> dict:
+NO_DIR_FSYNC = [common.PYTHON, "-c", "import gridrunner.atomic as atomic; atomic.fsync_directory = lambda path: None; "
+                                     "from gridrunner.cli import main; main()"]
+
+
+def run_gridrunner(kind: str, rows: int, workers: int, tag: str, *extra: str, command: list[str] | None = None) -> dict:
     base = common.scratch(f"overhead/{tag}")
     record = base / "executions.txt"
     fixed = {"record_to": str(record)}
@@ -156,7 +172,10 @@ def run_gridrunner(kind: str, rows: int, workers: int, tag: str, *extra: str) ->
     spec = common.write_spec(base / "spec.yaml", "bench", f"gridrunner.tasks.toy:{kind}", rows,
                              ["value" if kind == "noop" else "slept"], fixed)
     grid = common.make_grid(spec, base)
-    timed = common.run_processes(common.gridrunner_workers(grid, workers, *extra))
+    commands = common.gridrunner_workers(grid, workers, *extra)
+    if command is not None:  # the same workers through another entry point
+        commands = [[*command, *c[len(common.gridrunner_command()):]] for c in commands]
+    timed = common.run_processes(commands)
     statuses = common.grid_row_ids(grid)
     duplicates, missing, _ = common.count_executions(record, set(statuses))
     not_done = sum(1 for s in statuses.values() if s != "done")
@@ -298,6 +317,40 @@ def render(results: list[dict], floors: dict, args, load_before: str, minutes: f
     return out
 
 
+def dir_fsync_cost(args, shard: Path) -> None:
+    """The directory fsync after each shard rename: floor and gridrunner with and without it, interleaved."""
+    load_before = common.load_average()
+    started = time.perf_counter()
+    floors = {True: [], False: []}
+    runs = {(n, sync): [] for n in args.workers for sync in (True, False)}
+    for k in range(args.repeats):
+        for sync in (True, False):
+            floors[sync].append(measure_floor(shard, 1, FLOOR_OPS, dir_fsync=sync))
+        for n in args.workers:
+            for sync in (True, False):
+                run = run_gridrunner("noop", args.dir_fsync_rows, n, f"dirfsync-{n}-{int(sync)}-{k}",
+                                     command=None if sync else NO_DIR_FSYNC)
+                assert run["ok"] and run["dup"] == 0 and run["missing"] == 0, run
+                runs[(n, sync)].append(1000 * run["wall"] / args.dir_fsync_rows)
+                print(f"dir fsync {sync}: N={n} {runs[(n, sync)][-1]:.3f} ms/row", flush=True)
+    out = [*common.section("Directory fsync after each shard rename", load_before,
+                           (time.perf_counter() - started) / 60),
+           "A shard's rename survives a power loss only once its directory is fsynced (POSIX; "
+           "`tests/sharedfs/test_power_loss.py` loses recorded results without it). Medians of "
+           f"{args.repeats} interleaved repeats, (min–max). The floor: {FLOOR_OPS} transactions in one process; "
+           f"gridrunner: {args.dir_fsync_rows:,} no-op rows, wall ms/row; *without* replaces "
+           "`gridrunner.atomic.fsync_directory` by a no-op in the worker processes.",
+           ""]
+    rows = [["floor (ms/transaction)", with_spread([1000 / f for f in floors[True]]),
+             with_spread([1000 / f for f in floors[False]]),
+             fmt(median([1000 / f for f in floors[True]]) / median([1000 / f for f in floors[False]]), 3)]]
+    for n in args.workers:
+        rows.append([f"gridrunner N={n} (wall ms/row)", with_spread(runs[(n, True)]), with_spread(runs[(n, False)]),
+                     fmt(median(runs[(n, True)]) / median(runs[(n, False)]), 3)])
+    out.append(common.table(["case", "with the directory fsync", "without", "with / without"], rows))
+    common.publish("dir_fsync", out, readme=not args.no_readme)
+
+
 def plan(args) -> list[tuple[str, str, int, int, int]]:
     """The cases to run: (system, task, R, N, repeats)."""
     cases = []
@@ -344,6 +397,9 @@ def main() -> None:
     parser.add_argument("--inline-rows", type=int, nargs="*", default=[2000],
                         help="no-op sizes also run with `work --inline` (rows in the worker, no process per row)")
     parser.add_argument("--no-readme", action="store_true", help="print the table, leave bench/README.md alone")
+    parser.add_argument("--dir-fsync", action="store_true",
+                        help="only the directory fsync's cost: floor and no-op rows with and without it")
+    parser.add_argument("--dir-fsync-rows", type=int, default=2000)
     args = parser.parse_args()
     if args.quick:
         args.rows, args.workers, args.repeats, args.sleep_rows, args.optuna_max = [500, 2000], [1, 8], 1, [400], 500
@@ -356,6 +412,9 @@ def main() -> None:
     shutil.copyfile(shard, common.RUNS / "overhead" / "shard.csv")
     shutil.rmtree(probe)
     shard = common.RUNS / "overhead" / "shard.csv"
+    if args.dir_fsync:
+        dir_fsync_cost(args, shard)
+        return
     floors = {n: median([measure_floor(shard, n) for _ in range(3)]) for n in (1, 8)}
     print(f"floor: {floors}", flush=True)
 
@@ -379,7 +438,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--_floor":
-        floor_worker(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]))
+        floor_worker(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5:6] != ["0"])
     elif len(sys.argv) > 1 and sys.argv[1] == "--_optuna":
         optuna_worker(*sys.argv[2:6])
     elif len(sys.argv) > 1 and sys.argv[1] == "--_naive":

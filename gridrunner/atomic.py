@@ -12,6 +12,7 @@ import glob
 import os
 import re
 import secrets
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,6 +51,10 @@ def write_atomic(path: Path, text: str, lock: ShardLock | None = None, fsync: bo
             os.unlink(tmp)
             return False
         os.replace(tmp, path)
+        if fsync:
+            # The rename is durable only once its directory is: without this a power loss can bring back
+            # the previous shard and lose a recorded result (tests/sharedfs/test_power_loss.py).
+            fsync_directory(path.parent)
         return True
     except BaseException:
         try:
@@ -57,6 +62,40 @@ def write_atomic(path: Path, text: str, lock: ShardLock | None = None, fsync: bo
         except FileNotFoundError:
             pass
         raise
+
+
+def fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+ESTALE_RETRY_S = 5.0
+
+
+def estale_again(err: OSError, start: float) -> bool:
+    """True (after a short wait) if ``err`` is NFS's ``ESTALE`` and a retry begun at ``start`` may go on:
+    another client replaced the file between this client's lookup and its read, and opening the name
+    again looks it up afresh (tests/sharedfs shows it)."""
+    if err.errno != errno.ESTALE or time.monotonic() - start > ESTALE_RETRY_S:
+        return False
+    time.sleep(0.002)
+    return True
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """The whole file at ``path``, retrying ``ESTALE`` for up to ``ESTALE_RETRY_S`` seconds
+    (:func:`estale_again`). FileNotFoundError passes through."""
+    start = time.monotonic()
+    while True:
+        try:
+            with open(path, "rb") as fh:
+                return fh.read()
+        except OSError as err:
+            if not estale_again(err, start):
+                raise
 
 
 class StoreWriteError(GridError):

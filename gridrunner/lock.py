@@ -25,6 +25,7 @@ NFSv3 and later) holding ``host pid time token``. Assumptions and race windows:
 """
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import secrets
@@ -32,6 +33,7 @@ import socket
 import time
 from pathlib import Path
 
+from gridrunner.atomic import read_bytes
 from gridrunner.errors import LockTimeout
 
 HOST = socket.gethostname()
@@ -59,6 +61,10 @@ class ShardLock:
                 holder = self._break_if_stale()
                 if holder is None:
                     continue  # broke a stale lock: try again at once
+            except OSError as err:
+                if err.errno != errno.ESTALE:
+                    raise
+                holder = "a lock that other NFS clients replace as this one looks"
             else:
                 try:
                     try:
@@ -97,10 +103,13 @@ class ShardLock:
     @staticmethod
     def _read(path: str) -> str:
         try:
-            with open(path, encoding="utf-8", errors="replace") as fh:
-                return fh.read().strip()
+            return read_bytes(path).decode("utf-8", errors="replace").strip()
         except (FileNotFoundError, IsADirectoryError):
             return ""
+        except OSError as err:
+            if err.errno == errno.ESTALE:  # replaced again and again by other clients: it is not ours
+                return ""
+            raise
 
     def _is_stale(self, content: str, mtime: float) -> bool:
         parts = content.split()
@@ -121,6 +130,10 @@ class ShardLock:
             mtime = os.stat(self.path).st_mtime
         except FileNotFoundError:
             return None
+        except OSError as err:
+            if err.errno == errno.ESTALE:  # NFS: another client replaced it as we looked; look again
+                return None
+            raise
         content = self._read(self.path)
         if not self._is_stale(content, mtime):
             return content or "a holder that has not written its name yet"

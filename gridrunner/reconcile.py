@@ -42,6 +42,7 @@ from typing import Callable
 
 from pathlib import Path
 
+from gridrunner.atomic import read_bytes
 from gridrunner.errors import GridError, ShardError
 from gridrunner.journal import JournalState
 from gridrunner.shardfile import _NB, ATTEMPTS, STATUS, Shard, _BadRecord
@@ -486,7 +487,7 @@ def hand_edit_report(store, last: int = 5) -> list[str]:
         path = store.shard_dir / journal_file.name[: -len(".jsonl")]
         head = Journal(path, fingerprint).head()
         try:
-            data = path.read_bytes()
+            data = read_bytes(path)  # NFS: ESTALE retried
         except FileNotFoundError:
             lines.append(f"{path.name} is missing but its journal holds its rows: run `gridrunner recover`")
             continue

@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from gridrunner.atomic import StoreWriteError, remove_orphaned_temps, why_failed, write_atomic
+from gridrunner.atomic import (StoreWriteError, estale_again, fsync_directory, read_bytes, remove_orphaned_temps,
+                               why_failed, write_atomic)
 from gridrunner.errors import GridError, ShardError, SpecError
 from gridrunner.journal import Journal, append_note, commit_entry, compact_if_long, text_sha
 from gridrunner.lock import BROKEN, HOST, ShardLock, pid_alive, remove_orphaned_breaks
@@ -49,7 +50,7 @@ from gridrunner.spec import canonical_json
 
 __all__ = [  # re-exported from the modules above, for `from gridrunner.store import X`
     "BROKEN", "HOST", "ShardLock", "pid_alive", "remove_orphaned_breaks", "StoreWriteError", "remove_orphaned_temps",
-    "why_failed", "write_atomic", "ATTEMPTS", "ERROR", "FINISHED", "ROW_ID", "RUNTIME", "SHARD_GLOB", "STARTED",
+    "why_failed", "write_atomic", "fsync_directory", "read_bytes", "ATTEMPTS", "ERROR", "FINISHED", "ROW_ID", "RUNTIME", "SHARD_GLOB", "STARTED",
     "STATUS", "WORKER", "Shard", "header_for", "now_iso", "parse_iso", "safe_cell", "shard_index", "shard_name",
     "SHARD_DIR", "ROWS_DIR", "SPEC_FILE", "SOURCE_FILE", "Claim", "Result", "ClaimScan", "GridStore",
     "write_shards", "check_compatible",
@@ -131,15 +132,21 @@ class GridStore:
         return Shard.parse(path, text)
 
     def _read_text(self, path: Path) -> str:
-        try:
-            with open(path, encoding="utf-8", newline="") as fh:  # newline="": keep quoted \r intact
-                st = os.fstat(fh.fileno())
+        start = time.monotonic()
+        while True:
+            try:
+                with open(path, "rb") as fh:  # bytes: a quoted \r stays intact
+                    st = os.fstat(fh.fileno())
+                    data = fh.read()
                 self._read_stat[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
-                return fh.read()
-        except FileNotFoundError:
-            raise ShardError(path, "no such shard") from None
-        except UnicodeDecodeError as err:
-            raise ShardError(path, f"not UTF-8 text: {err}") from None
+                return data.decode("utf-8")
+            except FileNotFoundError:
+                raise ShardError(path, "no such shard") from None
+            except UnicodeDecodeError as err:
+                raise ShardError(path, f"not UTF-8 text: {err}") from None
+            except OSError as err:
+                if not estale_again(err, start):  # NFS: replaced by another client as we read it
+                    raise
 
     def journal(self, path: Path) -> Journal:
         journal = self._journals.get(path)
@@ -209,8 +216,7 @@ class GridStore:
         Lets a worker pass over finished shards without taking their locks. A finished shard that was
         saved by hand since gridrunner last wrote it gives (True, True): the claim merges the save.
         """
-        with open(path, "rb") as fh:
-            data = fh.read()
+        data = read_bytes(path)  # ESTALE retried
         may_open, may_run = b"not_run" in data, b"running" in data
         if not may_open and not may_run:
             head = self.journal(path).head()

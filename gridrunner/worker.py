@@ -8,7 +8,11 @@ again, when any of these holds:
 * the scheduler says its job ended (``dead_jobs``, filled in by submission);
 * its heartbeat file ``workers/<id>.hb`` has not been touched for longer than the lease.
 
-Heartbeats never rewrite a shard: a thread touches the worker's own file every quarter lease.
+Heartbeats never rewrite a shard: a thread touches the worker's own file every quarter lease. A
+heartbeat's age is read through an ``open`` and ``fstat``: on NFS the open fetches the attributes from
+the server (close-to-open), where a ``stat`` may answer with a cached, older mtime. On a ``nocto``
+mount that does not hold, and a worker refuses a lease too short for the attribute cache
+(:mod:`gridrunner.nfs`).
 
 Each row runs in a fresh child process by default, so a segfault, an ``os._exit`` or an out-of-memory
 kill costs the row, not the worker, and TensorFlow's GPU memory goes back at the end of every row. The
@@ -32,6 +36,7 @@ a ``reset``). The last two are watched by :mod:`gridrunner.watchdog`, only in gr
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -48,6 +53,7 @@ from typing import Callable, Iterator
 from gridrunner.context import Context, seed_from_row_id
 from gridrunner.errors import ExprError, GridError
 from gridrunner.grid import read_resolved, saved_spec
+from gridrunner.nfs import lease_problem
 from gridrunner.prune import parse_payload
 from gridrunner.spawner import Spawner, SpawnerDied, call_task, set_row_environment
 from gridrunner.spec import task_params
@@ -185,13 +191,20 @@ class Liveness:
         path = heartbeat_path(self.grid_dir, holder)
         lease = self.lease_s
         try:
-            last = path.stat().st_mtime
-            try:
-                lease = max(lease, float(json.loads(path.read_text(encoding="utf-8")).get("lease_s", lease)))
-            except (ValueError, OSError, AttributeError):
-                pass
+            # open, then fstat: on NFS an open fetches the attributes from the server (close-to-open),
+            # where a stat may answer from the attribute cache (acregmax, up to 60 s) with an old mtime.
+            with open(path, "rb") as fh:
+                last = os.fstat(fh.fileno()).st_mtime
+                try:
+                    lease = max(lease, float(json.loads(fh.read().decode("utf-8")).get("lease_s", lease)))
+                except (ValueError, OSError, AttributeError):
+                    pass
         except FileNotFoundError:
             last = parse_iso(started_at) or 0.0
+        except OSError as err:
+            if err.errno != errno.ESTALE:
+                raise
+            return False, now + 1.0  # NFS: replaced as we looked (a restarted worker); judge it again soon
         return now - last > lease, last + lease
 
 
@@ -306,6 +319,9 @@ class Worker:
     # ---- the loop
 
     def run(self) -> Summary:
+        problem = lease_problem(self.grid_dir, self.lease_s)
+        if problem is not None:
+            raise GridError(problem)  # before anything is claimed: its rows would be reclaimed while it runs
         summary = Summary(self.worker_id)
         start = time.monotonic()
         if self.project_dir and self.project_dir not in sys.path:

@@ -107,7 +107,7 @@ def watch_shards(grid: str, stop_file: str, out_file: str) -> None:
     import json
     import time
 
-    from gridrunner.store import Shard
+    from gridrunner.store import Shard, read_bytes
 
     store = GridStore(grid)
     paths = store.shard_paths()
@@ -126,7 +126,7 @@ def watch_shards(grid: str, stop_file: str, out_file: str) -> None:
     while not os.path.exists(stop_file):
         for path in paths:
             try:
-                text = path.read_bytes().decode("utf-8")
+                text = read_bytes(path).decode("utf-8")  # as the store reads: ESTALE retried
                 shard = Shard.parse(path, text)
             except Exception as err:  # noqa: BLE001 - every way a read can go wrong is a finding
                 fail(f"read {reads}: {path.name}: {type(err).__name__}: {err}")
