@@ -62,7 +62,7 @@ def test_kill_9_workers_on_two_clients_and_nothing_is_lost_or_run_twice(nfs, pro
     n_rows, max_len, n_kills = 240, 40, 8
     grid_a = make_grid(a, {"task": "reliability_tasks:run", "outcomes": ["token", "value"],
                            "grid": {"i": list(range(n_rows))}, "max_len": max_len, "lease_s": 5, "max_attempts": 50,
-                           "fixed": {"record_to": str(side), "duration": 0.05}})
+                           "fixed": {"record_to": str(side), "duration": 0.25}})
     grid_b = b / grid_a.relative_to(a)
     reader, stop, summary_file = start_reader(grid_b, project)
     reaper(reader)
