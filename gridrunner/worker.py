@@ -218,7 +218,7 @@ class Worker:
         steal: bool = True,
         lease_s: float | None = None,
         inline: bool = False,
-        linger: bool = True,
+        linger: bool | str = True,
         max_rows: int | None = None,
         grace_s: float = DEFAULT_GRACE_S,
         worker_id: str | None = None,
@@ -340,7 +340,7 @@ class Worker:
             if claim is None:
                 if self._relist():
                     continue  # shards were added (make, split) since the list was read: look at them too
-                if self.linger and running_elsewhere and not self._stop.is_set():
+                if self._lingers() and running_elsewhere and not self._stop.is_set():
                     # Poll soon (the last rows of a grid often end within milliseconds), then back off,
                     # but wake when the first of those rows' workers runs out of its lease.
                     until_expiry = self._soonest_expiry() - time.time() + EXPIRY_MARGIN_S
@@ -353,6 +353,15 @@ class Worker:
             result = self.execute(claim)
             summary.rows.append(claim.row_id)
             finish = (claim, result)
+
+    def _lingers(self) -> bool:
+        """Whether to wait for other workers' rows (to take over if they die) rather than exit. ``linger``
+        "watched": only while no watcher is on duty for the grid (:mod:`gridrunner.watcher`)."""
+        if self.linger == "watched":
+            from gridrunner.watcher import on_duty
+
+            return not on_duty(self.grid_dir)
+        return bool(self.linger)
 
     def _list_paths(self) -> list[Path]:
         """The shard files, listed again at most every ``RELIST_S`` (a glob costs O(shards) per row)."""
