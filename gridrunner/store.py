@@ -64,7 +64,7 @@ ROWS_DIR = "rows"
 SPEC_FILE = "spec.yaml"
 SOURCE_FILE = "spec.source.yaml"
 SHARD_GLOB = "shard-*.csv"
-#: Touched after every write of a shard, so a watcher learns of a change with one ``stat`` (gridrunner.watcher).
+#: ``<grid>/.changed``, touched after every write of a shard: a watcher learns of a change with one ``stat``.
 CHANGED_FILE = ".changed"
 _NB = len(BOOK_COLUMNS)
 HOST = socket.gethostname()
@@ -508,9 +508,9 @@ def remove_orphaned_temps(path: Path) -> list[Path]:
     return removed
 
 
-def mark_changed(shard_dir: Path) -> None:
+def mark_changed(grid_dir: Path) -> None:
     """Touch the grid's change file (one ``utime``): what a watcher stats instead of every shard."""
-    path = os.path.join(shard_dir, CHANGED_FILE)
+    path = os.path.join(grid_dir, CHANGED_FILE)
     try:
         os.utime(path)
     except FileNotFoundError:
@@ -644,7 +644,7 @@ class GridStore:
                     self._written.pop(path, None)
                     raise
                 self._remember(path, text, shard)
-                mark_changed(self.shard_dir)
+                mark_changed(self.grid_dir)
         finally:
             lock.release()
 
@@ -785,7 +785,7 @@ class GridStore:
             shard.dirty = True
         for tmp, target in pending:
             os.replace(tmp, target)
-        mark_changed(self.shard_dir)
+        mark_changed(self.grid_dir)
         return [path] + [target for _, target in pending]
 
     def recover(self) -> list[Path]:
@@ -854,7 +854,7 @@ def write_shards(shard_dir: Path, header: list[str], rows: Iterable[tuple], max_
     if buffer:
         flush()
     if written:
-        mark_changed(shard_dir)
+        mark_changed(Path(shard_dir).parent)
     return written
 
 

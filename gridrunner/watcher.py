@@ -10,7 +10,7 @@ hand edit), it launches replacement workers for them.
 What it looks at, and what that costs in file-system metadata operations on the grid's directory
 (measured in ``bench/bench_metadata.py``):
 
-* ``shards/.changed``, which every shard transaction touches (:func:`gridrunner.store.mark_changed`):
+* ``<grid>/.changed``, which every shard transaction touches (:func:`gridrunner.store.mark_changed`):
   one ``stat`` every ``TICK_S``. When it changed, the watcher reads every shard once (:meth:`Watcher.scan`).
 * one shard file in turn, by ``stat``, every ``ROTATE_TICKS`` ticks: an edit made in place by hand does
   not touch the change file, and is seen after at most shards · ``ROTATE_TICKS`` · ``TICK_S`` seconds.
@@ -424,12 +424,13 @@ class Watcher:
             log.warning("cannot write the watcher's state file: %s", err)
 
     def _loop(self) -> str:
-        changed = Path(self.store.shard_dir) / CHANGED_FILE
+        changed = self.grid_dir / CHANGED_FILE
         last_change = None
         beat_at = time.monotonic()
         rotate = 0
         ticks = 0
-        seen_shards: dict[Path, tuple] = {}
+        seen_shards: dict[Path, tuple] = {}  # signatures seen by the rotation since the last scan
+        paths: list[Path] = []
         scan = None
         while not self._stop.is_set():
             try:
@@ -439,18 +440,16 @@ class Watcher:
                 signature = None
             due = scan is None or signature != last_change or self._holder_gone(scan.holders)
             ticks += 1
-            if not due and ticks % ROTATE_TICKS == 0:
-                paths = self.store.shard_paths() if not seen_shards else list(seen_shards)
-                if paths:
-                    path = paths[rotate % len(paths)]
-                    rotate += 1
-                    try:
-                        st = os.stat(path)
-                        sig = (st.st_mtime_ns, st.st_size, st.st_ino)
-                    except OSError:
-                        sig = None
-                    due = seen_shards.get(path, sig) != sig
-                    seen_shards[path] = sig
+            if not due and ticks % ROTATE_TICKS == 0 and paths:
+                path = paths[rotate % len(paths)]
+                rotate += 1
+                try:
+                    st = os.stat(path)
+                    sig = (st.st_mtime_ns, st.st_size, st.st_ino)
+                except OSError:
+                    sig = None
+                due = path in seen_shards and seen_shards[path] != sig  # edited in place since the last look
+                seen_shards[path] = sig
             if not due and scan is not None and scan.claimable and time.monotonic() - self._queue_at > QUEUE_S:
                 # Rows were left open for workers said to be coming: launch more if some of them are not.
                 self._ask_queue()
@@ -463,7 +462,8 @@ class Watcher:
                     self._ask_queue()
                 scan = self.scan()
                 self._hb_expiry = scan.next_expiry
-                seen_shards = {p: seen_shards.get(p) for p in self.store.shard_paths()}
+                paths = self.store.shard_paths()
+                seen_shards = {}
                 if scan.finished:
                     return "finished"
                 if scan.claimable:

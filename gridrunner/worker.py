@@ -370,7 +370,7 @@ class Worker:
 
     def _change_signature(self):
         try:
-            st = os.stat(self.store.shard_dir / CHANGED_FILE)
+            st = os.stat(self.grid_dir / CHANGED_FILE)
         except OSError:
             return None
         return (st.st_mtime_ns, st.st_ino)
