@@ -10,6 +10,14 @@ again, when any of these holds:
 
 Heartbeats never rewrite a shard: a thread touches the worker's own file every quarter lease.
 
+With nothing left to claim while other workers run rows, a worker either exits or *lingers* to take
+over if they die (``linger``): ``True`` (``gridrunner work``, local workers), ``False``, or ``"watched"``
+(Slurm array tasks): linger only while no watcher is on duty for the grid (:mod:`gridrunner.watcher`),
+which takes over dead workers' rows instead, so an idle task releases its GPU. A lingering worker
+``stat``s the grid's change file (``<grid>/.changed``, touched by every shard transaction) rather than
+every shard, and looks at the shards again when it changed, when a holder's pid or job is gone, or
+when a holder's lease may have run out.
+
 Each row runs in a fresh child process by default, so a segfault, an ``os._exit`` or an out-of-memory
 kill costs the row, not the worker, and TensorFlow's GPU memory goes back at the end of every row. The
 worker's small spawner process (:mod:`gridrunner.spawner`) forks it, which is cheaper than forking the
