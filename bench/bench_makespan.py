@@ -126,7 +126,8 @@ def main() -> None:
     minutes = (time.perf_counter() - started) / 60
     short = sum(1 for t in times if t < 2 * min(times))
     lines = [
-        *common.section("Makespan with stragglers", load_before, minutes),
+        *common.section("Makespan with stragglers" if not args.straggler else
+                        f"Makespan with one straggler of {fmt(args.straggler)} s", load_before, minutes),
         f"{args.rows} sleep rows, 8 workers, 8 shards of {args.rows // WORKERS}. Durations "
         f"{fmt(min(times))}–{fmt(max(times))} s (mean {fmt(sum(times) / len(times))} s, median "
         f"{fmt(median(times))} s; {short} of {args.rows} under twice the shortest). Lower bound "
@@ -145,7 +146,7 @@ def main() -> None:
                        max(r["dup"] for r in runs), max(r["missing"] for r in runs)]
                       for mode, runs in results.items()]),
     ]
-    common.publish("makespan", lines, readme=not args.no_readme)
+    common.publish("makespan" if not args.straggler else "makespan_straggler", lines, readme=not args.no_readme)
 
 
 if __name__ == "__main__":

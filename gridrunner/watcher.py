@@ -11,7 +11,9 @@ What it looks at, and what that costs in file-system metadata operations on the 
 (measured in ``bench/bench_metadata.py``):
 
 * ``<grid>/.changed``, which every shard transaction touches (:func:`gridrunner.store.mark_changed`):
-  one ``stat`` every ``TICK_S``. When it changed, the watcher reads every shard once (:meth:`Watcher.scan`).
+  one ``stat`` every ``TICK_S``. When it changed, the watcher reads every shard once (:meth:`Watcher.scan`),
+  unless as many worker tasks as the array had are still pending or running (then no replacement can
+  be due, and a busy grid, whose file changes with every row, costs no reads).
 * one shard file in turn, by ``stat``, every ``ROTATE_TICKS`` ticks: an edit made in place by hand does
   not touch the change file, and is seen after at most shards · ``ROTATE_TICKS`` · ``TICK_S`` seconds.
 * the holders of the running rows of the last scan, without touching files: a pid on this host
@@ -166,6 +168,7 @@ class SlurmLauncher:
         self.grid_dir = Path(grid_dir)
         self.own_job = own_job
         self.launched: list[str] = []
+        self._jobs: tuple = (None, [])  # (read yet, the worker jobs of submissions.jsonl)
 
     def queue(self) -> dict[str, str] | None:
         """State of each of this user's jobs in slurmctld (array tasks one by one); None if squeue failed."""
@@ -182,12 +185,24 @@ class SlurmLauncher:
         return states
 
     def worker_jobs(self) -> list[tuple[str, float]]:
-        """(job id, submitted at) of every worker task of the grid, user's and replacements."""
+        """(job id, submitted at) of every worker task of the grid, user's and replacements; the file is read
+        again only when its ``stat`` changed."""
+        if self._jobs[0] is None:
+            self.refresh()
+        return self._jobs[1]
+
+    def refresh(self) -> None:
+        """Read ``submissions.jsonl`` again (at every scan and launch, not every tick)."""
         from gridrunner.store import parse_iso
         from gridrunner.submit import submissions
 
-        return [(job, parse_iso(e.get("time", "")) or 0.0) for e in submissions(self.grid_dir)
+        jobs = [(job, parse_iso(e.get("time", "")) or 0.0) for e in submissions(self.grid_dir)
                 if e.get("executor") == "slurm" and e.get("kind", "workers") != "watcher" for job in e.get("job_ids", [])]
+        self._jobs = (True, jobs)
+
+    def live(self, queue: dict[str, str] | None) -> int | None:
+        """How many of the grid's worker tasks are pending or running (None if the queue is unknown)."""
+        return None if queue is None else self.coming(set(), queue)
 
     def coming(self, holders: set[str], queue: dict[str, str] | None) -> int:
         """Worker tasks that may still claim a row: listed in the queue, not ending, holding no row."""
@@ -213,6 +228,7 @@ class SlurmLauncher:
 
         ids = submit_replacement(self.grid_dir, n, homes, by=self.own_job)
         self.launched += ids
+        self.refresh()
         return ids
 
     def cancel(self, ids: list[str]) -> None:
@@ -243,6 +259,13 @@ class LocalLauncher:
     def queue(self) -> None:
         return None
 
+    def refresh(self) -> None:
+        pass
+
+    def live(self, queue) -> int:
+        with self._lock:
+            return len(self._to_start) + len(self._pids)
+
     def coming(self, holders: set[str], queue) -> int:
         from gridrunner.worker import parse_worker_id
 
@@ -272,6 +295,7 @@ class Scan:
     holders: set = field(default_factory=set)  # workers holding running rows, judged alive
     homes: list = field(default_factory=list)  # shard indexes with claimable rows, most first
     next_expiry: float = math.inf
+    started: dict = field(default_factory=dict)  # holder -> the start of its row
 
     @property
     def claimable(self) -> int:
@@ -333,6 +357,7 @@ class Watcher:
         from gridrunner.worker import Liveness, make_worker_id
 
         self.scans += 1
+        self.launcher.refresh()
         judge = Liveness(self.grid_dir, self.lease_s, me=make_worker_id(pid=0), dead_jobs=self._dead_jobs)
         out = Scan()
         per_shard = []
@@ -363,6 +388,7 @@ class Watcher:
                 per_shard.append((open_rows, path))
         out.finished = out.not_run == 0 and out.running == 0 and out.reclaimable == 0
         out.next_expiry = judge.next_expiry
+        out.started = dict(judge.alive)
         from gridrunner.store import shard_index
 
         out.homes = [shard_index(path) for _, path in sorted(per_shard, key=lambda t: -t[0])]
@@ -373,26 +399,26 @@ class Watcher:
 
         return {parse_worker_id(h)[2] for h in holders if parse_worker_id(h)[2]}
 
-    def _holder_gone(self, holders: set[str]) -> bool:
+    def _holder_gone(self, scan: Scan) -> bool:
         """Whether a holder of the last scan may be gone, looking at no shard: a pid on this host (no file),
-        a job that left the queue (squeue, every ``QUEUE_S``), and, once the soonest lease may have run
-        out, the holders' heartbeat files (one ``stat`` each, about once a lease)."""
-        from gridrunner.worker import heartbeat_path, parse_worker_id
+        a job that the latest queue (``squeue``, every ``QUEUE_S``) no longer lists or lists as pending
+        again, and, once the soonest lease may have run out, the holders' heartbeat files (one ``stat``
+        each, about once a lease)."""
+        from gridrunner.store import parse_iso
+        from gridrunner.worker import JOB_STATE_MARGIN_S, heartbeat_path, parse_worker_id
 
-        for holder in holders:
+        for holder in scan.holders:
             host, pid, job = parse_worker_id(holder)
             if job is None and host == HOST and not pid_alive(pid):
                 return True
-        jobs = self._holder_jobs(holders)
-        if jobs and time.monotonic() - self._queue_at > QUEUE_S:
-            self._ask_queue()
-            if self._queue is not None and any(j not in self._queue or self._queue[j] in ("PENDING", "REQUEUED")
-                                               for j in jobs):
-                return True
+            if job and self._queue is not None and (job not in self._queue or self._queue[job] in ("PENDING", "REQUEUED")):
+                claimed = parse_iso(scan.started.get(holder, "")) or 0.0
+                if claimed + JOB_STATE_MARGIN_S < self._queue_at_epoch:  # a claim after the question waits for the next
+                    return True
         if time.time() < self._hb_expiry:
             return False
         soonest = math.inf
-        for holder in holders:
+        for holder in scan.holders:
             try:
                 beat = os.stat(heartbeat_path(self.grid_dir, holder)).st_mtime
             except OSError:
@@ -424,8 +450,9 @@ class Watcher:
             log.warning("cannot write the watcher's state file: %s", err)
 
     def _loop(self) -> str:
-        changed = self.grid_dir / CHANGED_FILE
+        changed_file = self.grid_dir / CHANGED_FILE
         last_change = None
+        last_live = None
         beat_at = time.monotonic()
         rotate = 0
         ticks = 0
@@ -434,13 +461,13 @@ class Watcher:
         scan = None
         while not self._stop.is_set():
             try:
-                st = os.stat(changed)
+                st = os.stat(changed_file)
                 signature = (st.st_mtime_ns, st.st_ino)
             except OSError:
                 signature = None
-            due = scan is None or signature != last_change or self._holder_gone(scan.holders)
+            changed = signature != last_change
             ticks += 1
-            if not due and ticks % ROTATE_TICKS == 0 and paths:
+            if not changed and ticks % ROTATE_TICKS == 0 and paths:
                 path = paths[rotate % len(paths)]
                 rotate += 1
                 try:
@@ -448,19 +475,19 @@ class Watcher:
                     sig = (st.st_mtime_ns, st.st_size, st.st_ino)
                 except OSError:
                     sig = None
-                due = path in seen_shards and seen_shards[path] != sig  # edited in place since the last look
+                changed = path in seen_shards and seen_shards[path] != sig  # edited in place since the last look
                 seen_shards[path] = sig
-            if not due and scan is not None and scan.claimable and time.monotonic() - self._queue_at > QUEUE_S:
-                # Rows were left open for workers said to be coming: launch more if some of them are not.
+            if time.monotonic() - self._queue_at > QUEUE_S:
                 self._ask_queue()
-                reason = self._launch(scan)
-                if reason:
-                    return reason
-            if due:
-                last_change = signature
-                if time.monotonic() - self._queue_at > QUEUE_S:
-                    self._ask_queue()
+            live = self.launcher.live(self._queue)
+            gone = scan is not None and self._holder_gone(scan)
+            dropped = live is not None and last_live is not None and live < last_live
+            # A change while as many worker tasks as the array had still run or wait cannot call for a
+            # replacement: read no shard then (a busy grid's change file changes with every row).
+            crowded = live is not None and live >= self.array_size
+            if scan is None or gone or dropped or (changed and not crowded):
                 scan = self.scan()
+                last_change, last_live = signature, live
                 self._hb_expiry = scan.next_expiry
                 paths = self.store.shard_paths()
                 seen_shards = {}
@@ -470,6 +497,10 @@ class Watcher:
                     reason = self._launch(scan)
                     if reason:
                         return reason
+            elif changed:
+                last_change = signature
+            if live is not None and (last_live is None or live > last_live):
+                last_live = live  # launched tasks entered the queue
             if time.monotonic() - beat_at >= BEAT_S:
                 beat_at = time.monotonic()
                 try:

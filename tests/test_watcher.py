@@ -117,12 +117,19 @@ def test_a_node_that_cannot_run_sbatch_leaves_the_workers_lingering_with_a_warni
 class Counting:
     """A launcher that launches nothing and counts: what the watcher would have started."""
 
-    def __init__(self, coming: int = 0):
+    def __init__(self, coming: int = 0, live: int | None = None):
         self.n_coming = coming
+        self.n_live = live
         self.launches = []
 
     def queue(self):
         return None
+
+    def refresh(self):
+        pass
+
+    def live(self, queue):
+        return self.n_live  # None: unknown, every change is looked at
 
     def coming(self, holders, queue):
         return self.n_coming
@@ -224,3 +231,26 @@ def test_an_idle_watcher_reads_no_shard_until_the_change_file_is_touched(project
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_a_watcher_reads_no_shard_while_the_whole_array_runs_and_scans_when_a_task_leaves(project):
+    grid = make_grid(project, {"task": "gridrunner.tasks.toy:noop", "outcomes": ["value"], "max_len": 1,
+                               "grid": {"i": list(range(4))}})
+    import threading
+
+    launcher = Counting(coming=2, live=2)  # both tasks of a 2-task array pending or running
+    watcher = watching.Watcher(grid, 2, launcher, lease_s=600, tick_s=0.05)
+    thread = threading.Thread(target=watcher.run)
+    thread.start()
+    try:
+        assert wait_until(lambda: watcher.scans == 1, 10)
+        for _ in range(5):  # a busy grid: its change file changes with every row
+            mark_changed(grid)
+            time.sleep(0.1)
+        assert watcher.scans == 1 and not launcher.launches
+        launcher.n_live, launcher.n_coming = 1, 1  # one task ended: the rows may need a replacement
+        assert wait_until(lambda: watcher.scans == 2, 5)
+        assert launcher.launches == [(1, [0, 1, 2, 3])]
+    finally:
+        watcher.request_stop()
+        thread.join(timeout=10)

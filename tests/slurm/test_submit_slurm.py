@@ -371,3 +371,24 @@ def test_the_watcher_resubmits_a_cancelled_tasks_row_which_resumes_from_its_chec
     status = gridrunner("status")
     assert "replacement submitted by the watcher" in status and "1 replacement task(s) submitted" in status
     wait_all_ended(slurm_cluster, grid, 60)
+
+
+@pytest.mark.timeout(120)
+def test_cancel_stops_the_watcher_first_and_nothing_is_resubmitted(project, slurm_cluster):
+    grid = make_grid(project, {"task": "gridrunner.tasks.toy:sleep", "outcomes": ["slept"], "grid": {"i": [0, 1]},
+                               "fixed": {"duration": 60}})
+    gridrunner("submit", "--shards", "2")
+    (watcher,) = worker_entries(grid, "watcher")
+    assert wait_until(lambda: len(running_rows(grid)) == 2, 60, interval_s=0.2)
+    assert wait_until(lambda: "watching" in gridrunner("status"), 30, interval_s=0.5)
+
+    output = gridrunner("cancel")
+
+    (watcher_job,) = watcher["job_ids"]
+    assert f"Slurm job {watcher_job} (the watcher)" in output
+    wait_all_ended(slurm_cluster, grid, 60)
+    assert set(array_states(slurm_cluster, grid).values()) == {"CANCELLED"}
+    assert wait_until(lambda: "the grid's watcher: ended, 0 replacement task(s) submitted (stopped)"
+                      in gridrunner("status"), 30, interval_s=1)
+    time.sleep(3)  # the rows' workers are gone: a watcher still on duty would submit replacements now
+    assert not worker_entries(grid, "replacement")
