@@ -4,6 +4,8 @@
 #   make lock   re-resolve requirements/*.lock from setup.cfg (after changing a dependency)
 VENV ?= .venv
 LOCK ?= requirements/cpu.lock
+# The locks are resolved for CPython 3.11 (Debian 12's python3): other versions would install other wheels.
+PYTHON ?= python3.11
 LOCK_PYTHON = --python-version 3.11 --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" -q
 GRID ?= grids/demo.yaml
 RUNS ?= runs
@@ -11,7 +13,8 @@ RUNS ?= runs
 .PHONY: demo test install clean-demo lock
 
 $(VENV)/.installed: setup.cfg pyproject.toml $(LOCK)
-	python3 -m venv $(VENV)
+	@command -v $(PYTHON) >/dev/null || { echo "Error: $(PYTHON) not found; the locks are for CPython 3.11 (make PYTHON=/path/to/python3.11 ...)" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -r $(LOCK)
 	$(VENV)/bin/pip install -q --no-deps -e .

@@ -21,10 +21,14 @@ if TYPE_CHECKING:
     from gridrunner.lock import ShardLock
 
 
-def write_atomic(path: Path, text: str, lock: ShardLock | None = None, fsync: bool = True) -> None:
+def write_atomic(path: Path, text: str, lock: ShardLock | None = None, fsync: bool = True,
+                 still_as_read=None) -> bool:
     """Write ``text`` to ``path`` through a temporary file and a rename; the old file stays on any error.
 
-    With ``lock``, the rename happens only if the lock is still ours (see the module docstring).
+    With ``lock``, the rename happens only if the lock is still ours (see the module docstring). With
+    ``still_as_read`` (a callable), the rename happens only if it returns True: a shard that someone
+    saved without the lock (an editor) since the transaction read it is not written over. Returns whether
+    the file was replaced.
     """
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
@@ -42,7 +46,11 @@ def write_atomic(path: Path, text: str, lock: ShardLock | None = None, fsync: bo
         if lock is not None and not lock.still_held():
             raise GridError(f"{path}: the lock was broken while this process held it (stalled for over "
                             f"{lock.stale_s:.0f} s); the write was abandoned and the shard is unchanged")
+        if still_as_read is not None and not still_as_read():
+            os.unlink(tmp)
+            return False
         os.replace(tmp, path)
+        return True
     except BaseException:
         try:
             os.unlink(tmp)

@@ -6,6 +6,7 @@ printed, and the exit code is 3.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -158,18 +159,27 @@ def _scheduler_dead_jobs(grid_dir):
 
 @main.command()
 @_grid_options
-def status(grid, runs_dir):
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead (its schema is in the README).")
+@click.option("--watch", "watch_s", type=click.FloatRange(min=0.1), is_flag=False, flag_value=2.0, default=None,
+              metavar="[SECONDS]", help="Look again every SECONDS (default 2) until the grid is finished; "
+                                        "Ctrl-C stops. With --json: one document per line.")
+def status(grid, runs_dir, as_json, watch_s):
     """Progress per shard, counts by status, running rows with age and worker, stale claims and an ETA."""
-    from rich.console import Console
-
-    from gridrunner.status import grid_status, render
-
-    from gridrunner.submit import job_states
+    from gridrunner.status import current_status, make_console, render, to_json, watch
 
     grid_dir = _find(grid, runs_dir)
-    status = grid_status(grid_dir)
-    status.jobs = job_states(grid_dir)
-    render(status, Console())
+    console = make_console()
+    if watch_s is not None:
+        try:
+            watch(lambda: current_status(grid_dir), console, watch_s, as_json=as_json)
+        except KeyboardInterrupt:  # the usual way to stop watching, not an error
+            pass
+        return
+    status = current_status(grid_dir)
+    if as_json:
+        click.echo(json.dumps(to_json(status), indent=2))
+    else:
+        render(status, console)
 
 
 @main.command()
@@ -189,6 +199,31 @@ def reset(grid, runs_dir, statuses, rows, where, dry_run):
 
     n = reset_rows(_find(grid, runs_dir), statuses=statuses, rows=rows, where=where, dry_run=dry_run)
     click.echo(f"{'would reset' if dry_run else 'reset'} {n} row(s)")
+
+
+@main.command()
+@_grid_options
+@click.option("--shard", default=0, show_default=True, type=click.IntRange(min=0), help="The shard to edit.")
+@click.option("--command", "command", default=None, help="The editor command (default: $VISUAL, then $EDITOR); "
+                                                        "the file's path is added at the end.")
+def edit(grid, runs_dir, shard, command):
+    """Edit a shard in your editor, safely while workers run: on save, your changes are merged under the lock."""
+    from gridrunner.edit import edit_shard
+
+    result = edit_shard(_find(grid, runs_dir), shard, command)
+    click.echo(result.summary)
+    for conflict in result.conflicts:
+        click.echo(f"  {conflict}")
+
+
+@main.command()
+@_grid_options
+def recover(grid, runs_dir):
+    """Rebuild shards that were deleted, truncated or garbled, from their journals; say what was rebuilt."""
+    from gridrunner.recovery import recover_grid
+
+    for rebuilt in recover_grid(_find(grid, runs_dir)):
+        click.echo(rebuilt.line())
 
 
 @main.command()
@@ -258,11 +293,9 @@ def _wait_with_progress(grid_dir, submission) -> None:
                             detail=f"{counts['failed']} failed, {counts['running']} running")
 
         submission.wait(grid_dir, on_progress=show)
-    from rich.console import Console
+    from gridrunner.status import grid_status, make_console, render
 
-    from gridrunner.status import grid_status, render
-
-    render(grid_status(grid_dir), Console())
+    render(grid_status(grid_dir), make_console())
 
 
 @main.command()

@@ -79,6 +79,8 @@ class Shard:
         self.params = header[: self.n_params]
         self.outcomes = header[self.n_params + _NB:]
         self.dirty = False
+        self.note = ""  # what a reconciliation did, for the journal
+        self.base = None  # the committed rows this parse started from (a list by index, or a dict by id)
 
     # ---- parsing
 

@@ -10,6 +10,9 @@ still gets a new process, forked from the spawner, so what the README promises h
 out-of-memory kill costs the row, not the worker, and a task that imports TensorFlow imports it in the
 row's process, which gives the GPU's memory back when it exits.
 
+The spawner sets :data:`ROW_ENVIRONMENT` (where the user's environment does not) before its first fork,
+so every row's process starts with it.
+
 Lifetimes: the spawner dies with its worker and a row's process with the spawner (``PR_SET_PDEATHSIG``),
 so a killed worker never leaves a row running. The spawner installs the row's signal handlers once,
 before any fork, and its row processes inherit them: SIGUSR1 and SIGTERM make ``ctx.should_stop()``
@@ -46,6 +49,9 @@ from gridrunner.errors import GridError, Interrupted, SpecError
 #: Modules that start threads or take a GPU on import: a task that loads one is imported in each row's
 #: process, never in the spawner (forking after they start is unsafe).
 HEAVY_MODULES = ("tensorflow", "torch", "jax", "cupy", "keras")
+#: Set in every row's process where the user's environment does not set them. TensorFlow's C++ log then
+#: shows warnings and errors, not the notices it prints at every start (its CPU-feature lines).
+ROW_ENVIRONMENT = {"TF_CPP_MIN_LOG_LEVEL": "2"}
 _HEADER = struct.Struct("!I")
 _PR_SET_PDEATHSIG = 1
 try:
@@ -102,6 +108,12 @@ def _resolve_task(task: str):
     raise SpecError(None, "task", f"cannot import task {task!r}: no module {module_name!r} in the current "
                                   f"directory, on the Python path or among gridrunner's tasks (valid: "
                                   f"'module:function', or the name of a bundled task: dncnn, unet, toy:<function>)")
+
+
+def set_row_environment() -> None:
+    """Give this process (and the rows it forks) :data:`ROW_ENVIRONMENT`, keeping what the user set."""
+    for name, value in ROW_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
 
 
 def call_task(task: str, params: dict, ctx: Context) -> dict:
@@ -278,6 +290,7 @@ def main(request_fd: int, reply_fd: int, worker: int) -> None:
     """The spawner's loop (run by :meth:`Spawner.start` in a fresh interpreter)."""
     global _CURRENT
     _die_with_parent(worker)
+    set_row_environment()
     signal.signal(signal.SIGUSR1, _ask_to_stop)
     signal.signal(signal.SIGTERM, _ask_to_stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the worker, which asks the row via SIGUSR1

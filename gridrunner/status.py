@@ -2,9 +2,15 @@
 
 Reads every shard once without locks (a shard is replaced atomically, so each read is consistent)
 and never imports pandas, so ``gridrunner status`` stays fast on a grid of 100,000 rows.
+
+Three views of one :class:`GridStatus`: :func:`render` (rich text), :func:`to_json` (the document
+``status --json`` prints; its schema is in the README) and :func:`watch` (either, again every few
+seconds until the grid is finished).
 """
 from __future__ import annotations
 
+import io
+import json
 import statistics
 import time
 from collections import Counter
@@ -24,6 +30,7 @@ from gridrunner.store import (
     parse_iso,
 )
 from gridrunner.worker import Liveness, make_worker_id
+from gridrunner.reconcile import hand_edit_report
 
 
 @dataclass
@@ -57,6 +64,7 @@ class GridStatus:
     errors: Counter = field(default_factory=Counter)  # error kind -> count
     duplicates: list = field(default_factory=list)  # (row_id, [shard names])
     jobs: list = field(default_factory=list)  # filled in by submission: dicts with job_id, state, ...
+    hand_edits: list = field(default_factory=list)  # lines: what reconciliations did, and what awaits one
 
     @property
     def counts(self) -> Counter:
@@ -96,6 +104,7 @@ def grid_status(grid_dir: str | Path) -> GridStatus:
     status = GridStatus(grid_dir, spec.name)
     seen: dict[str, str] = {}
     now = time.time()
+    status.hand_edits = hand_edit_report(store)
     for path in store.shard_paths():
         entry = ShardStatus(path)
         status.shards.append(entry)
@@ -127,6 +136,134 @@ def grid_status(grid_dir: str | Path) -> GridStatus:
                 if state == "failed":
                     status.errors[fields[p + ERROR].split(":", 1)[0] or "?"] += 1
     return status
+
+
+def current_status(grid_dir: str | Path) -> GridStatus:
+    """The grid's status with its jobs (from the scheduler, if it ran on Slurm): what ``status`` shows."""
+    from gridrunner.submit import job_states
+
+    status = grid_status(grid_dir)
+    status.jobs = job_states(Path(grid_dir))
+    return status
+
+
+#: The version of :func:`to_json`'s document. New keys may appear without a new version; a key that is
+#: removed or changes its meaning gets a new one.
+JSON_SCHEMA_VERSION = 1
+
+
+def to_json(status: GridStatus, now: float | None = None) -> dict:
+    """The status as plain JSON types: every count, each shard's progress, running and stale rows,
+    failures by kind, the ETA and the jobs (the README's "status --json" lists the keys)."""
+
+    def counts_of(counter: Counter) -> dict:
+        out = {state: counter[state] for state in STATUSES}
+        out.update({state: n for state, n in counter.items() if state not in out})
+        return out
+
+    def running_row(row: RunningRow) -> dict:
+        return {"row_id": row.row_id, "shard": row.shard, "worker": row.worker,
+                "age_s": None if row.age_s is None else round(row.age_s, 3), "stale": row.stale}
+
+    counts = status.counts
+    eta = None if status.finished else status.eta_s()
+    shards = []
+    for shard in status.shards:
+        c = shard.counts
+        finished = c["done"] + c["failed"]
+        shards.append({"name": shard.path.name, "path": str(shard.path), "total": shard.total,
+                       "finished": finished, "progress": finished / shard.total if shard.total else 1.0,
+                       "counts": counts_of(c), "bad_rows": [{"line": line, "message": message}
+                                                            for line, message in shard.bad],
+                       "error": shard.error})
+    finished = counts["done"] + counts["failed"]
+    return {
+        "schema": JSON_SCHEMA_VERSION,
+        "grid": status.name,
+        "grid_dir": str(status.grid_dir),
+        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if now is None else now)),
+        "finished": status.finished,
+        "total": status.total,
+        "finished_rows": finished,
+        "progress": finished / status.total if status.total else 1.0,
+        "counts": counts_of(counts),
+        "bad_rows": sum(len(shard.bad) for shard in status.shards),
+        "unreadable_shards": sum(1 for shard in status.shards if shard.error),
+        "shards": shards,
+        "running": [running_row(row) for row in sorted(status.running, key=lambda r: -(r.age_s or 0))],
+        "stale": [running_row(row) for row in status.stale],
+        "live_workers": len({r.worker for r in status.running if not r.stale}),
+        "failures": {"by_kind": dict(status.errors.most_common())},
+        "median_runtime_s": statistics.median(status.runtimes) if status.runtimes else None,
+        "eta_s": None if eta is None else round(eta, 3),
+        "duplicates": [{"row_id": row_id, "shards": names} for row_id, names in status.duplicates],
+        "jobs": [dict(job) for job in status.jobs],
+    }
+
+
+def make_console(file=None):
+    """A rich console for status output. Off a terminal (a pipe, a file, a log) it never breaks a
+    line in the middle, so every line stays whole for ``grep`` and scripts."""
+    from rich.console import Console
+
+    console = Console(file=file)
+    if not console.is_terminal:
+        console.soft_wrap = True
+    return console
+
+
+def watch(load, console, interval_s: float, as_json: bool = False, sleep=time.sleep) -> GridStatus:
+    """Show ``load()`` (a :class:`GridStatus`) every ``interval_s`` seconds until the grid is finished.
+
+    On a terminal the text is redrawn in place. Elsewhere each change of the counts prints the status
+    again, whole, after a blank line (the ages of running rows alone are no change). ``as_json`` prints
+    one :func:`to_json` document per line at every look. Returns the last status; Ctrl-C ends the watch
+    (the caller decides what that means)."""
+    if as_json:
+        while True:
+            status = load()
+            console.file.write(json.dumps(to_json(status)) + "\n")
+            console.file.flush()
+            if status.finished:
+                return status
+            sleep(interval_s)
+    if not console.is_terminal:
+        shown = None
+        while True:
+            status = load()
+            key = _change_key(status)
+            if key != shown:
+                if shown is not None:
+                    console.print()
+                render(status, console)
+                console.file.flush()
+                shown = key
+            if status.finished:
+                return status
+            sleep(interval_s)
+    from rich.console import Console
+    from rich.live import Live
+    from rich.text import Text
+
+    def draw(status: GridStatus):
+        buffer = Console(file=io.StringIO(), force_terminal=True, color_system=console.color_system,
+                         width=console.width)
+        render(status, buffer)
+        return Text.from_ansi(buffer.file.getvalue().rstrip("\n"))
+
+    status = load()
+    with Live(draw(status), console=console, auto_refresh=False, transient=False) as live:
+        while not status.finished:
+            sleep(interval_s)
+            status = load()
+            live.update(draw(status), refresh=True)
+    return status
+
+
+def _change_key(status: GridStatus) -> tuple:
+    return (tuple(tuple(sorted(s.counts.items())) + (len(s.bad), s.error) for s in status.shards),
+            tuple(sorted((r.row_id, r.worker, r.stale) for r in status.running)),
+            tuple(tuple(sorted(job.items())) for job in status.jobs))
 
 
 def format_duration(seconds: float | None) -> str:
@@ -178,5 +315,7 @@ def render(status: GridStatus, console, max_shards: int = 40, max_running: int =
             console.print(f"[red]bad row[/] {shard.path}:{line}: {message}")
     for row_id, names in status.duplicates[:5]:
         console.print(f"[red]duplicate row[/] {row_id} in {' and '.join(names)}: delete one copy")
+    for line in status.hand_edits:
+        console.print(f"[bold]hand edit[/] {line}", soft_wrap=True)
     for job in status.jobs:
         console.print(f"job {job.get('job_id')}: {job.get('state')} {job.get('detail', '')}".rstrip())

@@ -6,11 +6,17 @@ Layout of a grid directory::
     runs/<name>/spec.source.yaml     the user's file as it was at the last `make`
     runs/<name>/shards/shard-NNN.csv the rows (the CSV contract, see the README)
     runs/<name>/rows/<row_id>/       per-row files the worker and the task write
+    runs/<name>/journal/             every committed row state, per shard (:mod:`gridrunner.journal`)
 
-Every change to a shard is one transaction: take the shard's lock, read the file, change rows in
-memory, write a temporary file in the same directory, fsync it, check the lock is still ours, rename
-it over the shard, release the lock. A reader never takes the lock: rename is atomic (also over NFS),
-so a reader sees the old file or the new one, never a mix.
+Every change to a shard is one transaction: take the shard's lock; read the file (if it is not what
+gridrunner last committed, someone saved it by hand: merge it with the journal first,
+:mod:`gridrunner.reconcile`); change rows in memory; append the changed rows to the journal and fsync
+it; write a temporary file in the same directory; check the lock is still ours and the file is still
+the one read (a hand save meanwhile stays, and the next transaction merges it); rename it over the
+shard; release the lock. A reader never takes the lock: rename is atomic (also over NFS), so a reader
+sees the old file or the new one, never a mix. The journal line is the durable record, so the
+temporary file is not fsynced: after a machine crash the shard may be an older version, which the next
+transaction merges like any stale copy.
 
 The lock's algorithm and its race windows are in :mod:`gridrunner.lock`, the file format in
 :mod:`gridrunner.shardfile`, the atomic replacement in :mod:`gridrunner.atomic`. This module holds
@@ -22,6 +28,7 @@ scans the whole grid per row.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 import os
@@ -33,9 +40,11 @@ from typing import Callable, Iterable, Iterator
 
 from gridrunner.atomic import StoreWriteError, remove_orphaned_temps, why_failed, write_atomic
 from gridrunner.errors import GridError, ShardError, SpecError
+from gridrunner.journal import Journal, append_note, commit_entry, compact_if_long, text_sha
 from gridrunner.lock import BROKEN, HOST, ShardLock, pid_alive, remove_orphaned_breaks
 from gridrunner.shardfile import (_NB, ATTEMPTS, ERROR, FINISHED, ROW_ID, RUNTIME, SHARD_GLOB, STARTED, STATUS,
                                   WORKER, Shard, header_for, now_iso, parse_iso, safe_cell, shard_index, shard_name)
+from gridrunner.reconcile import ShardHalfWritten, fingerprint, reconcile_file
 from gridrunner.spec import canonical_json
 
 __all__ = [  # re-exported from the modules above, for `from gridrunner.store import X`
@@ -110,8 +119,10 @@ class GridStore:
         self.grid_dir = Path(grid_dir)
         self.shard_dir = self.grid_dir / SHARD_DIR
         self.lock_stale_s = lock_stale_s
-        # path -> (text, header, records) of shards this process wrote last: see read()
-        self._written: dict[Path, tuple[str, list[str], list[list[str]]]] = {}
+        # path -> (text, header, records, sha) of shards this process wrote last: see read()
+        self._written: dict[Path, tuple[str, list[str], list[list[str]], str]] = {}
+        self._journals: dict[Path, Journal] = {}
+        self._read_stat: dict[Path, tuple] = {}  # path -> (ino, size, mtime_ns) of the file as last read
         self._reported: set[tuple[Path, int, str]] = set()  # bad rows already reported by claim()
 
     # ---- files
@@ -125,29 +136,85 @@ class GridStore:
         return self.grid_dir / ROWS_DIR / row_id
 
     def read(self, path: Path) -> Shard:
-        try:
-            with open(path, encoding="utf-8", newline="") as fh:  # newline="": keep quoted \r intact
-                text = fh.read()
-        except FileNotFoundError:
-            raise ShardError(path, "no such shard") from None
-        except UnicodeDecodeError as err:
-            raise ShardError(path, f"not UTF-8 text: {err}") from None
+        """The shard as it is on disk, parsed (no lock, no reconciliation: for readers)."""
+        text = self._read_text(path)
         written = self._written.get(path)
         if written is not None and written[0] == text:
             # Unchanged since this process wrote it (the usual case: a worker on its own shard), so its
             # parse is the one we hold: skip the parse and the row-id checks, which cost more than the I/O.
-            _, header, records = written
+            _, header, records, _sha = written
             return Shard(path, header, [r[:] for r in records], {}, list(range(2, len(records) + 2)))
         return Shard.parse(path, text)
 
-    def _remember(self, path: Path, text: str, shard: Shard) -> None:
+    def _read_text(self, path: Path) -> str:
+        try:
+            with open(path, encoding="utf-8", newline="") as fh:  # newline="": keep quoted \r intact
+                st = os.fstat(fh.fileno())
+                self._read_stat[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+                return fh.read()
+        except FileNotFoundError:
+            raise ShardError(path, "no such shard") from None
+        except UnicodeDecodeError as err:
+            raise ShardError(path, f"not UTF-8 text: {err}") from None
+
+    def journal(self, path: Path) -> Journal:
+        journal = self._journals.get(path)
+        if journal is None:
+            journal = self._journals[path] = Journal(path, fingerprint)
+        return journal
+
+    def _read_committed(self, path: Path) -> Shard:
+        """Holding the lock: the shard with every committed state in it. If someone else saved the file
+        since gridrunner last committed it, it is merged with the journal first (:mod:`gridrunner.reconcile`)."""
+        text = self._read_text(path)
+        journal = self.journal(path)
+        head = journal.head()
+        written = self._written.get(path)
+        if written is not None and written[0] == text and head is not None and head[1] == written[3]:
+            _, header, records, _sha = written
+            shard = Shard(path, header, [r[:] for r in records], {}, list(range(2, len(records) + 2)))
+            shard.base = records
+            return shard
+        sha = text_sha(text)
+        if head is None or head[1] == sha:
+            shard = Shard.parse(path, text)
+            shard.base = [r[:] for r in shard.records]
+            if head is None:  # a shard written before journals, or a new one: what it holds is committed
+                journal.snapshot(shard.header, [shard.records[i] for i in shard.valid()], sha)
+            return shard
+        shard, note = reconcile_file(path, text, journal, self._read_text)
+        if note:
+            log.warning("%s", note)
+            append_note(self.shard_dir, note)
+        return shard
+
+    def _unchanged_since_read(self, path: Path) -> bool:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return False
+        return self._read_stat.get(path) == (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _remember(self, path: Path, text: str, shard: Shard, sha: str) -> None:
         """Keep what this process just wrote to ``path``, if it is clean, for :meth:`read`."""
         self._written.pop(path, None)
         if shard.errors or "\r" in text or text.count("\n") != len(shard.records) + 1:
             return  # bad rows or multi-line cells: their line numbers come from a real parse
-        self._written[path] = (text, shard.header, [r[:] for r in shard.records])
+        self._written[path] = (text, shard.header, [r[:] for r in shard.records], sha)
         if len(self._written) > 8:
             del self._written[next(iter(self._written))]
+
+    def holds(self, path: Path, row_id: str) -> bool:
+        """Without the lock: does the shard (or, if it cannot be read, its journal) still hold ``row_id``."""
+        try:
+            return self.read(path).find(row_id) is not None
+        except ShardError:
+            state = self.journal(path).read_state()
+            return state is not None and row_id in state.latest
+
+    def note(self, message: str) -> None:
+        """Add a line to the notes that ``status`` shows."""
+        append_note(self.shard_dir, message)
 
     def glance(self, path: Path) -> tuple[bool, bool]:
         """Without the lock: (may ``path`` hold ``not_run`` rows, may it hold ``running`` rows).
@@ -155,11 +222,17 @@ class GridStore:
         A shard is replaced atomically, so this reads one whole version. A status cell is one of the
         words in STATUSES, quoted or not, so (False, False) means that version has nothing to claim;
         True may be a false alarm (a parameter value containing the word), which the claim settles.
-        Lets a worker pass over finished shards without taking their locks.
+        Lets a worker pass over finished shards without taking their locks. A finished shard that was
+        saved by hand since gridrunner last wrote it gives (True, True): the claim merges the save.
         """
         with open(path, "rb") as fh:
             data = fh.read()
-        return b"not_run" in data, b"running" in data
+        may_open, may_run = b"not_run" in data, b"running" in data
+        if not may_open and not may_run:
+            head = self.journal(path).head()
+            if head is not None and hashlib.sha1(data).hexdigest()[:16] != head[1]:
+                return True, True
+        return may_open, may_run
 
     def read_all(self) -> list[Shard]:
         return [self.read(p) for p in self.shard_paths()]
@@ -177,12 +250,18 @@ class GridStore:
             remove_orphaned_temps(path)
             remove_orphaned_breaks(path.parent, path.name, self.lock_stale_s)
         try:
-            shard = self.read(path)
+            shard = self._read_committed(path)
             yield shard
             if shard.dirty:
                 text = shard.render()
+                sha = text_sha(text)
                 try:
-                    write_atomic(path, text, lock)
+                    journal = self.journal(path)
+                    journal.append(commit_entry(shard, sha))  # fsynced before the rename
+                    # The journal line is the durable record, so the shard's own file is not fsynced: after a
+                    # crash it is this version or an older one, which the next transaction merges as a stale copy.
+                    replaced = write_atomic(path, text, lock, fsync=False,
+                                            still_as_read=lambda: self._unchanged_since_read(path))
                 except OSError as err:
                     self._written.pop(path, None)
                     raise StoreWriteError(f"{path}: cannot write the shard ({why_failed(err)}); it keeps its previous "
@@ -190,8 +269,15 @@ class GridStore:
                 except BaseException:
                     self._written.pop(path, None)
                     raise
-                self._remember(path, text, shard)
-                mark_changed(self.grid_dir)
+                mark_changed(self.grid_dir)  # committed (the journal line): a watcher looks again
+                if not replaced:
+                    # Saved by someone else while this transaction ran: their file stays, and the next
+                    # transaction merges it with the journal, where this one's changes are the newest state.
+                    self._written.pop(path, None)
+                    return
+                self._remember(path, text, shard, sha)
+                if "not_run" not in text and "running" not in text:
+                    compact_if_long(journal, sha)  # a finished shard: its journal becomes one snapshot line
         finally:
             lock.release()
 
@@ -205,6 +291,15 @@ class GridStore:
         (whether ``finish`` was recorded — None if there was none —, what the scan found).
         """
         scan = ClaimScan()
+        try:
+            return self._claim(path, worker, is_stale, max_attempts, finish, scan)
+        except ShardHalfWritten:
+            if finish is None:
+                raise
+            scan.running_elsewhere = 1  # a save in progress: the worker looks again soon
+            return self._record_in_journal(*finish), scan
+
+    def _claim(self, path, worker, is_stale, max_attempts, finish, scan):
         recorded = None
         with _telling_what_was_lost(finish), self.transaction(path) as shard:
             self._report_bad_rows(shard)
@@ -257,8 +352,31 @@ class GridStore:
 
     def record(self, claim: Claim, result: Result) -> bool:
         """Write a result for ``claim``. False (and nothing written) if the row is no longer ours."""
-        with _telling_what_was_lost((claim, result)), self.transaction(claim.path) as shard:
-            return self._record(shard, claim, result)
+        try:
+            with _telling_what_was_lost((claim, result)), self.transaction(claim.path) as shard:
+                return self._record(shard, claim, result)
+        except ShardHalfWritten:
+            return self._record_in_journal(claim, result)
+
+    def _record_in_journal(self, claim: Claim, result: Result) -> bool:
+        """The shard looks half-written (an in-place save in progress): record the result in the journal
+        only. The next transaction that finds the file whole merges it in; ``recover`` rebuilds the file."""
+        path = claim.path
+        with ShardLock(str(path) + ".lock", stale_s=self.lock_stale_s):
+            journal = self.journal(path)
+            state = journal.read_state()
+            cells = state.latest.get(claim.row_id) if state is not None else None
+            if cells is None:
+                return False
+            shard = Shard(path, state.header, [list(cells)], {}, [2])
+            if not self._record(shard, claim, result):
+                return False
+            journal.append({"sha": None, "rows": [shard.records[0]]})
+        self._written.pop(path, None)
+        log.warning("%s looks half-written (an in-place save in progress?): the result of row %s is kept in its "
+                    "journal and merged into the file once it is whole (`gridrunner recover` rebuilds it)",
+                    path.name, claim.row_id)
+        return True
 
     @staticmethod
     def _record(shard: Shard, claim: Claim, result: Result) -> bool:
@@ -325,7 +443,9 @@ class GridStore:
                 target = self.shard_dir / shard_name(next_index + k)
                 part = Shard(target, shard.header, [shard.records[i] for i in group], {}, [])
                 tmp = target.with_name(target.name + ".pending")
-                write_atomic(tmp, part.render())
+                text = part.render()
+                start_journal(target, part.header, part.records, text)
+                write_atomic(tmp, text)
                 pending.append((tmp, target))
             shard.records = [r for i, r in enumerate(shard.records) if i not in moved]
             shard.errors = {}
@@ -389,6 +509,7 @@ def write_shards(shard_dir: Path, header: list[str], rows: Iterable[tuple], max_
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(buffer)
+        start_journal(path, header, buffer, out.getvalue(), fsync=fsync)
         write_atomic(path, out.getvalue(), fsync=fsync)
         written.append(path)
         buffer.clear()
@@ -403,6 +524,15 @@ def write_shards(shard_dir: Path, header: list[str], rows: Iterable[tuple], max_
     if written:
         mark_changed(Path(shard_dir).parent)
     return written
+
+
+def start_journal(path: Path, header: list[str], records: list[list[str]], text: str, fsync: bool = True) -> None:
+    """The first line of a new shard's journal. A journal left by an earlier shard of that name (deleted
+    by hand) is kept beside it, renamed, for ``recover``'s report."""
+    journal = Journal(path, fingerprint)
+    if journal.exists():
+        os.replace(journal.path, journal.path.with_name(f"{journal.path.name}.replaced-{int(time.time())}"))
+    journal.snapshot(header, records, text_sha(text), fsync=fsync, text=text)
 
 
 def check_compatible(old: dict, new: dict, path: Path) -> None:

@@ -50,10 +50,11 @@ from typing import Callable, Iterator
 from gridrunner.context import Context, seed_from_row_id
 from gridrunner.errors import ExprError, GridError
 from gridrunner.grid import read_resolved, saved_spec
-from gridrunner.spawner import Spawner, SpawnerDied, call_task
+from gridrunner.spawner import Spawner, SpawnerDied, call_task, set_row_environment
+from gridrunner.reconcile import ShardHalfWritten
 from gridrunner.spec import task_params
-from gridrunner.store import (CHANGED_FILE, HOST, Claim, GridStore, Result, StoreWriteError, parse_iso, pid_alive,
-                              remove_orphaned_breaks, shard_index)
+from gridrunner.store import (CHANGED_FILE, HOST, Claim, ClaimScan, GridStore, Result, StoreWriteError, parse_iso,
+                              pid_alive, remove_orphaned_breaks, shard_index)
 
 log = logging.getLogger("gridrunner.worker")
 
@@ -327,7 +328,9 @@ class Worker:
                 previous[sig] = signal.signal(sig, self.request_stop)
         heartbeat = Heartbeat(self.grid_dir, self.worker_id, self.lease_s)
         try:
-            if not self.inline:
+            if self.inline:
+                set_row_environment()  # the rows run in this process
+            else:
                 self._spawner = Spawner(self.spec.task, preload=self.preload)
                 self._spawner.start()  # before claiming anything: a spawner that cannot start costs no row
             heartbeat.start()
@@ -517,6 +520,11 @@ class Worker:
                                          finish=pending)
         except FileNotFoundError:
             return None  # a shard deleted by hand
+        except ShardHalfWritten as err:  # a save in progress: look again soon, like a shard with running rows
+            if str(err) not in self._unusable:
+                self._unusable.add(str(err))
+                log.warning("%s", err)
+            return None, ClaimScan(running_elsewhere=1)
         except GridError as err:
             if isinstance(err, StoreWriteError):
                 raise
@@ -581,6 +589,12 @@ class Worker:
         aside.write_text(json.dumps({"worker": claim.worker, "attempt": claim.attempt, "status": result.status,
                                      "metrics": result.metrics, "error": result.error,
                                      "runtime_s": result.runtime_s}, indent=1), encoding="utf-8")
+        if not self.store.holds(claim.path, claim.row_id):
+            message = (f"{claim.row_id}: the row was deleted from the shard by hand while this worker ran it; its "
+                       f"result was not written to the shard and is kept in {aside}")
+            log.warning("%s", message)
+            self.store.note(message)
+            return
         log.warning("%s: the row was reclaimed or reset while this worker ran it (a stall past the lease?); "
                     "its result was not written to the shard and is kept in %s", claim.row_id, aside)
 

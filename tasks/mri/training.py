@@ -2,7 +2,8 @@
 
 :func:`train_and_evaluate` is the body shared by :mod:`gridrunner.tasks.dncnn` and :mod:`gridrunner.tasks.unet`:
 
-1. TensorFlow is set up: ``threads`` intra-op threads (0: TensorFlow's default), op
+1. TensorFlow is set up: ``threads`` intra-op and inter-op threads (0: TensorFlow's default, which
+   depends on the machine's cores; bit-identical results need a fixed count), op
    determinism when ``deterministic`` (the default; it cost nothing measurable here), GPU
    memory growth when there is a GPU (Keras uses it without any change), and the seed.
 2. The pairs come from :mod:`gridrunner.tasks.mri.dataset` (built once, cached, shared by all rows).
@@ -52,7 +53,7 @@ class TrainingConfig:
     learning_rate: float = 1e-3
     checkpoint_every: int = 500  # steps; also saved when asked to stop
     log_every: int = 0  # steps between learning-curve points; 0 = steps / 50
-    threads: int = 0  # TensorFlow intra-op threads; 0 = its default (all cores)
+    threads: int = 0  # TensorFlow intra- and inter-op threads; 0 = its default (all cores)
     deterministic: bool = True
     eval_noise: tuple = ()  # extra test noises, e.g. [rad15, pois]
     eval_batch: int = 32
@@ -204,6 +205,9 @@ def train_and_evaluate(build_model, loss: str, batch_size: int, config: Training
         train_pairs=float(len(train)),
         test_pairs=float(len(tests[""])),
         parameters=float(model.count_params()),
+        # What the row ran with (0: TensorFlow's default, every core it sees); results depend on both.
+        intra_op_threads=float(tf.config.threading.get_intra_op_parallelism_threads()),
+        inter_op_threads=float(tf.config.threading.get_inter_op_parallelism_threads()),
     )
     _write_json(ctx.row_dir / METRICS_FILE, metrics)  # every metric, also those the spec's outcomes leave out
     return metrics

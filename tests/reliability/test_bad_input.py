@@ -273,10 +273,9 @@ EDITS = {
     "non-numeric attempts": Edit(_cell(4, "attempts", "two"), 4, "attempts must be a whole number, got 'two'"),
     "a truncated file": Edit(lambda t: t[: t.index(ID_2X) + 5], 4, FIELDS.format(n=3)),
     "a comma in an unquoted cell": Edit(_cell(4, "b", "x,y"), 4, FIELDS.format(n=12)),
-    "a parameter changed under its row_id": Edit(
-        _cell(4, "a", "7"), 4,
-        f"row_id {ID_2X!r} does not match its parameters (their id is {row_id_of({'a': 7, 'b': 'x'})}): a parameter "
-        f"was edited under an existing row_id; clear the row_id cell to make it a new row"),
+    # (A parameter changed under its row_id is no longer a bad row: it is a change the user meant, applied;
+    # see tests/reliability/test_hand_edits.py.)
+    "a status left blank": Edit(_cell(4, "status", ""), 4, "unknown status '' (valid: not_run, running, done, failed)"),
     "a row_id that is a path": Edit(
         _cell(4, "row_id", "../../x"), 4,
         f"row_id '../../x' does not match its parameters (their id is {ID_2X}): a parameter was edited under an "
@@ -334,7 +333,7 @@ def test_work_reports_a_bad_hand_edit_runs_every_other_row_and_keeps_the_bad_tex
     unreadable = ("shard-000.csv",) if case.line is None else ()
     assert {r["status"] for r in rows(grid, skip=unreadable).values()} == {"done"}
     after = snapshot(project)
-    grid_owned = re.compile(r"^runs/g/(rows|workers|shards)/")
+    grid_owned = re.compile(r"^runs/g/(rows|workers|shards|journal)/")
     assert {k: v for k, v in after.items() if not grid_owned.match(k)} == \
         {k: v for k, v in before.items() if not grid_owned.match(k)}
     assert not (project / "runs" / "x").exists() and not (project / "x").exists()
