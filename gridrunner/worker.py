@@ -393,6 +393,9 @@ class Worker:
         poll; polls start 10 ms apart (the last rows of a grid often end within milliseconds) and back off
         to 2 s. A hand edit made in place touches nothing: it is seen at the next pass."""
         poll = LINGER_FIRST_POLL_S
+        if getattr(self, "_look_again_soon", False):  # a half-written shard: look again in a second
+            self._stop.wait(1.0)
+            return
         while not self._stop.is_set():
             wake = self._soonest_expiry() + EXPIRY_MARGIN_S
             self._stop.wait(max(min(poll, wake - time.time()), EXPIRY_MARGIN_S))
@@ -463,6 +466,7 @@ class Worker:
         pending = finish
         busy = []
         self._pass_signature = self._change_signature()  # before looking: a change during the pass wakes a linger
+        self._look_again_soon = False
         for k, path in enumerate(self._order(current)):
             if pending is not None and path != pending[0].path:
                 recorded = self.store.record(*pending)
@@ -521,6 +525,7 @@ class Worker:
         except FileNotFoundError:
             return None  # a shard deleted by hand
         except ShardHalfWritten as err:  # a save in progress: look again soon, like a shard with running rows
+            self._look_again_soon = True  # its settling touches no change file
             if str(err) not in self._unusable:
                 self._unusable.add(str(err))
                 log.warning("%s", err)
