@@ -117,7 +117,8 @@ def make(spec, runs_dir, dry_run):
 @click.option("--inline", is_flag=True,
               help="Run tasks inside this process (debugging) instead of a fresh child process per row.")
 @click.option("--linger/--no-linger", default=True, show_default=True,
-              help="When nothing is claimable, wait while other workers still run rows, to take over if they die.")
+              help="When nothing is claimable, wait while other workers still run rows, to take over if they die "
+                   "(in Slurm array tasks workers exit instead while the grid's watcher is on duty).")
 @click.option("--max-rows", type=click.IntRange(min=1), default=None, help="Stop after this many rows.")
 @click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=60.0, show_default=True,
               help="Seconds a stopping row gets to checkpoint before it is killed.")

@@ -53,14 +53,30 @@ __all__ = [  # re-exported from the modules above, for `from gridrunner.store im
     "why_failed", "write_atomic", "fsync_directory", "read_bytes", "ATTEMPTS", "ERROR", "FINISHED", "ROW_ID", "RUNTIME", "SHARD_GLOB", "STARTED",
     "STATUS", "WORKER", "Shard", "header_for", "now_iso", "parse_iso", "safe_cell", "shard_index", "shard_name",
     "SHARD_DIR", "ROWS_DIR", "SPEC_FILE", "SOURCE_FILE", "Claim", "Result", "ClaimScan", "GridStore",
-    "write_shards", "check_compatible",
+    "write_shards", "check_compatible", "CHANGED_FILE", "mark_changed",
 ]
 
 SHARD_DIR = "shards"
 ROWS_DIR = "rows"
 SPEC_FILE = "spec.yaml"
 SOURCE_FILE = "spec.source.yaml"
+#: ``<grid>/.changed``, touched after every write of a shard: a watcher learns of a change with one ``stat``.
+CHANGED_FILE = ".changed"
 log = logging.getLogger("gridrunner.store")
+
+
+def mark_changed(grid_dir: Path) -> None:
+    """Touch the grid's change file (one ``utime``): what a watcher stats instead of every shard."""
+    path = os.path.join(grid_dir, CHANGED_FILE)
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
+        except OSError:
+            pass
+    except OSError:
+        pass  # advisory: a watcher also looks at every shard in turn
 
 
 # --------------------------------------------------------------------------- claims and results
@@ -259,6 +275,7 @@ class GridStore:
                 except BaseException:
                     self._written.pop(path, None)
                     raise
+                mark_changed(self.grid_dir)  # committed (the journal line): a watcher looks again
                 if not replaced:
                     # Saved by someone else while this transaction ran: their file stays, and the next
                     # transaction merges it with the journal, where this one's changes are the newest state.
@@ -441,6 +458,7 @@ class GridStore:
             shard.dirty = True
         for tmp, target in pending:
             os.replace(tmp, target)
+        mark_changed(self.grid_dir)
         return [path] + [target for _, target in pending]
 
     def recover(self) -> list[Path]:
@@ -509,6 +527,8 @@ def write_shards(shard_dir: Path, header: list[str], rows: Iterable[tuple], max_
             flush()
     if buffer:
         flush()
+    if written:
+        mark_changed(Path(shard_dir).parent)
     return written
 
 

@@ -31,7 +31,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -62,7 +62,10 @@ PROFILE_KEYS = {
     "lease_s": "heartbeat lease of the workers (default: the spec's lease_s)",
     "slurm": "a mapping of further sbatch options, passed through as they are",
     "rows_per_gpu": "run this many workers on each GPU of a task (gridrunner.packing); cpus is then per worker",
+    "watcher": "the grid's watcher job: a mapping of time_min, mem_gb, partition, setup, slurm; or false "
+               "(no watcher: workers linger to take over dead workers' rows)",
 }
+WATCHER_KEYS = ("time_min", "mem_gb", "partition", "setup", "slurm")
 SPEC_RESOURCES = {"time_min": "time_min", "gpus": "gpus", "cpus": "cpus", "mem_gb": "mem_gb", "partition": "partition"}
 DEFAULTS = {"executor": "auto", "time_min": 60, "signal_delay_s": 120, "max_requeues": 3}
 # Slurm states in which an array task's worker can no longer be running (PENDING: it was requeued,
@@ -122,9 +125,30 @@ def validate_profile(data, source: str) -> dict:
                 raise ProfileError(f"{source}: {key} must be a whole number >= 0, got {value!r}")
         if key == "rows_per_gpu" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ProfileError(f"{source}: rows_per_gpu must be a whole number >= 1, got {value!r}")
+        if key == "watcher":
+            _validate_watcher(value, source)
         if key in ("mem_gb", "lease_s") and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
             raise ProfileError(f"{source}: {key} must be a positive number, got {value!r}")
     return dict(data)
+
+
+def _validate_watcher(value, source: str) -> None:
+    if isinstance(value, bool):
+        return
+    if not isinstance(value, dict):
+        raise ProfileError(f"{source}: watcher must be false, true or a mapping of {', '.join(WATCHER_KEYS)}; "
+                           f"got {value!r}")
+    for key, item in value.items():
+        if key not in WATCHER_KEYS:
+            raise ProfileError(f"{source}: unknown key {key!r} under watcher (valid keys: {', '.join(WATCHER_KEYS)})")
+        if key == "time_min" and (isinstance(item, bool) or not isinstance(item, int) or item < 1):
+            raise ProfileError(f"{source}: watcher.time_min must be a whole number >= 1, got {item!r}")
+        if key == "mem_gb" and (isinstance(item, bool) or not isinstance(item, (int, float)) or item <= 0):
+            raise ProfileError(f"{source}: watcher.mem_gb must be a positive number, got {item!r}")
+        if key == "setup" and not (isinstance(item, list) and all(isinstance(v, str) for v in item)):
+            raise ProfileError(f"{source}: watcher.setup must be a list of shell lines")
+        if key == "slurm" and not isinstance(item, dict):
+            raise ProfileError(f"{source}: watcher.slurm must be a mapping of sbatch options")
 
 
 def resolve_settings(profile: dict, resources: dict, flags: dict) -> dict:
@@ -352,16 +376,20 @@ def job_states(grid_dir: Path) -> list[dict]:
     if not entries:
         return []
     last = entries[-1]
+    # The latest user submission, and the watcher and its replacements since, are listed in full.
+    recent = entries[_latest_user_index(entries):]
     out = []
     slurm = [e for e in entries if e.get("executor") == "slurm"]
     if slurm:
         states = SchedulerView(grid_dir).states(refresh=True)
         for entry in slurm:
             ids = entry.get("job_ids", [])
-            if entry is not last:
+            if not any(entry is e for e in recent):
                 ids = [j for j in ids if states.get(j, "UNKNOWN") in LIVE_STATES - {"UNKNOWN"}]
+            detail = _kind_detail(grid_dir, entry)
             if len(ids) <= STATUS_TASKS_LISTED:
-                out += [{"job_id": job, "state": states.get(job, "UNKNOWN")} for job in ids]
+                out += [{"job_id": job, "state": states.get(job, "UNKNOWN"), "kind": entry.get("kind", "workers"),
+                         **({"detail": detail} if detail else {})} for job in ids]
                 continue
             by_state: dict[str, list[str]] = {}
             for job in ids:
@@ -369,12 +397,31 @@ def job_states(grid_dir: Path) -> list[dict]:
             array = ids[0].split("_")[0]
             for state, jobs in sorted(by_state.items(), key=lambda kv: -len(kv[1])):
                 shown = ", ".join(jobs[:5]) + (", …" if len(jobs) > 5 else "")
-                out.append({"job_id": f"array {array}", "state": state, "detail": f"{len(jobs)} task(s): {shown}"})
-    if last.get("executor") == "local":
+                out.append({"job_id": f"array {array}", "state": state, "kind": entry.get("kind", "workers"),
+                            "detail": f"{len(jobs)} task(s): {shown}" + (f" ({detail})" if detail else "")})
+    if last.get("executor") == "local" and last.get("kind", "workers") == "workers":
         out.append({"job_id": f"local supervisor {last.get('supervisor_pid')}",
                     "state": "RUNNING" if pid_alive(int(last.get("supervisor_pid") or -1)) else "ENDED",
                     "detail": f"{last.get('workers')} workers, at most {last.get('max_parallel')} at a time"})
     return out
+
+
+def _kind_detail(grid_dir: Path, entry: dict) -> str:
+    """How ``status`` names a watcher's job and the replacements it submitted."""
+    kind = entry.get("kind", "workers")
+    if kind == "replacement":
+        return "replacement submitted by the watcher"
+    if kind != "watcher":
+        return ""
+    from gridrunner.watcher import summary
+
+    info = summary(grid_dir)
+    text = "the grid's watcher"
+    if info and info.get("job") in entry.get("job_ids", []):
+        text += f": {info['state']}, {info['launched']} replacement task(s) submitted"
+        if info.get("reason"):
+            text += f" ({info['reason']})"
+    return text
 
 
 # --------------------------------------------------------------------------- what can run
@@ -439,12 +486,14 @@ class WorkerJob(_Checkpointable):
     """
 
     def __init__(self, grid_dir: str, lease_s: float | None = None, grace_s: float = 60.0, steal: bool = True,
-                 slots=None):
+                 slots=None, linger="watched", homes: list | None = None):
         self.grid_dir = str(grid_dir)
         self.lease_s = lease_s
         self.grace_s = grace_s
         self.steal = steal
         self.slots = slots  # gridrunner.packing.Slots: g·k workers in this task, k per GPU
+        self.linger = linger  # "watched": exit when nothing is claimable while the grid's watcher is on duty
+        self.homes = homes  # task i starts on shard homes[i mod len]; None: shard i
         self._worker = None
         self._thread = None
 
@@ -452,6 +501,8 @@ class WorkerJob(_Checkpointable):
         return {k: v for k, v in self.__dict__.items() if k not in ("_worker", "_thread")}
 
     def __setstate__(self, state):
+        state.setdefault("linger", True)  # pickled before there were watchers
+        state.setdefault("homes", None)
         self.__dict__.update(state)
         self.__dict__.setdefault("slots", None)
         self._worker = None
@@ -474,9 +525,11 @@ class WorkerJob(_Checkpointable):
 
         signal.signal(signal.SIGTERM, on_term)
         shard = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
+        if self.homes:
+            shard = int(self.homes[shard % len(self.homes)])
         view = SchedulerView(Path(self.grid_dir))
         make = functools.partial(Worker, self.grid_dir, steal=self.steal, lease_s=self.lease_s, grace_s=self.grace_s,
-                                 handle_signals=False, dead_jobs=view.dead_jobs)
+                                 handle_signals=False, dead_jobs=view.dead_jobs, linger=self.linger)
         self._worker = make(shard=shard) if self.slots is None else \
             packing.WorkerGroup(make, self.slots, shard, make_worker_id())
         if terminated:
@@ -517,7 +570,8 @@ class WorkerJob(_Checkpointable):
                 logging.getLogger("gridrunner.submit").warning(
                     "the worker did not stop within %.0f s; requeuing anyway (its row is reclaimed once "
                     "this job is seen requeued)", self.grace_s + 15)
-        return DelayedSubmission(WorkerJob(self.grid_dir, self.lease_s, self.grace_s, self.steal, self.slots))
+        return DelayedSubmission(WorkerJob(self.grid_dir, self.lease_s, self.grace_s, self.steal, slots=self.slots,
+                                           linger=self.linger, homes=self.homes))
 
 
 def _log_to_stderr() -> None:
@@ -540,6 +594,7 @@ class Submission:
     settings: dict
     profile_source: str
     folder: str
+    notes: list = field(default_factory=list)  # the watcher's submission, or why there is none
 
     def lines(self) -> list[str]:
         packed = f", {self.settings['rows_per_gpu']} per GPU" if self.settings.get("rows_per_gpu") else ""
@@ -547,7 +602,7 @@ class Submission:
             first, last = self.job_ids[0], self.job_ids[-1]
             workers = f" of {self.settings['rows_per_gpu'] * self.settings['gpus']} workers{packed}" if packed else ""
             return [f"submitted {len(self.job_ids)} Slurm array task(s){workers} {first} … {last} "
-                    f"({self.profile_source}); logs in {self.folder}"]
+                    f"({self.profile_source}); logs in {self.folder}", *self.notes]
         return [f"started {len(self.job_ids)} local worker(s){packed}, at most {self.settings['max_parallel']} at a "
                 f"time ({self.profile_source}); logs in {self.folder}"]
 
@@ -582,14 +637,19 @@ def submit(grid_dir: Path, shards: int | None = None, profile: str = "default", 
     return _submit_local(grid_dir, spec, shards, settings, source, slots)
 
 
-def _submit_slurm(grid_dir: Path, spec, shards: int, settings: dict, source: str, slots=None) -> Submission:
+def _submit_slurm(grid_dir: Path, spec, shards: int, settings: dict, source: str, slots=None, kind: str = "workers",
+                  homes: list | None = None, by: str | None = None) -> Submission:
+    """One array of ``shards`` workers; for a user's submission (``kind`` workers) also the grid's watcher
+    job, unless one is already live. The watcher submits ``kind`` replacement arrays itself (``by``)."""
     import submitit
 
     folder = jobs_dir(grid_dir) / "slurm" / "%j"
     executor = slurm_executor(folder, spec.name, shards, settings, source, slots)
     # The row gets the signal delay less 20 s to checkpoint; the rest is for recording it and requeuing.
     grace = max(5.0, float(settings["signal_delay_s"]) - 20.0)
-    job = WorkerJob(str(grid_dir.resolve()), settings.get("lease_s"), grace, slots=slots)
+    watched = settings.get("watcher", True) is not False
+    job = WorkerJob(str(grid_dir.resolve()), settings.get("lease_s"), grace, slots=slots,
+                    linger="watched" if watched else True, homes=homes)
     try:
         jobs = _submit_array(executor, job, shards)
     except submitit.core.utils.FailedJobError as err:  # sbatch refused: say what it said
@@ -597,9 +657,86 @@ def _submit_slurm(grid_dir: Path, spec, shards: int, settings: dict, source: str
         raise GridError(f"sbatch refused the job array ({source}): {message}") from None
     ids = [j.job_id for j in jobs]
     logs = str(folder.parent.resolve())
-    record_submission(grid_dir, {"time": now_iso(), "executor": "slurm", "job_ids": ids, "array_size": shards,
-                                 "profile": source, "settings": settings, "command": sys.argv, "folder": logs})
-    return Submission("slurm", ids, settings, source, logs)
+    entry = {"time": now_iso(), "executor": "slurm", "kind": kind, "job_ids": ids, "array_size": shards,
+             "profile": source, "settings": settings, "command": sys.argv, "folder": logs}
+    if by:
+        entry["by"] = by
+    record_submission(grid_dir, entry)
+    notes = _submit_watcher(grid_dir, spec, shards, settings, source) if kind == "workers" and watched else []
+    return Submission("slurm", ids, settings, source, logs, notes)
+
+
+def watcher_settings(settings: dict) -> dict:
+    """The watcher job's resources: 1 CPU, no GPU, ``watcher.mem_gb`` (1 GB), ``watcher.time_min`` (default:
+    the workers' time_min × (max_requeues + 1), as long as the array's tasks can keep requeuing)."""
+    own = settings.get("watcher") if isinstance(settings.get("watcher"), dict) else {}
+    time_min = int(settings.get("time_min") or 60) * (int(settings.get("max_requeues") or 0) + 1)
+    return {"time_min": int(own.get("time_min") or time_min), "mem_gb": float(own.get("mem_gb") or 1.0),
+            "partition": own.get("partition", settings.get("partition")), "setup": own.get("setup", settings.get("setup")),
+            "slurm": own.get("slurm") or {}, "account": settings.get("account"), "qos": settings.get("qos")}
+
+
+def _submit_watcher(grid_dir: Path, spec, shards: int, settings: dict, source: str) -> list[str]:
+    """Submit the grid's watcher job (gridrunner.watcher) unless one is live; the lines to print."""
+    import submitit
+
+    from gridrunner.watcher import WatcherJob, live_watcher
+
+    live = live_watcher(grid_dir)
+    if live:
+        return [f"the grid's watcher {live} is live: it takes over dead workers' rows"]
+    own = watcher_settings(settings)
+    folder = jobs_dir(grid_dir) / "slurm" / "%j"
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
+    params = {"job_name": f"gridrunner-{spec.name}-watcher", "time": own["time_min"], "cpus_per_task": 1,
+              "mem": f"{max(int(own['mem_gb'] * 1024), 64)}MB"}
+    for key in ("partition", "account", "qos", "setup"):
+        if own.get(key) not in (None, "", []):
+            params[key] = own[key]
+    if own["slurm"]:
+        params["additional_parameters"] = dict(own["slurm"])
+    try:
+        executor.update_parameters(**params)
+        job = executor.submit(WatcherJob(str(grid_dir.resolve()), shards, settings, settings.get("lease_s")))
+    except (ValueError, submitit.core.utils.FailedJobError) as err:
+        message = " ".join(str(err).split()) or "no message"
+        logging.getLogger("gridrunner.submit").warning("no watcher: %s", message)
+        return [f"Warning: sbatch refused the watcher job ({message}); the workers linger to take over dead "
+                f"workers' rows (set watcher: in the profile)"]
+    record_submission(grid_dir, {"time": now_iso(), "executor": "slurm", "kind": "watcher", "job_ids": [job.job_id],
+                                 "profile": source, "settings": own, "command": sys.argv,
+                                 "folder": str(folder.parent.resolve())})
+    return [f"submitted the grid's watcher, Slurm job {job.job_id} (1 CPU, no GPU, {own['time_min']} min): it "
+            f"takes over dead workers' rows, so workers exit when nothing is left to claim"]
+
+
+def _latest_user_index(entries: list[dict]) -> int:
+    """Index of the latest submission of workers by a user (not the watcher's), or of the last entry."""
+    for i in range(len(entries) - 1, -1, -1):
+        if entries[i].get("kind", "workers") == "workers":
+            return i
+    return max(len(entries) - 1, 0)
+
+
+def user_submission(grid_dir: Path) -> dict | None:
+    """The grid's latest submission of workers by a user (not the watcher's replacements), if any."""
+    entries = submissions(grid_dir)
+    return entries[_latest_user_index(entries)] if entries else None
+
+
+def submit_replacement(grid_dir: Path, n: int, homes: list[int], by: str | None = None) -> list[str]:
+    """The watcher's replacement workers: ``n`` array tasks with the settings of the latest user submission
+    (its profile, resources and flags as they were resolved then), task i starting on shard homes[i mod len]."""
+    grid_dir = Path(grid_dir)
+    last = user_submission(grid_dir)
+    if last is None or last.get("executor") != "slurm":
+        raise GridError(f"{grid_dir}: no Slurm submission of workers to replace")
+    spec = saved_spec(grid_dir)
+    n = max(1, min(int(n), int(last.get("array_size") or n)))
+    settings = dict(last["settings"])
+    done = _submit_slurm(grid_dir, spec, n, settings, last.get("profile", "?"),
+                         packing.slots_from_settings(settings, local=False), kind="replacement", homes=list(homes), by=by)
+    return done.job_ids
 
 
 def slurm_executor(folder: Path, name: str, shards: int, settings: dict, source: str, slots=None):
@@ -651,6 +788,10 @@ def _submit_local(grid_dir: Path, spec, shards: int, settings: dict, source: str
         command.append(f"--lease={settings['lease_s']}")
     if slots is not None:
         command.append("--slots=" + json.dumps(packing.slot_environments(slots)))
+    # Workers that hold GPUs do not linger; the supervisor takes over dead workers' rows instead.
+    watch = bool(settings.get("gpus")) and settings.get("watcher", True) is not False
+    if watch:
+        command.append("--watch")
     log = open(folder / "supervisor.log", "ab")
     try:
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
@@ -658,25 +799,37 @@ def _submit_local(grid_dir: Path, spec, shards: int, settings: dict, source: str
     finally:
         log.close()
     ids = [f"local-{proc.pid}_{i}" for i in range(shards)]
-    record_submission(grid_dir, {"time": now_iso(), "executor": "local", "job_ids": ids, "workers": shards,
+    record_submission(grid_dir, {"time": now_iso(), "executor": "local", "kind": "workers", "watch": watch,
+                                 "job_ids": ids, "workers": shards,
                                  "max_parallel": max_parallel, "supervisor_pid": proc.pid, "profile": source,
                                  "settings": settings, "command": sys.argv, "folder": str(folder)})
     return Submission("local", ids, settings, source, str(folder))
 
 
 def supervise(grid_dir: str, shards: int, max_parallel: int, folder: str, lease: str | None = None,
-              slots: list | None = None) -> int:
+              slots: list | None = None, watch: bool = False) -> int:
     """The detached local supervisor: run ``shards`` workers, at most ``max_parallel`` at a time.
 
     ``slots``: one environment update per worker (``rows_per_gpu``: its GPU, :mod:`gridrunner.packing`).
-    SIGTERM (``gridrunner cancel``) is passed on to the running workers, which give their rows back.
+    With ``watch`` (workers that hold GPUs), the workers do not linger and the supervisor takes the
+    watcher's duty (:mod:`gridrunner.watcher`): it starts new workers for rows that become claimable,
+    until the grid is finished. SIGTERM (``gridrunner cancel``) is passed on to the running workers,
+    which give their rows back.
     """
+    import threading
+
+    from gridrunner.watcher import LocalLauncher, Watcher
+
     stopping = False
     running: dict[int, subprocess.Popen] = {}
+    launcher = LocalLauncher(list(range(shards)))
+    watcher = None
 
     def stop(*_):
         nonlocal stopping
         stopping = True
+        if watcher is not None:
+            watcher.request_stop()
         for proc in running.values():
             try:
                 proc.send_signal(signal.SIGTERM)
@@ -685,23 +838,38 @@ def supervise(grid_dir: str, shards: int, max_parallel: int, folder: str, lease:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    next_index = 0
+    thread = None
+    if watch:
+        _log_to_stderr()
+        watcher = Watcher(grid_dir, max_parallel, launcher, lease_s=float(lease.split("=", 1)[1]) if lease else None,
+                          job=f"local-{os.getpid()}")
+        thread = threading.Thread(target=watcher.run, name="gridrunner-watcher", daemon=True)
+    started = 0
     codes = {}
-    while (next_index < shards and not stopping) or running:
-        while not stopping and next_index < shards and len(running) < max_parallel:
-            cmd = [sys.executable, "-m", "gridrunner.cli", "work", "--grid", grid_dir, "--shard", str(next_index)]
+    while (launcher.waiting() and not stopping) or running or (thread is not None and thread.is_alive()):
+        while not stopping and len(running) < max_parallel:
+            home = launcher.next_home()
+            if home is None:
+                break
+            cmd = [sys.executable, "-m", "gridrunner.cli", "work", "--grid", grid_dir, "--shard", str(home)]
             if lease:
                 cmd.append(lease)
-            out = open(Path(folder) / f"worker-{next_index}.log", "ab")
-            env = {**os.environ, **slots[next_index]} if slots else None
-            running[next_index] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env)
+            if watch:
+                cmd.append("--no-linger")
+            out = open(Path(folder) / f"worker-{started}.log", "ab")
+            env = {**os.environ, **slots[started % len(slots)]} if slots else None
+            running[started] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env)
             out.close()
-            next_index += 1
+            started += 1
+        launcher.running({proc.pid for proc in running.values()})
+        if thread is not None and thread.ident is None and not stopping and started:
+            thread.start()  # once the first workers run, so that it counts them
         time.sleep(0.2)
         for index, proc in list(running.items()):
             if proc.poll() is not None:
                 codes[index] = proc.returncode
                 del running[index]
+        launcher.running({proc.pid for proc in running.values()})
     (Path(folder) / "exit-codes.json").write_text(json.dumps(codes), encoding="utf-8")
     return 0 if all(code == 0 for code in codes.values()) else 1
 
@@ -709,12 +877,17 @@ def supervise(grid_dir: str, shards: int, max_parallel: int, folder: str, lease:
 def cancel(grid_dir: Path) -> list[str]:
     """Cancel the jobs of this grid's submissions that may still run. Returns what was cancelled."""
     done = []
-    slurm_ids = SchedulerView(grid_dir).slurm_job_ids()
+    watchers = sorted({job for e in submissions(grid_dir) if e.get("kind") == "watcher" and e.get("executor") == "slurm"
+                       for job in e.get("job_ids", [])})
+    if watchers and shutil.which("scancel"):
+        # The watcher first, so that it submits nothing more (one caught mid-sbatch cancels what it submitted).
+        subprocess.run(["scancel", *watchers], check=False)
+    slurm_ids = SchedulerView(grid_dir).slurm_job_ids()  # read again: replacements the watcher just recorded
     if slurm_ids:
         arrays = sorted({job.split("_")[0] for job in slurm_ids})
         if shutil.which("scancel"):
             subprocess.run(["scancel", *arrays], check=False)
-            done += [f"Slurm job {a}" for a in arrays]
+            done += [f"Slurm job {a}" + (" (the watcher)" if a in watchers else "") for a in arrays]
     for entry in submissions(grid_dir):
         pid = entry.get("supervisor_pid")
         if entry.get("executor") == "local" and pid and pid_alive(int(pid)):
@@ -735,7 +908,9 @@ def wait(grid_dir: Path, poll_s: float = 2.0, on_progress=None) -> bool:
     """
     from gridrunner.status import grid_status
 
-    last = submissions(grid_dir)[-1]
+    entries = submissions(grid_dir)
+    first = _latest_user_index(entries)
+    last = entries[first]
     view = SchedulerView(grid_dir, cache_s=max(poll_s, 10.0))
     ended_since = None
     while True:
@@ -749,7 +924,9 @@ def wait(grid_dir: Path, poll_s: float = 2.0, on_progress=None) -> bool:
             if status.finished:
                 return True
             states = view.states()
-            if all(states.get(job, "UNKNOWN") not in LIVE_STATES for job in last["job_ids"]):
+            # The latest user submission, and the watcher and the replacements it submitted since.
+            recent = submissions(grid_dir)[first:]
+            if all(states.get(job, "UNKNOWN") not in LIVE_STATES for e in recent for job in e["job_ids"]):
                 # Every task ended. A worker records its last row just before it exits, so look once more.
                 if ended_since is not None and time.monotonic() - ended_since > poll_s:
                     return grid_status(grid_dir).finished
@@ -764,8 +941,9 @@ def _main(argv: list[str]) -> int:
         options = argv[5:]
         lease = next((o for o in options if o.startswith("--lease=")), None)
         slots = next((json.loads(o.partition("=")[2]) for o in options if o.startswith("--slots=")), None)
-        return supervise(argv[1], int(argv[2]), int(argv[3]), argv[4], lease, slots)
-    print("usage: python -m gridrunner.submit supervise GRID SHARDS MAX_PARALLEL FOLDER [--lease=S] [--slots=JSON]",
+        return supervise(argv[1], int(argv[2]), int(argv[3]), argv[4], lease, slots, watch="--watch" in options)
+    print("usage: python -m gridrunner.submit supervise GRID SHARDS MAX_PARALLEL FOLDER [--lease=S] [--slots=JSON] "
+          "[--watch]",
           file=sys.stderr)
     return 2
 

@@ -14,6 +14,14 @@ the server (close-to-open), where a ``stat`` may answer with a cached, older mti
 mount that does not hold, and a worker refuses a lease too short for the attribute cache
 (:mod:`gridrunner.nfs`).
 
+With nothing left to claim while other workers run rows, a worker either exits or *lingers* to take
+over if they die (``linger``): ``True`` (``gridrunner work``, local workers), ``False``, or ``"watched"``
+(Slurm array tasks): linger only while no watcher is on duty for the grid (:mod:`gridrunner.watcher`),
+which takes over dead workers' rows instead, so an idle task releases its GPU. A lingering worker
+``stat``s the grid's change file (``<grid>/.changed``, touched by every shard transaction) rather than
+every shard, and looks at the shards again when it changed, when a holder's pid or job is gone, or
+when a holder's lease may have run out.
+
 Each row runs in a fresh child process by default, so a segfault, an ``os._exit`` or an out-of-memory
 kill costs the row, not the worker, and TensorFlow's GPU memory goes back at the end of every row. The
 worker's small spawner process (:mod:`gridrunner.spawner`) forks it, which is cheaper than forking the
@@ -56,10 +64,10 @@ from gridrunner.grid import read_resolved, saved_spec
 from gridrunner.nfs import lease_problem
 from gridrunner.prune import parse_payload
 from gridrunner.spawner import Spawner, SpawnerDied, call_task, set_row_environment
-from gridrunner.spec import task_params
 from gridrunner.reconcile import ShardHalfWritten
-from gridrunner.store import (HOST, Claim, ClaimScan, GridStore, Result, StoreWriteError, parse_iso, pid_alive,
-                              remove_orphaned_breaks, shard_index)
+from gridrunner.spec import task_params
+from gridrunner.store import (CHANGED_FILE, HOST, Claim, ClaimScan, GridStore, Result, StoreWriteError, parse_iso,
+                              pid_alive, remove_orphaned_breaks, shard_index)
 
 log = logging.getLogger("gridrunner.worker")
 
@@ -150,6 +158,8 @@ class Liveness:
         #: The earliest time (``time.time()``) at which a holder judged alive runs out of its lease, unless
         #: it beats again: the worker looks again then. Whoever reads it sets it back to infinity.
         self.next_expiry = math.inf
+        #: The holders last judged alive, with the start of their row: what a lingering worker watches.
+        self.alive: dict[str, str] = {}
 
     def __call__(self, holder: str, started_at: str) -> bool:
         now = time.time()
@@ -162,7 +172,25 @@ class Liveness:
             self._cache[holder] = (now + 1.0 if stale else min(now + 1.0, expiry), stale, expiry)
         if not stale:
             self.next_expiry = min(self.next_expiry, expiry)
+            self.alive[holder] = started_at
+        else:
+            self.alive.pop(holder, None)
         return stale
+
+    def any_gone(self) -> bool:
+        """Whether a holder judged alive is now gone by its pid (this host) or its job, looking at no file
+        (the scheduler's answer is shared and cached: see ``dead_jobs``). Leases are watched by expiry.
+        A holder found gone is forgotten, so that it wakes a lingering worker once."""
+        gone = []
+        for holder, started_at in self.alive.items():
+            host, pid, job = parse_worker_id(holder)
+            if (host == HOST and not pid_alive(pid)) or (
+                    job and self.dead_jobs is not None and self._job_dead(job, started_at)):
+                gone.append(holder)
+        for holder in gone:
+            del self.alive[holder]
+            self._cache.pop(holder, None)
+        return bool(gone)
 
     def _job_dead(self, job: str, started_at: str) -> bool:
         """True if the scheduler says ``job`` ended after this row was claimed.
@@ -239,7 +267,7 @@ class Worker:
         steal: bool = True,
         lease_s: float | None = None,
         inline: bool = False,
-        linger: bool = True,
+        linger: bool | str = True,
         max_rows: int | None = None,
         grace_s: float = DEFAULT_GRACE_S,
         worker_id: str | None = None,
@@ -364,7 +392,6 @@ class Worker:
     def _loop(self, summary: Summary) -> None:
         finish = None
         current = None
-        idle_s = LINGER_FIRST_POLL_S
         while True:
             if self._stop.is_set() or (self.max_rows is not None and len(summary.rows) >= self.max_rows):
                 if finish is not None:
@@ -377,19 +404,51 @@ class Worker:
             if claim is None:
                 if self._relist():
                     continue  # shards were added (make, split) since the list was read: look at them too
-                if self.linger and running_elsewhere and not self._stop.is_set():
-                    # Poll soon (the last rows of a grid often end within milliseconds), then back off,
-                    # but wake when the first of those rows' workers runs out of its lease.
-                    until_expiry = self._soonest_expiry() - time.time() + EXPIRY_MARGIN_S
-                    self._stop.wait(max(min(idle_s, until_expiry), EXPIRY_MARGIN_S))
-                    idle_s = min(idle_s * 2, self.lease_s / 4.0, 2.0)
+                if self._lingers() and running_elsewhere and not self._stop.is_set():
+                    self._linger_quietly()
                     continue
                 return
-            idle_s = LINGER_FIRST_POLL_S
             current = claim.path
             result = self.execute(claim)
             summary.rows.append(claim.row_id)
             finish = (claim, result)
+
+    def _change_signature(self):
+        try:
+            st = os.stat(self.grid_dir / CHANGED_FILE)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_ino)
+
+    def _linger_quietly(self) -> None:
+        """Wait, looking at no shard, until something may have changed since the last pass began: the
+        change file was touched (a row ended or was given back, a reset, new shards), a holder's pid on
+        this host or its job is gone, or the soonest lease of a holder may have run out. One ``stat`` per
+        poll; polls start 10 ms apart (the last rows of a grid often end within milliseconds) and back off
+        to 2 s. A hand edit made in place touches nothing: it is seen at the next pass."""
+        poll = LINGER_FIRST_POLL_S
+        if getattr(self, "_look_again_soon", False):  # a half-written shard: look again in a second
+            self._stop.wait(1.0)
+            return
+        while not self._stop.is_set():
+            wake = self._soonest_expiry() + EXPIRY_MARGIN_S
+            self._stop.wait(max(min(poll, wake - time.time()), EXPIRY_MARGIN_S))
+            poll = min(poll * 2, self.lease_s / 4.0, 2.0)
+            if self._change_signature() != self._pass_signature:
+                return
+            if time.time() >= wake or self.liveness.any_gone():
+                # Look again at every shard with running rows, changed or not.
+                self._skip = {path: seen for path, seen in self._skip.items() if not seen[2]}
+                return
+
+    def _lingers(self) -> bool:
+        """Whether to wait for other workers' rows (to take over if they die) rather than exit. ``linger``
+        "watched": only while no watcher is on duty for the grid (:mod:`gridrunner.watcher`)."""
+        if self.linger == "watched":
+            from gridrunner.watcher import on_duty
+
+            return not on_duty(self.grid_dir)
+        return bool(self.linger)
 
     def _list_paths(self) -> list[Path]:
         """The shard files, listed again at most every ``RELIST_S`` (a glob costs O(shards) per row)."""
@@ -440,6 +499,8 @@ class Worker:
         recorded = None
         pending = finish
         busy = []
+        self._pass_signature = self._change_signature()  # before looking: a change during the pass wakes a linger
+        self._look_again_soon = False
         for k, path in enumerate(self._order(current)):
             if pending is not None and path != pending[0].path:
                 recorded = self.store.record(*pending)
@@ -498,6 +559,7 @@ class Worker:
         except FileNotFoundError:
             return None  # a shard deleted by hand
         except ShardHalfWritten as err:  # a save in progress: look again soon, like a shard with running rows
+            self._look_again_soon = True  # its settling touches no change file
             if str(err) not in self._unusable:
                 self._unusable.add(str(err))
                 log.warning("%s", err)

@@ -167,7 +167,7 @@ ARGS = {
         ["submit", "--profile", "typo", "--executor", "local"], 1,
         "Error: {project}/jobs/typo.yaml: unknown key 'gpu'; did you mean 'gpus'? (valid keys: executor, partition, "
         "account, qos, constraint, gpus, cpus, mem_gb, time_min, setup, signal_delay_s, max_requeues, "
-        "array_parallelism, max_parallel, lease_s, slurm, rows_per_gpu)",
+        "array_parallelism, max_parallel, lease_s, slurm, rows_per_gpu, watcher)",
         {"jobs/typo.yaml": "gpu: 1\n"}),
     "submit --rows-per-gpu 0": Args(["submit", "--rows-per-gpu", "0"], USAGE,
                                     "Error: Invalid value for '--rows-per-gpu': 0 is not in the range x>=1."),
@@ -175,6 +175,11 @@ ARGS = {
         ["submit", "--profile", "pack", "--executor", "local"], 1,
         "Error: {project}/jobs/pack.yaml: rows_per_gpu must be a whole number >= 1, got 0",
         {"jobs/pack.yaml": "rows_per_gpu: 0\n"}),
+    "submit a profile with a bad watcher": Args(
+        ["submit", "--profile", "w", "--executor", "local"], 1,
+        "Error: {project}/jobs/w.yaml: unknown key 'time' under watcher (valid keys: time_min, mem_gb, partition, "
+        "setup, slurm)",
+        {"jobs/w.yaml": "watcher: {time: 5}\n"}),
     "submit --executor bogus": Args(["submit", "--executor", "bogus"], USAGE,
                                     "Error: Invalid value for '--executor': 'bogus' is not one of 'auto', 'slurm', "
                                     "'local'."),
