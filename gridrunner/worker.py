@@ -501,6 +501,7 @@ class Worker:
         busy = []
         self._pass_signature = self._change_signature()  # before looking: a change during the pass wakes a linger
         self._look_again_soon = False
+        self._unsettled = set()  # half-written shards met in this pass: never remembered as exhausted
         for k, path in enumerate(self._order(current)):
             if pending is not None and path != pending[0].path:
                 recorded = self.store.record(*pending)
@@ -560,6 +561,7 @@ class Worker:
             return None  # a shard deleted by hand
         except ShardHalfWritten as err:  # a save in progress: look again soon, like a shard with running rows
             self._look_again_soon = True  # its settling touches no change file
+            self._unsettled.add(path)
             if str(err) not in self._unusable:
                 self._unusable.add(str(err))
                 log.warning("%s", err)
@@ -584,6 +586,8 @@ class Worker:
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def _remember_exhausted(self, path: Path, running: int) -> None:
+        if path in getattr(self, "_unsettled", ()):
+            return  # looked at again at the next pass, a second from now (_linger_quietly)
         expiry = self.liveness.next_expiry if running else math.inf
         self._skip[path] = (self._signature(path), time.monotonic(), running, expiry)
 
