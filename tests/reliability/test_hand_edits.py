@@ -1,4 +1,3 @@
-import pytest
 """Guarantee 5: hand edits are safe while jobs run.
 
 A shard saved by hand at any moment, from a copy of any age, never loses a recorded result or a live
@@ -7,6 +6,8 @@ are counted by ``reliability_tasks:run`` in a side file (one token per execution
 cell says whose result was recorded), never from what gridrunner says.
 """
 from __future__ import annotations
+
+import pytest
 
 import csv
 import io
