@@ -111,6 +111,7 @@ class ClaimScan:
     claim: Claim | None = None
     running_elsewhere: int = 0  # rows running with a live worker
     gave_up: int = 0  # rows failed because their workers died too often
+    half_written: bool = False  # the file looks half-written (a save in progress): look again soon
 
 
 class GridStore:
@@ -302,7 +303,7 @@ class GridStore:
         except ShardHalfWritten:
             if finish is None:
                 raise
-            scan.running_elsewhere = 1  # a save in progress: the worker looks again soon
+            scan.half_written = True  # a save in progress: the worker looks again soon
             return self._record_in_journal(*finish), scan
 
     def _claim(self, path, worker, is_stale, max_attempts, finish, scan):

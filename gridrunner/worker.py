@@ -559,13 +559,11 @@ class Worker:
                                          finish=pending)
         except FileNotFoundError:
             return None  # a shard deleted by hand
-        except ShardHalfWritten as err:  # a save in progress: look again soon, like a shard with running rows
-            self._look_again_soon = True  # its settling touches no change file
-            self._unsettled.add(path)
+        except ShardHalfWritten as err:
             if str(err) not in self._unusable:
                 self._unusable.add(str(err))
                 log.warning("%s", err)
-            return None, ClaimScan(running_elsewhere=1)
+            rec, scan = None, ClaimScan(half_written=True)
         except GridError as err:
             if isinstance(err, StoreWriteError):
                 raise
@@ -573,6 +571,13 @@ class Worker:
                 self._unusable.add(str(err))
                 log.error("%s (skipping this shard)", err)
             return None
+        if scan.half_written:
+            # A save in progress (or a result recorded in the journal only): its settling touches no change
+            # file, so look again in a second, as for a shard with running rows, until it is whole.
+            scan.running_elsewhere = max(scan.running_elsewhere, 1)
+            self._look_again_soon = True
+            self._unsettled.add(path)
+            return rec, scan
         if scan.gave_up:
             log.warning("%s: %d row(s) failed after their workers died %d times", path.name, scan.gave_up,
                         self.spec.max_attempts)

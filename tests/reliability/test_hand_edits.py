@@ -217,9 +217,6 @@ def test_the_issues_save_of_a_3_s_old_copy_with_one_appended_row_reruns_nothing(
     assert "hand edit shard-000.csv was saved by hand over an older version: kept the newer state of" in status.stdout
 
 
-@pytest.mark.xfail(reason="known bug since the lingering workers of #16 wait on the change file: after the in-place "
-                          "save completes, the worker does not look at the shard again and never exits; open on #13",
-                   strict=False)
 def test_an_in_place_rewrite_caught_half_written_loses_no_row(project, reaper):
     """An editor rewriting the shard in place, stalled half-way while a worker records results."""
     side = project / "executions.log"
