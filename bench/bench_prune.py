@@ -41,13 +41,14 @@ OUTCOMES = ["m_mae", "m_mse", "m_ssim", "bench_ssim"]
 
 LOSSES = ["l1", "l2", "ssim"]
 SKIPS = ["dncnn", "resnet"]
+LEARNING_RATES = [0.001, 0.01]
 
 
 def write_grid_spec(path: Path, name: str, steps: int, seed: int, cache: Path, prune: str | None = None) -> Path:
     spec = {
         "name": name,
         "task": "dncnn",
-        "grid": {"loss": LOSSES, "skip": SKIPS, "learning_rate": [0.001, 0.01]},
+        "grid": {"loss": LOSSES, "skip": SKIPS, "learning_rate": LEARNING_RATES},
         "fixed": {"steps": steps, "batch_size": 8, "depth": 3, "bn_momentum": 0.9, "kernel": 3,
                   "filters": 8, "size": 64, "noise": "rad41", "threads": 1, "checkpoint_every": max(steps // 4, 1),
                   "seed": seed, "cache_dir": str(cache), "examples": 0},
@@ -87,7 +88,8 @@ def run_grid(spec: Path, runs: Path, workers: int) -> tuple[Path, common.Timed]:
 def candidate_rules(steps: int) -> list[str]:
     at = sorted({max(int(steps * f) // 10 * 10, 10) for f in (0.1, 0.2, 0.3, 0.4, 0.5)})
     at = [s - s % (2 * max(steps // 50, 1)) for s in at]  # on the validation points (every 2 · steps / 50)
-    return [f"step >= {s} and val_ssim < {t}" for s in at for t in (0.3, 0.4, 0.5, 0.6)]
+    return ([f"step >= {s} and val_ssim < {t}" for s in at for t in (0.3, 0.4, 0.5, 0.6)]
+            + [f"step >= {s} and val_mae > {t}" for s in at for t in (0.1, 0.2, 0.3, 0.5)])
 
 
 def eval_cost(grid_dir: Path) -> list[float]:
@@ -110,9 +112,12 @@ def main() -> None:
                         help="keep a finished pilot of the same size from an earlier run instead of running it again")
     parser.add_argument("--losses", default=",".join(LOSSES), help="the grid's losses, comma-separated")
     parser.add_argument("--skips", default=",".join(SKIPS), help="the grid's skip schemes (dncnn, resnet, none)")
+    parser.add_argument("--learning-rates", default=",".join(map(str, LEARNING_RATES)),
+                        help="the grid's learning rates, comma-separated")
     args = parser.parse_args()
     LOSSES[:] = args.losses.split(",")
     SKIPS[:] = args.skips.split(",")
+    LEARNING_RATES[:] = [float(x) for x in args.learning_rates.split(",")]
     steps = 80 if args.quick else args.steps
     from gridrunner.prune import replay
 
@@ -182,7 +187,7 @@ def main() -> None:
     lines = common.section("Pruning doomed rows", load_before, minutes)
     lines += [
         f"The grid: {len(pilot_rows)} DnCNNs (loss {', '.join(LOSSES)} × skip {', '.join(SKIPS)} × learning rate "
-        f"0.001, 0.01; "
+        f"{', '.join(map(str, LEARNING_RATES))}; "
         f"depth 3, 8 filters, {steps} steps of batch 8 at 64 × 64, one thread), validation every "
         f"{2 * max(steps // 50, 1)} steps on 16 fixed test images, failure rule `{FAILURE}`.",
         "",

@@ -92,6 +92,9 @@ class Claim:
     worker: str
     started_at: str
     started: float = field(default_factory=time.time)
+    #: Reclaimed from a dead holder: (its worker, its claim time, its attempt), to find a result it left
+    #: unrecorded (:mod:`gridrunner.outbox`); None for a row that was not running.
+    previous: tuple[str, str, int] | None = None
 
 
 @dataclass
@@ -316,6 +319,7 @@ class GridStore:
             for i in shard.valid():
                 fields = shard.records[i]
                 status = fields[p + STATUS]
+                previous = None
                 if status == "not_run":
                     pass
                 elif status == "running":
@@ -331,6 +335,7 @@ class GridStore:
                                                       f"row (last: {holder}); max_attempts is {max_attempts}"))
                         scan.gave_up += 1
                         continue
+                    previous = (holder, fields[p + STARTED], attempts)
                 else:
                     continue
                 attempt = int(fields[p + ATTEMPTS] or 0) + 1
@@ -343,7 +348,8 @@ class GridStore:
                 fields[p + RUNTIME] = ""
                 fields[p + ERROR] = ""
                 shard.dirty = True
-                scan.claim = Claim(path, fields[p], shard.row_params(i), attempt, worker, started_at)
+                scan.claim = Claim(path, fields[p], shard.row_params(i), attempt, worker, started_at,
+                                   previous=previous)
                 break
         return recorded, scan
 

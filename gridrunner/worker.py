@@ -26,7 +26,9 @@ Each row runs in a fresh child process by default, so a segfault, an ``os._exit`
 kill costs the row, not the worker, and TensorFlow's GPU memory goes back at the end of every row. The
 worker's small spawner process (:mod:`gridrunner.spawner`) forks it, which is cheaper than forking the
 worker; it dies with the worker, and the row's process with it (``PR_SET_PDEATHSIG``), so a killed
-worker never leaves a row running behind its back. ``inline=True`` runs the task in the worker itself,
+worker never leaves a row running behind its back. The row's process keeps what its task returned in the
+row's outbox (:mod:`gridrunner.outbox`) before handing it over, so a worker killed between a row's end
+and its record costs nothing: the worker that reclaims the row records that result. ``inline=True`` runs the task in the worker itself,
 for debugging.
 
 Stopping: SIGTERM, SIGINT (Ctrl-C), SIGUSR2 or :meth:`Worker.request_stop` make ``ctx.should_stop()``
@@ -58,6 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from gridrunner import outbox
 from gridrunner.context import Context, seed_from_row_id
 from gridrunner.errors import ExprError, GridError
 from gridrunner.grid import read_resolved, saved_spec
@@ -304,6 +307,8 @@ class Worker:
         self._listed_at = -math.inf
         self._tour: list[Path] = []
         self._unusable: set[str] = set()  # the errors of unreadable shards, reported once each
+        self._look_again_soon = False  # a shard of the last pass looked half-written: linger a second only
+        self._unsettled: set[Path] = set()  # those shards, never remembered as exhausted
         self.prune = tuple(self.spec.prune)
         self.hang_s = self.spec.hang_after_min * 60.0 if self.spec.hang_after_min else None
         self.time_limit = self.spec.time_limit()
@@ -427,7 +432,7 @@ class Worker:
         poll; polls start 10 ms apart (the last rows of a grid often end within milliseconds) and back off
         to 2 s. A hand edit made in place touches nothing: it is seen at the next pass."""
         poll = LINGER_FIRST_POLL_S
-        if getattr(self, "_look_again_soon", False):  # a half-written shard: look again in a second
+        if self._look_again_soon:  # a half-written shard: look again in a second
             self._stop.wait(1.0)
             return
         while not self._stop.is_set():
@@ -591,7 +596,7 @@ class Worker:
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def _remember_exhausted(self, path: Path, running: int) -> None:
-        if path in getattr(self, "_unsettled", ()):
+        if path in self._unsettled:
             return  # looked at again at the next pass, a second from now (_linger_quietly)
         expiry = self.liveness.next_expiry if running else math.inf
         self._skip[path] = (self._signature(path), time.monotonic(), running, expiry)
@@ -613,13 +618,14 @@ class Worker:
         return running
 
     def _soonest_expiry(self) -> float:
-        """The earliest lease expiry still ahead among the rows of the shards remembered as exhausted (those
-        already past are looked at again by the next pass over the shards)."""
-        now = time.time()
-        return min((seen[3] for seen in self._skip.values() if seen[3] > now), default=math.inf)
+        """The earliest lease expiry among the rows of the shards remembered as exhausted. One that is past
+        already (it ran out between the pass and the linger: tests/test_worker.py) wakes the linger at once."""
+        return min((seen[3] for seen in self._skip.values()), default=math.inf)
 
     def _note(self, summary: Summary, finish, recorded: bool | None) -> None:
         claim, result = finish
+        if (result.runtime_s or 0.0) >= outbox.KEEP_AFTER_S:
+            outbox.discard(self.store.row_dir(claim.row_id))  # recorded, or kept aside below
         if recorded:
             if result.status == "done":
                 summary.done += 1
@@ -652,6 +658,12 @@ class Worker:
         """Run one claimed row and classify how it ended."""
         row_dir = self.store.row_dir(claim.row_id)  # made by the row's context if the task uses it
         params = task_params(self.spec.fixed, claim.params)
+        kept = outbox.take(row_dir, claim.previous)
+        if kept is not None:
+            log.info("%s %s: its previous worker %s finished it but was gone before recording the result; "
+                     "recording that result (the row is not run again)", claim.row_id, claim.path.name,
+                     claim.previous[0])
+            return self._classify(kept[0], params, row_dir, kept[1], claim)
         seed = params["seed"] if isinstance(params.get("seed"), int) else seed_from_row_id(claim.row_id)
         self._row_end = None
         self._row_limit_min = None
@@ -662,8 +674,9 @@ class Worker:
         started = time.monotonic()
         if self.inline:
             payload = self._run_inline(params, row_dir, claim.row_id, seed)
+            outbox.keep(row_dir, outbox.identity(claim), payload, time.monotonic() - started)
         else:
-            payload = self._run_forked(params, row_dir, claim.row_id, seed)
+            payload = self._run_forked(params, row_dir, claim, seed)
         runtime = time.monotonic() - started
         return self._classify(payload, params, row_dir, runtime, claim)
 
@@ -680,35 +693,37 @@ class Worker:
     def _hung(self) -> None:
         from gridrunner.watchdog import last_step
 
-        pid = self._child_pid
-        if pid is None:
-            return
-        row_dir = self._ctx_row_dir
-        self._row_end = (f"Hung: no progress for {self.spec.hang_after_min:g} min "
-                         f"({_last_step_text(last_step(row_dir / 'history.jsonl'))})")
-        log.warning("%s; killing it", self._row_end)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        if self._child_pid is not None:
+            self._end_row(f"Hung: no progress for {self.spec.hang_after_min:g} min "
+                          f"({_last_step_text(last_step(self._ctx_row_dir / 'history.jsonl'))})",
+                          "killing it", signal.SIGKILL)
 
     def _over_time(self) -> None:
         from gridrunner.watchdog import last_step
 
-        pid = self._child_pid
-        if pid is None:
+        if self._child_pid is None:
             return
-        self._row_end = (f"TimeLimit: ran past its limit of {self._row_limit_min:g} min "
-                         f"({_last_step_text(last_step(self._ctx_row_dir / 'history.jsonl'))}); checkpoint kept")
-        log.warning("%s; asking it to stop", self._row_end)
-        try:
-            os.kill(pid, signal.SIGUSR1)
-        except ProcessLookupError:
-            return
-        if self._kill_timer is None:
+        asked = self._end_row(f"TimeLimit: ran past its limit of {self._row_limit_min:g} min "
+                              f"({_last_step_text(last_step(self._ctx_row_dir / 'history.jsonl'))}); checkpoint kept",
+                              "asking it to stop", signal.SIGUSR1)
+        if asked and self._kill_timer is None:
             self._kill_timer = threading.Timer(self.grace_s, self._kill_child)
             self._kill_timer.daemon = True
             self._kill_timer.start()
+
+    def _end_row(self, why: str, doing: str, sig: int) -> bool:
+        """The grid ends the running row (hung, runaway) for ``why``: record that and send its process ``sig``.
+        False if no row's process runs (any more)."""
+        pid = self._child_pid
+        if pid is None:
+            return False
+        self._row_end = why
+        log.warning("%s; %s", why, doing)
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
 
     def _context(self, row_dir: Path, row_id: str, seed: int, isolated: bool) -> Context:
         return Context(row_dir=row_dir, row_id=row_id, seed=seed, grid_dir=self.grid_dir, isolated=isolated)
@@ -728,13 +743,14 @@ class Worker:
             payload["pruned"] = ctx.pruned
         return payload
 
-    def _run_forked(self, params, row_dir, row_id, seed) -> dict:
+    def _run_forked(self, params, row_dir, claim: Claim, seed) -> dict:
         if self._spawner is None:
             self._spawner = Spawner(self.spec.task, preload=self.preload, env=self.env)
         sys.stdout.flush()
         sys.stderr.flush()
-        request = {"task": self.spec.task, "params": params, "row_dir": str(row_dir), "row_id": row_id,
-                   "seed": seed, "grid_dir": str(self.grid_dir), "stopped": self._stop.is_set()}
+        request = {"task": self.spec.task, "params": params, "row_dir": str(row_dir), "row_id": claim.row_id,
+                   "seed": seed, "grid_dir": str(self.grid_dir), "stopped": self._stop.is_set(),
+                   "outbox": outbox.identity(claim)}
         if self.prune:
             request["prune"], request["grace_s"] = self.prune, self.grace_s
         watched = self.hang_s is not None or self._row_limit_min is not None

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from gridrunner.store import GridStore, now_iso, pid_alive
+from gridrunner.store import Claim, GridStore, now_iso, pid_alive
 from gridrunner.worker import Liveness, Worker, heartbeat_path
 from gridtools import events, kill, make_grid, start_worker, wait_until
 
@@ -176,7 +176,26 @@ def test_a_stop_that_comes_as_the_row_starts_gives_the_row_back_instead_of_killi
     worker.request_stop()
     try:
         for attempt in range(20):
-            payload = worker._run_forked({"i": 1, "steps": 3, "step_s": 0.01}, tmp_path / "row", "r1", 0)
+            claim = Claim(tmp_path / "shard.csv", "r1", {"i": 1}, 1, worker.worker_id, now_iso())
+            payload = worker._run_forked({"i": 1, "steps": 3, "step_s": 0.01}, tmp_path / "row", claim, 0)
             assert payload == {"interrupted": True}, (attempt, payload)
     finally:
         worker._spawner.close()
+
+
+def test_a_lease_that_ran_out_before_the_linger_began_wakes_it_at_once(tmp_path):
+    """A holder seen alive by the pass whose lease runs out before the worker starts to linger (a frozen
+    worker, found with its heartbeat almost a lease old): the linger ends at once, so that the next pass
+    reclaims the row, instead of waiting for a change that never comes."""
+    import threading
+
+    grid = make_grid(tmp_path, {"task": "gridrunner.tasks.toy:sleep", "outcomes": ["slept"], "grid": {"i": [0]}})
+    worker = Worker(grid, handle_signals=False)
+    (path,) = worker.store.shard_paths()
+    worker._pass_signature = worker._change_signature()
+    # What the pass remembered: the shard had 1 row running elsewhere, whose lease ran out 0.1 s later.
+    worker._skip[path] = (worker._signature(path), time.monotonic(), 1, time.time() - 0.1)
+    ended = threading.Event()
+    threading.Thread(target=lambda: (worker._linger_quietly(), ended.set()), daemon=True).start()
+    assert ended.wait(10), "the worker lingered on past the holder's lease"
+    assert path not in worker._skip  # the next pass looks at the shard again

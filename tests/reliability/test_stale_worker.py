@@ -98,3 +98,62 @@ def test_a_lock_holder_frozen_past_the_locks_stale_time_abandons_its_write(proje
                                    f"the write was abandoned and the shard is unchanged")
     assert path.read_bytes() == newer and b"stale write" not in newer and b"newer write" in newer
     assert leftovers(grid) == []
+
+
+def test_a_worker_killed_between_its_rows_end_and_the_record_leaves_a_result_that_is_not_run_again(project, reaper):
+    """A Slurm job's SIGKILL (``KillWait`` after its SIGTERM) can land after a row has ended and before the
+    transaction that records it: the result kept in the row's outbox is recorded by the next worker."""
+    from gridrunner.lock import ShardLock
+    from gridrunner.outbox import OUTBOX_FILE
+
+    side = project / "executions.log"
+    grid = make_grid(project, {"task": "reliability_tasks:run", "outcomes": ["token", "value"],
+                               "grid": {"i": [0, 1]}, "fixed": {"record_to": str(side), "duration": 1.2}})
+    shard = grid / "shards" / "shard-000.csv"
+    first = reaper(subprocess.Popen(worker_cmd(grid), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True))
+    assert wait_until(lambda: len(executions(side)) == 1, 60)
+    (run,) = executions(side).values()
+    outbox = grid / "rows" / run.row_id / OUTBOX_FILE
+    # Holding the shard's lock keeps the worker from recording the row's result once it has ended.
+    with ShardLock(str(shard) + ".lock"):
+        assert wait_until(lambda: executions(side)[run.token].finished and outbox.exists(), 60)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert rows(grid)[run.row_id]["status"] == "running"  # the result never reached the shard
+
+    second = reaper(subprocess.Popen([c for c in worker_cmd(grid) if c != "--quiet"], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True))
+    _, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err
+    assert "was gone before recording the result; recording that result (the row is not run again)" in err
+    got = rows(grid)
+    assert {r["status"] for r in got.values()} == {"done"}
+    runs = executions(side)
+    assert len(runs) == 2 and sorted(r.row_id for r in runs.values()) == sorted(got)  # each row ran once
+    assert int(float(got[run.row_id]["token"])) == run.token  # the killed worker's result, as it returned it
+    assert not any((grid / "rows").glob(f"*/{OUTBOX_FILE}"))
+    assert leftovers(grid) == []
+
+
+def test_a_kept_result_never_stands_in_for_a_run_the_user_asked_for(project):
+    """A result left in a row's outbox belongs to one claim: a row that is not running (reset, or never
+    claimed) runs, and a claim of another holder does not take it."""
+    from gridrunner.outbox import OUTBOX_FILE, keep, take
+
+    side = project / "executions.log"
+    grid = make_grid(project, {"task": "reliability_tasks:run", "outcomes": ["token", "value"],
+                               "grid": {"i": [0]}, "fixed": {"record_to": str(side), "duration": 0.0}})
+    store = GridStore(grid)
+    (row_id,) = rows(grid)
+    claim = {"worker": f"{HOST}:1", "started_at": "2026-01-01T00:00:00", "attempt": 1}
+    payload = {"metrics": {"token": 7.0, "value": 1.0}}
+    assert keep(store.row_dir(row_id), claim, payload, 5.0)
+    assert take(store.row_dir(row_id), (f"{HOST}:1", "2026-01-01T00:00:00", 1)) == (payload, 5.0)
+    assert take(store.row_dir(row_id), (f"{HOST}:2", "2026-01-01T00:00:00", 1)) is None
+    assert take(store.row_dir(row_id), (f"{HOST}:1", "2026-01-01T00:00:00", 2)) is None
+    result = subprocess.run(worker_cmd(grid), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    (run,) = executions(side).values()
+    assert int(float(rows(grid)[row_id]["token"])) == run.token != 7
+    assert (store.row_dir(row_id) / OUTBOX_FILE).exists()  # never taken: the row was not running
