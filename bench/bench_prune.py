@@ -89,7 +89,9 @@ def candidate_rules(steps: int) -> list[str]:
     at = sorted({max(int(steps * f) // 10 * 10, 10) for f in (0.1, 0.2, 0.3, 0.4, 0.5)})
     at = [s - s % (2 * max(steps // 50, 1)) for s in at]  # on the validation points (every 2 · steps / 50)
     return ([f"step >= {s} and val_ssim < {t}" for s in at for t in (0.3, 0.4, 0.5, 0.6)]
-            + [f"step >= {s} and val_mae > {t}" for s in at for t in (0.1, 0.2, 0.3, 0.5)])
+            + [f"step >= {s} and val_mae > {t}" for s in at for t in (0.1, 0.2, 0.3, 0.5)]
+            + [f"step >= {s} and val_ssim_best < {t}" for s in at for t in (0.3, 0.4, 0.5, 0.6)]
+            + [f"step >= {s} and val_mae_best > {t}" for s in at for t in (0.05, 0.1, 0.2, 0.3)])
 
 
 def eval_cost(grid_dir: Path) -> list[float]:

@@ -19,8 +19,9 @@
    records it as failed, with the step), instead of training on NaNs.
    Every ``eval_every`` steps the learning curve also gets ``val_mae`` and ``val_ssim``: the model
    in inference mode on ``eval_images`` test images, the same fixed ones for every row of a data
-   configuration, whatever its loss. That is the signal a grid's ``prune:`` rule can share across
-   losses. It reads the model and changes nothing: the trained weights and the final metrics are
+   configuration, whatever its loss, with the row's best so far (``val_ssim_best``, ``val_mae_best``;
+   a resumed row goes on from the best of the steps its checkpoint kept). That is the signal a grid's
+   ``prune:`` rule can share across losses; a rule on the best is not fired by one noisy validation. It reads the model and changes nothing: the trained weights and the final metrics are
    the same with it off (``eval_every: 0``). Its time goes to ``eval_s`` in ``metrics.json`` and is
    left out of ``train_images_per_s``.
 6. The model is tested on the held-out split: ``m_mae``, ``m_mse``, ``m_ssim`` (mean over test
@@ -238,6 +239,7 @@ def train_and_evaluate(build_model, loss: str, batch_size: int, config: Training
     # traced once, reused at every validation; float32 whatever the model's precision
     infer = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32))
     eval_time = 0.0
+    best = best_so_far(ctx.history(), start_step) if validation is not None else {}
     window, window_start, train_time, last_loss = [], time.perf_counter(), 0.0, math.nan
     for step in range(start_step, config.steps):
         if ctx.should_stop():
@@ -259,6 +261,9 @@ def train_and_evaluate(build_model, loss: str, batch_size: int, config: Training
         if validation is not None and (done % eval_every == 0 or done == config.steps):
             eval_started = time.perf_counter()
             record.update(validate(infer, validation))
+            best = {"val_ssim_best": max(best.get("val_ssim_best", -math.inf), record["val_ssim"]),
+                    "val_mae_best": min(best.get("val_mae_best", math.inf), record["val_mae"])}
+            record.update(best)
             spent = time.perf_counter() - eval_started
             eval_time += spent
             window_start += spent  # the training clock leaves validation out
@@ -304,6 +309,14 @@ def validation_batch(test: dataset.Pairs, count: int) -> dataset.Pairs:
     configuration (whatever its loss, model or seed) is measured on the same images."""
     chosen = np.unique(np.linspace(0, len(test) - 1, num=min(count, len(test))).astype(int))
     return dataset.Pairs(test.x[chosen], test.y[chosen], test.source[chosen], test.group[chosen])
+
+
+def best_so_far(history: list[dict], up_to: int) -> dict:
+    """``val_ssim_best`` and ``val_mae_best`` over the records of ``history`` up to step ``up_to`` (a row
+    resumed from its checkpoint at that step goes on from them; later records are of a run that was lost)."""
+    ssim = [r["val_ssim"] for r in history if r.get("step", math.inf) <= up_to and "val_ssim" in r]
+    mae = [r["val_mae"] for r in history if r.get("step", math.inf) <= up_to and "val_mae" in r]
+    return ({"val_ssim_best": max(ssim)} if ssim else {}) | ({"val_mae_best": min(mae)} if mae else {})
 
 
 def validate(infer, validation: dataset.Pairs) -> dict:

@@ -114,6 +114,25 @@ def test_the_validation_metric_changes_neither_the_trained_model_nor_the_final_m
     assert [point["step"] for point in points] == [4, 8, 12, 16, 20]
     assert all(-1 <= point["val_ssim"] <= 1 and point["val_mae"] >= 0 for point in points)
     assert with_it["eval_s"] > 0 and without["eval_s"] == 0
+    for k, point in enumerate(points):  # the best so far, for rules that one noisy validation must not fire
+        assert point["val_ssim_best"] == max(p["val_ssim"] for p in points[:k + 1])
+        assert point["val_mae_best"] == min(p["val_mae"] for p in points[:k + 1])
+
+
+def test_a_resumed_row_goes_on_from_the_best_validation_of_the_steps_its_checkpoint_kept(tmp_path, small_row):
+    row = dncnn_row(small_row, loss="ssim", steps=24, checkpoint_every=8, eval_every=4, eval_images=6, seed=2)
+    stops = iter([False] * 14 + [True])  # stopped before step 15: it checkpoints at step 14
+    ctx = Context(tmp_path / "rows" / "r1", should_stop=lambda: next(stops, True))
+    with pytest.raises(Interrupted):
+        dncnn.run(row, ctx)
+    assert dncnn.run(row, Context(tmp_path / "rows" / "r1"))["resumed_from"] == 14
+    points = [p for p in ctx.history() if "val_ssim" in p]
+    assert [p["step"] for p in points] == [4, 8, 12, 16, 20, 24]
+    for k, point in enumerate(points):  # the resumed run's bests include the first run's validations
+        assert point["val_ssim_best"] == max(p["val_ssim"] for p in points[:k + 1])
+    # Records past the checkpoint are of a run that was lost (killed after step 8, say): left out.
+    assert training.best_so_far([{"step": 4, "val_ssim": 0.2, "val_mae": 0.3}, {"step": 12, "val_ssim": 0.9,
+                                 "val_mae": 0.1}], 8) == {"val_ssim_best": 0.2, "val_mae_best": 0.3}
 
 
 def test_the_validation_images_are_fixed_by_the_data_alone(small_row):
