@@ -78,7 +78,7 @@ def budget_sentence(table: pd.DataFrame, metric: str) -> str | None:
     """``"best m_ssim within a runtime budget: up to 30 s, 0.91 (12 rows); up to 2 min, 0.95 (40 rows)"``, or None."""
     if table.empty:
         return None
-    parts = [f"up to {_seconds(r['budget_s'])}, {r[metric]:.4g} ({r['rows_within']} rows)" for _, r in table.iterrows()]
+    parts = [f"up to {_seconds(r['budget_s'])}, {r[metric]:.4g} ({r['rows_within']} row{'s' * (r['rows_within'] != 1)})" for _, r in table.iterrows()]
     return f"best {metric} within a runtime budget: " + "; ".join(parts)
 
 

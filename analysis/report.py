@@ -106,7 +106,7 @@ class Report:
             shares = ", ".join(f"{r.effect} {r.variance_share:.0%}" for r in self.importance.head(4).itertuples())
             lines.append(f"Importance (random-forest fANOVA): {shares}")
         if len(self.front):
-            lines.append(f"Compute: {len(self.front)} row(s) on the Pareto front of {self.metric} vs runtime; "
+            lines.append(f"Compute: {len(self.front)} row{'s' * (len(self.front) != 1)} on the Pareto front of {self.metric} vs runtime; "
                          + (budget_sentence(self.budgets, self.metric) or ""))
         lines.append(f"Top 5 by {self.metric} ({'highest' if self.goal == 'max' else 'lowest'} first):")
         if self.top.empty:
