@@ -137,7 +137,7 @@ def test_submit_runs_one_array_task_per_shard_and_every_row_once(project, slurm_
     for job in entry["job_ids"]:
         assert f"job {job}: COMPLETED" in status
     assert (f"job {watcher['job_ids'][0]}: COMPLETED the grid's watcher: finished, 0 replacement task(s)"
-            in " ".join(status.split()))  # status wraps long lines at the terminal's width
+            in " ".join(status.split()))  # words, whatever the columns' spacing
 
 
 @pytest.mark.timeout(240)
@@ -370,7 +370,7 @@ def test_the_watcher_resubmits_a_cancelled_tasks_row_which_resumes_from_its_chec
     assert lines.count("step") == 40 and float(row["resumed_from"]) == stops[0]
     assert len(worker_entries(grid)) == 1  # no submit by the user
     status = gridrunner("status")
-    status = " ".join(status.split())  # status wraps long lines at the terminal's width
+    status = " ".join(status.split())  # words, whatever the columns' spacing
     assert "replacement submitted by the watcher" in status and "1 replacement task(s) submitted" in status
     wait_all_ended(slurm_cluster, grid, 60)
 
@@ -390,7 +390,7 @@ def test_cancel_stops_the_watcher_first_and_nothing_is_resubmitted(project, slur
     assert f"Slurm job {watcher_job} (the watcher)" in output
     wait_all_ended(slurm_cluster, grid, 60)
     assert set(array_states(slurm_cluster, grid).values()) == {"CANCELLED"}
-    # (status wraps long lines at the terminal's width)
+    # (words, whatever the columns' spacing)
     assert wait_until(lambda: "the grid's watcher: ended, 0 replacement task(s) submitted (stopped)"
                       in " ".join(gridrunner("status").split()), 30, interval_s=1)
     time.sleep(3)  # the rows' workers are gone: a watcher still on duty would submit replacements now
