@@ -266,6 +266,8 @@ def margeff_table(result, cov: np.ndarray | None = None, display=lambda name: na
         result.normalized_cov_params = cov  # Logit's scale is 1, so this is the covariance itself
         for cached in ("cov_params_default", "bse"):
             result._cache.pop(cached, None)
+    if all(name == "Intercept" for name in result.model.exog_names):  # nothing varies: no effect to state
+        return pd.DataFrame(columns=["term", "estimate", "ci_low", "ci_high", "p_value", "std_error"])
     margeff = result.get_margeff(at="overall", method="dydx", dummy=True)
     frame = margeff.summary_frame()
     return pd.DataFrame(

@@ -111,6 +111,24 @@ def test_failures_at_random_are_said_to_follow_no_simple_rule(tmp_path):
     assert "Failure conditions: the failures follow no simple rule, and no condition on parameter levels stands out" in words
 
 
+def test_regression_a_grid_whose_only_parameter_has_one_level_fits_the_failure_rate_alone(tmp_path):
+    # was: exit 3, "unexpected ValueError: Shape of passed values is (0, 5), indices imply (0, 6)" (statsmodels'
+    # marginal effects of an intercept-only logit); found by the seeded property run (seed 14714)
+    spec = {**SYNTHETIC, "name": "flat", "grid": {"a": [0]}, "repeat": 12, "fixed": {"fail_share": 0.4}}
+    grid = make_and_run(tmp_path, spec)
+    analysed = analyse(grid)
+    check_contract(analysed)
+    failed = sum(row["status"] == "failed" for row in _rows(grid))
+    assert 0 < failed < 12, failed  # both outcomes, so a failure model is fitted
+    assert analysed.exit_code == 0, analysed.output
+
+
+def _rows(grid):
+    import csv
+
+    return [row for path in sorted((grid / "shards").glob("*.csv")) for row in csv.DictReader(open(path))]
+
+
 def test_parameters_named_like_analysis_columns_or_formula_functions_are_analysed(tmp_path):
     names = {"state": ["a", "b"], "failed": [1, 2], "subgrid": [True, False], "C": ["x", "y"], "np": [0.5, 1.5]}
     analysed = analyse(make_and_run(tmp_path, {**SYNTHETIC, "name": "named", "grid": names, "repeat": 2,
