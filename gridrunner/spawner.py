@@ -333,8 +333,8 @@ def main(request_fd: int, reply_fd: int, worker: int) -> None:
             os.close(read_fd)
             os.close(request_fd)
             os.close(reply_fd)
-            keep = request.get("outbox") and {"row_dir": request["row_dir"], "claim": request["outbox"]}
-            _row(write_fd, me, request["task"], request["params"], ctx, mask, keep)
+            _row(write_fd, me, request["task"], request["params"], ctx, mask, request["row_dir"],
+                 request.get("outbox"))
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(write_fd)
         _write_frame(reply_fd, {"pid": pid})
@@ -353,10 +353,12 @@ def main(request_fd: int, reply_fd: int, worker: int) -> None:
                                 "signal": status.si_status if killed else None})
 
 
-def _row(write_fd: int, spawner: int, task: str, params: dict, ctx: Context, mask, claim: dict | None) -> None:
-    """Body of a row's process: run the task, keep its payload in the row's outbox (:mod:`gridrunner.outbox`;
-    ``claim``: the row's folder and the claim's identity), send it up the pipe, exit without cleanup. It starts with SIGUSR1 and SIGTERM blocked and
-    unblocks them (restoring ``mask``) first: one sent meanwhile reaches its handler now."""
+def _row(write_fd: int, spawner: int, task: str, params: dict, ctx: Context, mask, row_dir: str,
+         claim: dict | None) -> None:
+    """Body of a row's process: run the task, keep its payload in ``row_dir``'s outbox for ``claim`` (the
+    claim's identity, :mod:`gridrunner.outbox`), send it up the pipe, exit without cleanup. It starts with
+    SIGUSR1 and SIGTERM blocked and unblocks them (restoring ``mask``) first: one sent meanwhile reaches its
+    handler now."""
     code = 0
     started = time.monotonic()
     try:
@@ -364,7 +366,7 @@ def _row(write_fd: int, spawner: int, task: str, params: dict, ctx: Context, mas
         _die_with_parent(spawner)
         payload = call_task(task, params, ctx)
         if claim is not None:
-            outbox.keep(Path(claim["row_dir"]), claim["claim"], payload, time.monotonic() - started)
+            outbox.keep(Path(row_dir), claim, payload, time.monotonic() - started)
         _write_all(write_fd, json.dumps(payload).encode())
     except BaseException:  # noqa: BLE001 - nothing may escape a forked process
         code = 70

@@ -28,8 +28,8 @@ worker's small spawner process (:mod:`gridrunner.spawner`) forks it, which is ch
 worker; it dies with the worker, and the row's process with it (``PR_SET_PDEATHSIG``), so a killed
 worker never leaves a row running behind its back. The row's process keeps what its task returned in the
 row's outbox (:mod:`gridrunner.outbox`) before handing it over, so a worker killed between a row's end
-and its record costs nothing: the worker that reclaims the row records that result. ``inline=True`` runs the task in the worker itself,
-for debugging.
+and its record costs nothing: the worker that reclaims the row records that result. ``inline=True`` runs
+the task in the worker itself, for debugging.
 
 Stopping: SIGTERM, SIGINT (Ctrl-C), SIGUSR2 or :meth:`Worker.request_stop` make ``ctx.should_stop()``
 true in the running row (the child gets SIGUSR1). The task saves a checkpoint and raises
@@ -307,8 +307,9 @@ class Worker:
         self._listed_at = -math.inf
         self._tour: list[Path] = []
         self._unusable: set[str] = set()  # the errors of unreadable shards, reported once each
-        self._look_again_soon = False  # a shard of the last pass looked half-written: linger a second only
-        self._unsettled: set[Path] = set()  # those shards, never remembered as exhausted
+        # Shards of the last pass that looked half-written: never remembered as exhausted, and while there are
+        # any a linger lasts a second only.
+        self._unsettled: set[Path] = set()
         self.prune = tuple(self.spec.prune)
         self.hang_s = self.spec.hang_after_min * 60.0 if self.spec.hang_after_min else None
         self.time_limit = self.spec.time_limit()
@@ -432,7 +433,7 @@ class Worker:
         poll; polls start 10 ms apart (the last rows of a grid often end within milliseconds) and back off
         to 2 s. A hand edit made in place touches nothing: it is seen at the next pass."""
         poll = LINGER_FIRST_POLL_S
-        if self._look_again_soon:  # a half-written shard: look again in a second
+        if self._unsettled:  # a half-written shard: look again in a second
             self._stop.wait(1.0)
             return
         while not self._stop.is_set():
@@ -505,8 +506,7 @@ class Worker:
         pending = finish
         busy = []
         self._pass_signature = self._change_signature()  # before looking: a change during the pass wakes a linger
-        self._look_again_soon = False
-        self._unsettled = set()  # half-written shards met in this pass: never remembered as exhausted
+        self._unsettled = set()
         for k, path in enumerate(self._order(current)):
             if pending is not None and path != pending[0].path:
                 recorded = self.store.record(*pending)
@@ -580,7 +580,6 @@ class Worker:
             # A save in progress (or a result recorded in the journal only): its settling touches no change
             # file, so look again in a second, as for a shard with running rows, until it is whole.
             scan.running_elsewhere = max(scan.running_elsewhere, 1)
-            self._look_again_soon = True
             self._unsettled.add(path)
             return rec, scan
         if scan.gave_up:

@@ -21,8 +21,9 @@
    in inference mode on ``eval_images`` test images, the same fixed ones for every row of a data
    configuration, whatever its loss, with the row's best so far (``val_ssim_best``, ``val_mae_best``;
    a resumed row goes on from the best of the steps its checkpoint kept). That is the signal a grid's
-   ``prune:`` rule can share across losses; a rule on the best is not fired by one noisy validation. It reads the model and changes nothing: the trained weights and the final metrics are
-   the same with it off (``eval_every: 0``). Its time goes to ``eval_s`` in ``metrics.json`` and is
+   ``prune:`` rule can share across losses; a rule on the best is not fired by one noisy validation.
+   It reads the model and changes nothing: the trained weights and the final metrics are the same with
+   it off (``eval_every: 0``). Its time goes to ``eval_s`` in ``metrics.json`` and is
    left out of ``train_images_per_s``.
 6. The model is tested on the held-out split: ``m_mae``, ``m_mse``, ``m_ssim`` (mean over test
    images), the same for the undersampled input (``bench_*``, the study's benchmark line),
@@ -239,7 +240,7 @@ def train_and_evaluate(build_model, loss: str, batch_size: int, config: Training
     # traced once, reused at every validation; float32 whatever the model's precision
     infer = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32))
     eval_time = 0.0
-    best = best_so_far(ctx.history(), start_step) if validation is not None else {}
+    best = best_so_far(ctx.history(), start_step) if validation is not None and start_step else {}
     window, window_start, train_time, last_loss = [], time.perf_counter(), 0.0, math.nan
     for step in range(start_step, config.steps):
         if ctx.should_stop():
