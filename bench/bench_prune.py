@@ -1,12 +1,13 @@
-"""Pruning: compute saved and false prunes of a rule chosen by replay, on a CPU-sized grid of the study's task.
+"""Pruning: compute saved and false prunes of a rule chosen by replay, on the demo grid (or another spec).
 
-The grid: DnCNNs (``gridrunner.tasks.dncnn``) at 64 x 64, 3 losses (l1, l2, ssim) x 2 skip schemes x 2
-learning rates (0.001, 0.01), depth 3, 200 steps, with the validation metric on (``val_ssim``, ``val_mae`` every
-``eval_every`` steps on 16 fixed test images) and the demo's failure rule.
+The grid: ``grids/demo.yaml`` by default, the README's 24 DnCNNs (3 losses x 2 skip schemes x 2 depths x
+2 widths, 500 steps at 64 x 64), with the validation metric on (``val_ssim``, ``val_mae`` and their best so
+far every ``eval_every`` steps on 16 fixed test images) and the demo's failure rule. ``--spec`` takes another
+spec, ``--grid key=v1,v2`` replaces one of its grid keys, ``--steps`` its step count.
 
-1. **Pilot.** The grid runs unpruned with seed 0 (``fixed: {seed: 0}``).
+1. **Pilot.** The grid runs unpruned with seed 0 (``fixed: {seed: 0}``), two workers.
 2. **Choosing a rule by replay.** ``gridrunner.prune.replay`` replays every candidate
-   ``step >= S and val_ssim < T`` on the pilot's ``history.jsonl`` files. The rule chosen is the one that
+   ``step >= S and <metric> <op> T`` on the pilot's ``history.jsonl`` files. The rule chosen is the one that
    saves the most row-seconds with no false prune (a prune of a row that finished ``done``).
 3. **Other seeds, side by side.** The same grid with seed 1 runs twice at once, one worker each: without
    the rule (the reference) and with it (``prune:``). Compute is the sum of the rows' ``runtime_s``
@@ -16,13 +17,14 @@ learning rates (0.001, 0.01), depth 3, 200 steps, with the validation metric on 
 It also measures the validation metric's cost: ``eval_s`` (the time spent validating, from every row's
 ``metrics.json``) against the row's training time (steps / ``train_images_per_s`` · batch).
 
-    .venv/bin/python bench/bench_prune.py             # the full run (about 10 minutes of CPU)
-    .venv/bin/python bench/bench_prune.py --quick     # 80 steps: checks the script, not the numbers
+    .venv/bin/python bench/bench_prune.py             # the full run (about 25 minutes on 2 idle cores)
+    .venv/bin/python bench/bench_prune.py --quick     # 60 steps, 4 rows: checks the script, not the numbers
     .venv/bin/python bench/bench_prune.py --reuse-pilot   # keep a finished pilot of the same spec
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -35,32 +37,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import fmt  # noqa: E402
 
-FAILURE = "m_ssim < 0.5 or m_mae > 1"
-OUTCOMES = ["m_mae", "m_mse", "m_ssim", "bench_ssim"]
+DEMO = common.ROOT / "grids" / "demo.yaml"
 
 
-LOSSES = ["l1", "l2", "ssim"]
-SKIPS = ["dncnn", "resnet"]
-LEARNING_RATES = [0.001, 0.01]
+def load_base(path: Path, grid_overrides: list[str], steps: int | None) -> dict:
+    """The spec the bench's grids are made from: ``path`` with ``key=v1,v2`` grid overrides and ``steps``."""
+    spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for item in grid_overrides:
+        key, _, values = item.partition("=")
+        if not key or not values:
+            raise SystemExit(f"--grid takes key=v1,v2, got {item!r}")
+        spec["grid"][key] = [yaml.safe_load(v) for v in values.split(",")]
+    if steps is not None:
+        spec["fixed"]["steps"] = steps
+        spec["fixed"]["checkpoint_every"] = max(steps // 2, 1)
+    return spec
 
 
-def write_grid_spec(path: Path, name: str, steps: int, seed: int, cache: Path, prune: str | None = None) -> Path:
-    spec = {
-        "name": name,
-        "task": "dncnn",
-        "grid": {"loss": LOSSES, "skip": SKIPS, "learning_rate": LEARNING_RATES},
-        "fixed": {"steps": steps, "batch_size": 8, "depth": 3, "bn_momentum": 0.9, "kernel": 3,
-                  "filters": 8, "size": 64, "noise": "rad41", "threads": 1, "checkpoint_every": max(steps // 4, 1),
-                  "seed": seed, "cache_dir": str(cache), "examples": 0},
-        "outcomes": OUTCOMES,
-        "failure": FAILURE,
-        "max_len": 6,
-        "lease_s": 60,
-    }
+def write_grid_spec(path: Path, base: dict, name: str, seed: int, cache: Path, prune: str | None = None) -> Path:
+    spec = copy.deepcopy(base)
+    spec["name"] = name
+    spec["fixed"].update(seed=seed, cache_dir=str(cache), examples=0)
+    spec.pop("prune", None)
     if prune:
         spec["prune"] = prune
     path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     return path
+
+
+def eval_points(fixed: dict) -> tuple[int, int]:
+    """(steps, steps between validations) as the MRI tasks set them."""
+    steps = int(fixed.get("steps", 4000))
+    log_every = int(fixed.get("log_every") or max(steps // 50, 1))
+    return steps, int(fixed.get("eval_every", 2 * log_every))
 
 
 def rows_of(grid_dir: Path) -> dict:
@@ -85,42 +94,58 @@ def run_grid(spec: Path, runs: Path, workers: int) -> tuple[Path, common.Timed]:
     return grid_dir, timed
 
 
-def candidate_rules(steps: int) -> list[str]:
-    at = sorted({max(int(steps * f) // 10 * 10, 10) for f in (0.1, 0.2, 0.3, 0.4, 0.5)})
-    at = [s - s % (2 * max(steps // 50, 1)) for s in at]  # on the validation points (every 2 · steps / 50)
+def candidate_rules(steps: int, every: int) -> list[str]:
+    """Rules at validation points from 4% to 40% of the steps, four thresholds for each metric."""
+    at = sorted({max(round(steps * f / every), 1) * every for f in (0.04, 0.08, 0.12, 0.16, 0.2, 0.3, 0.4)})
     return ([f"step >= {s} and val_ssim < {t}" for s in at for t in (0.3, 0.4, 0.5, 0.6)]
             + [f"step >= {s} and val_mae > {t}" for s in at for t in (0.1, 0.2, 0.3, 0.5)]
             + [f"step >= {s} and val_ssim_best < {t}" for s in at for t in (0.3, 0.4, 0.5, 0.6)]
             + [f"step >= {s} and val_mae_best > {t}" for s in at for t in (0.05, 0.1, 0.2, 0.3)])
 
 
-def eval_cost(grid_dir: Path) -> list[float]:
+def eval_cost(grid_dir: Path, batch: int) -> list[float]:
     """Per row: validation seconds / training seconds, from ``metrics.json``."""
     shares = []
     for path in sorted((grid_dir / "rows").glob("*/metrics.json")):
         m = json.loads(path.read_text())
         if m.get("train_images_per_s") and m.get("steps_run"):
-            train_s = m["steps_run"] * 8 / m["train_images_per_s"]
+            train_s = m["steps_run"] * batch / m["train_images_per_s"]
             shares.append(m["eval_s"] / train_s)
     return shares
 
 
+def _relative(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(common.ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _levels(values) -> str:
+    return ", ".join(map(str, values))
+
+
+def _fixed_text(fixed: dict) -> str:
+    keep = ("learning_rate", "size", "noise", "bn_momentum", "kernel", "threads")
+    return ", ".join(f"{k} {fixed[k]}" for k in keep if k in fixed)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=200, help="training steps per row")
-    parser.add_argument("--quick", action="store_true", help="80 steps; checks the script")
+    parser.add_argument("--spec", type=Path, default=DEMO, help="the grid spec to run (default: grids/demo.yaml)")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                        help="replace one of the spec's grid keys (repeatable)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per row (default: the spec's)")
+    parser.add_argument("--quick", action="store_true", help="60 steps, 4 rows; checks the script")
     parser.add_argument("--no-readme", action="store_true", help="print the section, leave bench/README.md alone")
     parser.add_argument("--reuse-pilot", action="store_true",
-                        help="keep a finished pilot of the same size from an earlier run instead of running it again")
-    parser.add_argument("--losses", default=",".join(LOSSES), help="the grid's losses, comma-separated")
-    parser.add_argument("--skips", default=",".join(SKIPS), help="the grid's skip schemes (dncnn, resnet, none)")
-    parser.add_argument("--learning-rates", default=",".join(map(str, LEARNING_RATES)),
-                        help="the grid's learning rates, comma-separated")
+                        help="keep a finished pilot of the same spec from an earlier run instead of running it again")
     args = parser.parse_args()
-    LOSSES[:] = args.losses.split(",")
-    SKIPS[:] = args.skips.split(",")
-    LEARNING_RATES[:] = [float(x) for x in args.learning_rates.split(",")]
-    steps = 80 if args.quick else args.steps
+    if args.quick:
+        args.steps, args.grid = 60, ["loss=l1,ssim", "skip=resnet", "depth=3", "filters=8", *args.grid]
+    base = load_base(args.spec, args.grid, args.steps)
+    steps, every = eval_points(base["fixed"])
+    batch = int(base["fixed"].get("batch_size", 8))
     from gridrunner.prune import replay
 
     load_before = common.load_average()
@@ -129,7 +154,7 @@ def main() -> None:
     cache = common.RUNS / "prune-cache"  # the MRI pairs, kept between runs (built by the first row otherwise)
     cache.mkdir(parents=True, exist_ok=True)
     runs = work / "runs"
-    pilot_spec = write_grid_spec(common.RUNS / "prune-pilot.yaml", "pilot", steps, 0, cache)
+    pilot_spec = write_grid_spec(common.RUNS / "prune-pilot.yaml", base, "pilot", 0, cache)
     reuse = (args.reuse_pilot and (runs / "pilot" / "spec.source.yaml").exists()
              and (runs / "pilot" / "spec.source.yaml").read_text() == pilot_spec.read_text()
              and all(r["status"] in ("done", "failed") for r in rows_of(runs / "pilot").values()))
@@ -146,7 +171,7 @@ def main() -> None:
     pilot_compute = sum(r["runtime_s"] for r in pilot_rows.values())
 
     candidates = []
-    for rule in candidate_rules(steps):
+    for rule in candidate_rules(steps, every):
         result = replay(pilot_dir, [rule])
         candidates.append((rule, result))
     clean = [(rule, r) for rule, r in candidates if not r.false_prunes and r.pruned]
@@ -154,8 +179,8 @@ def main() -> None:
 
     side_lines = []
     if chosen is not None:
-        reference_spec = write_grid_spec(work / "reference.yaml", "reference", steps, 1, cache)
-        pruned_spec = write_grid_spec(work / "pruned.yaml", "pruned", steps, 1, cache, prune=chosen)
+        reference_spec = write_grid_spec(work / "reference.yaml", base, "reference", 1, cache)
+        pruned_spec = write_grid_spec(work / "pruned.yaml", base, "pruned", 1, cache, prune=chosen)
         reference_dir = common.make_grid(reference_spec, runs)
         pruned_dir = common.make_grid(pruned_spec, runs)
         side = common.run_processes(common.gridrunner_workers(reference_dir, 1)
@@ -183,15 +208,16 @@ def main() -> None:
                or "none") + ".",
             "",
         ]
-    shares = eval_cost(pilot_dir)
+    shares = eval_cost(pilot_dir, batch)
     minutes = (time.perf_counter() - started) / 60
 
     lines = common.section("Pruning doomed rows", load_before, minutes)
     lines += [
-        f"The grid: {len(pilot_rows)} DnCNNs (loss {', '.join(LOSSES)} × skip {', '.join(SKIPS)} × learning rate "
-        f"{', '.join(map(str, LEARNING_RATES))}; "
-        f"depth 3, 8 filters, {steps} steps of batch 8 at 64 × 64, one thread), validation every "
-        f"{2 * max(steps // 50, 1)} steps on 16 fixed test images, failure rule `{FAILURE}`.",
+        f"The grid: {len(pilot_rows)} rows of `{_relative(args.spec)}`"
+        + (f" with {', '.join(f'`{g}`' for g in args.grid)}" if args.grid else "")
+        + f" ({' × '.join(f'{k} {_levels(v)}' for k, v in base['grid'].items())}; {steps} steps of batch {batch}; "
+        f"{_fixed_text(base['fixed'])}), validation every {every} steps on "
+        f"{base['fixed'].get('eval_images', 16)} fixed test images, failure rule `{base.get('failure')}`.",
         "",
         f"**Pilot** (seed 0, 2 workers): {pilot_failed} of {len(pilot_rows)} rows failed; "
         f"{fmt(pilot_compute)} row-seconds" + (f" in {fmt(pilot_time.wall_s)} s." if pilot_time else
