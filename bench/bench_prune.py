@@ -193,6 +193,8 @@ def main() -> None:
         false_prunes = sorted(rid for rid in pruned_rows if reference[rid]["status"] == "done")
         ref_failed = {rid for rid, r in reference.items() if r["status"] == "failed"}
         caught = len(ref_failed & set(pruned_rows))
+        # What the replay promised for these seeds: the chosen rule replayed on the reference run.
+        promised = replay(reference_dir, [chosen])
         side_lines = [
             f"**Seed 1, side by side** (one worker each, at the same time, {fmt(side.wall_s)} s):",
             "",
@@ -201,11 +203,14 @@ def main() -> None:
                           ["with the rule", len(pruned), sum(r["status"] == "failed" for r in pruned.values()),
                            len(pruned_rows), fmt(pruned_compute), len(false_prunes)]]),
             "",
-            f"Compute saved: {100 * (1 - pruned_compute / max(ref_compute, 1e-9)):.1f}% of the reference's "
+            f"Compute saved: {fmt(ref_compute - pruned_compute)} row-seconds, "
+            f"{100 * (1 - pruned_compute / max(ref_compute, 1e-9)):.1f}% of the reference's "
             f"row-seconds. The rule caught {caught} of the {len(ref_failed)} rows that failed in the reference run; "
             f"false prunes (pruned here, `done` in the reference): {', '.join(false_prunes) or 'none'}. Prune steps: "
             + (", ".join(f"{rid} at {r['error'].rsplit(' ', 1)[-1]}" for rid, r in sorted(pruned_rows.items()))
-               or "none") + ".",
+               or "none") + ". The chosen rule replayed on the reference run promised "
+            f"{fmt(promised.saved_s)} row-seconds ({100 * promised.saved_s / max(promised.total_s, 1e-9):.1f}%), "
+            f"{promised.pruned} prunes, {len(promised.false_prunes)} false.",
             "",
         ]
     shares = eval_cost(pilot_dir, batch)
@@ -223,8 +228,8 @@ def main() -> None:
         f"{fmt(pilot_compute)} row-seconds" + (f" in {fmt(pilot_time.wall_s)} s." if pilot_time else
                                                  " (kept from an earlier run: `--reuse-pilot`)."),
         "",
-        "**Replay on the pilot** (`gridrunner replay-prune RULE`); saved = Σ runtime_s × (1 − prune step / last "
-        "logged step) over the pruned rows:",
+        "**Replay on the pilot** (`gridrunner replay-prune RULE`); saved = Σ over the pruned rows of the time from "
+        "the record a rule fires on to the row's end (the records' logged times, `started_at` and `runtime_s`):",
         "",
         common.table(["rule", "pruned", "of them failed", "false prunes", "saved row-s", "saved %"],
                      [[f"`{rule}`", r.pruned, r.pruned - len(r.false_prunes), len(r.false_prunes), fmt(r.saved_s),

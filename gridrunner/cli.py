@@ -321,7 +321,8 @@ def replay_prune(grid, runs_dir, rules):
       gridrunner replay-prune 'step >= 200 and val_ssim < 0.3'
 
     Says how many rows the rules would prune and at which steps, the compute they would save in
-    row-seconds, and the false prunes: rows they prune that finished done, by id. Changes nothing.
+    row-seconds (from each pruned row's logged times: the record a rule fires on to the row's end),
+    and the false prunes: rows they prune that finished done, by id. Changes nothing.
     """
     from gridrunner.prune import replay
 

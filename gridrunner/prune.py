@@ -159,11 +159,34 @@ class ReplayRow:
     step: float | None = None  # the step it would be pruned at
     last_step: float | None = None  # the last step it logged
     rule: str | None = None
+    prune_time: float | None = None  # the wall-clock time of the record it would be pruned at
+    last_time: float | None = None  # that of its last record
+    started: float | None = None  # its last claim's start (``started_at``, whole seconds)
+
+    @property
+    def by_time(self) -> bool:
+        """Whether the saving can be read off the logged times: both records carry a time, and the record
+        it would be pruned at belongs to the row's last run (a resumed row's earlier runs logged before
+        ``started_at``)."""
+        return (self.prune_time is not None and self.last_time is not None and self.last_time >= self.prune_time
+                and (self.started is None or self.prune_time >= self.started - 1.0))
 
     @property
     def saved_s(self) -> float:
-        """``runtime_s × (1 − step / last step)``: the share of the row's steps after the prune."""
-        if self.step is None or not self.last_step or self.last_step <= 0:
+        """What the prune would have saved of ``runtime_s``.
+
+        From the logged times where they fit (:attr:`by_time`): the time from the record it would be pruned
+        at to the last record, plus the row's tail after that record (its final test, its result) as far
+        as ``started_at + runtime_s`` shows it. ``started_at`` holds whole seconds, rounded down, so the
+        tail is never overstated, and a row's start-up (imports, data, model build), which a pruned row
+        pays as well, is never counted. Otherwise ``runtime_s × (1 − step / last step)``: the share of the
+        row's steps after the prune, which counts the start-up as if it were training."""
+        if self.step is None:
+            return 0.0
+        if self.by_time:
+            tail = self.started + self.runtime_s - self.last_time if self.started is not None else 0.0
+            return min(self.runtime_s, (self.last_time - self.prune_time) + max(tail, 0.0))
+        if not self.last_step or self.last_step <= 0:
             return 0.0
         return self.runtime_s * max(0.0, 1.0 - self.step / self.last_step)
 
@@ -215,8 +238,15 @@ class ReplayResult:
             out.append("At steps: " + ", ".join(f"{_num(step)} ({n} row{'s' if n > 1 else ''})"
                                                  for step, n in self.steps()))
             share = 100.0 * self.saved_s / self.total_s if self.total_s > 0 else 0.0
-            out.append(f"Compute saved: {self.saved_s:.1f} row-seconds of {self.total_s:.1f} ({share:.1f}%), "
-                       f"counted as runtime_s × (1 − prune step / last logged step) per pruned row.")
+            by_steps = sum(1 for hit in self.hits if not hit.by_time)
+            how = ("per pruned row, the time from the record it would be pruned at to the row's end "
+                   "(its logged times, started_at and runtime_s)")
+            if by_steps == self.pruned:
+                how = "counted as runtime_s × (1 − prune step / last logged step) per pruned row (no logged times)"
+            elif by_steps:
+                how += (f"; {by_steps} row(s) by runtime_s × (1 − prune step / last logged step), where the times "
+                        f"do not show it")
+            out.append(f"Compute saved: {self.saved_s:.1f} row-seconds of {self.total_s:.1f} ({share:.1f}%): {how}.")
         if self.false_prunes:
             out.append(f"False prunes ({len(self.false_prunes)}): rows it prunes that finished done:")
             out += [f"  {hit.row_id} at step {_num(hit.step)} of {_num(hit.last_step)} by {hit.rule}"
@@ -236,7 +266,7 @@ def replay(grid_dir: str | Path, rules: list[str]) -> ReplayResult:
     """Replay ``rules`` (in order, each record in step order) on every finished row's learning curve."""
     from gridrunner.grid import saved_spec
     from gridrunner.spec import BOOK_COLUMNS, decode_cell, task_params
-    from gridrunner.store import ERROR, RUNTIME, STATUS, GridStore
+    from gridrunner.store import ERROR, RUNTIME, STARTED, STATUS, GridStore, parse_iso
 
     if isinstance(rules, str):
         rules = [rules]
@@ -271,13 +301,13 @@ def replay(grid_dir: str | Path, rules: list[str]) -> ReplayResult:
             result.total_s += runtime if math.isfinite(runtime) else 0.0
             if status == "failed" and not error.startswith(PRUNED + ":"):
                 result.failed_rows += 1
-            row = ReplayRow(row_id, status, error, runtime)
+            row = ReplayRow(row_id, status, error, runtime, started=parse_iso(fields[p + STARTED]))
             history = _history(store.row_dir(row_id))
             if history:
                 result.with_history += 1
             for record in history:
                 result.records += 1
-                row.last_step = record["step"]
+                row.last_step, row.last_time = record["step"], _time(record)
                 if row.step is not None:
                     continue
                 values = {**params, **record}
@@ -293,7 +323,7 @@ def replay(grid_dir: str | Path, rules: list[str]) -> ReplayResult:
                         result.unevaluable += 1
                         continue
                     if fired:
-                        row.step, row.rule = record["step"], rule.text
+                        row.step, row.rule, row.prune_time = record["step"], rule.text, _time(record)
                         break
             if row.step is not None:
                 result.hits.append(row)
@@ -319,6 +349,13 @@ def _history(row_dir: Path) -> list[dict]:
             records.append(record)
     records.sort(key=lambda r: r["step"])  # stable: a resumed row's repeated steps keep their order
     return records
+
+
+def _time(record: dict) -> float | None:
+    value = record.get("time")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 def _num(value) -> str:

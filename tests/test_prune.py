@@ -31,6 +31,10 @@ def steps_grid(tmp_path, prune, grid=None, name="g", **fixed):
     return make_grid(tmp_path, spec, name=name)
 
 
+def history_of(grid, row_id):
+    return [json.loads(line) for line in (grid / "rows" / row_id / "history.jsonl").read_text().splitlines()]
+
+
 def by_plateau(grid):
     return {float(r["plateau"]): r for r in rows_by(grid).values()}
 
@@ -188,16 +192,53 @@ def test_replay_reports_prunes_steps_saved_compute_and_names_the_false_prunes(tm
     assert result.rows == 3 and result.pruned == 2 and result.failed_rows == 1
     assert [hit.row_id for hit in result.false_prunes] == [rows[0.3]["row_id"]]
     assert result.steps() == [(5, 2)]
-    runtime = {r["row_id"]: float(r["runtime_s"]) for r in rows.values()}
-    expected = sum(runtime[rows[p]["row_id"]] * (1 - 5 / 20) for p in (0.3, 0.5))
-    assert result.saved_s == pytest.approx(expected)
+    # Saved: from the record at step 5 to the row's end, read off the logged times; never more than the
+    # row took, never less than its training after step 5, and the start-up before step 1 is not counted.
+    for hit in result.hits:
+        row = next(r for r in rows.values() if r["row_id"] == hit.row_id)
+        times = {r["step"]: r["time"] for r in history_of(grid, hit.row_id)}
+        assert hit.by_time
+        assert times[20] - times[5] <= hit.saved_s <= float(row["runtime_s"])
+        assert hit.saved_s <= float(row["runtime_s"]) - (times[5] - times[1])
+    assert result.saved_s == pytest.approx(sum(hit.saved_s for hit in result.hits))
     out = CliRunner().invoke(main, ["replay-prune", "--grid", str(grid), "step >= 5 and loss > 0.25"])
     assert out.exit_code == 0, out.output
     assert "It would prune 2 row(s): 1 of the 1 that failed, and 1 that finished done." in out.output
     assert f"  {rows[0.3]['row_id']} at step 5 of 20 by step >= 5 and loss > 0.25" in out.output
     assert "At steps: 5 (2 rows)" in out.output
+    assert "the time from the record it would be pruned at to the row's end" in out.output
     clean = replay(grid, ["step >= 5 and loss > 0.4"])
     assert clean.pruned == 1 and not clean.false_prunes
+
+
+def test_replay_without_logged_times_counts_the_share_of_steps_after_the_prune(tmp_path):
+    grid = steps_grid(tmp_path, None, grid={"plateau": [0.5]})
+    Worker(grid, handle_signals=False).run()
+    (row,) = rows_by(grid).values()
+    path = grid / "rows" / row["row_id"] / "history.jsonl"
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "time"}) + "\n"
+                            for r in history_of(grid, row["row_id"])))
+    result = replay(grid, ["step >= 5 and loss > 0.25"])
+    (hit,) = result.hits
+    assert not hit.by_time
+    assert result.saved_s == pytest.approx(float(row["runtime_s"]) * (1 - 5 / 20))
+    assert "runtime_s × (1 − prune step / last logged step) per pruned row (no logged times)" in "\n".join(result.lines())
+
+
+def test_replay_of_a_prune_in_an_earlier_run_of_a_resumed_row_counts_the_share_of_steps(tmp_path):
+    """A row whose record at step 5 was logged before its last claim started (it was stopped and resumed):
+    the times of one run do not show what a prune in the earlier one would have saved."""
+    grid = steps_grid(tmp_path, None, grid={"plateau": [0.5]})
+    Worker(grid, handle_signals=False).run()
+    (row,) = rows_by(grid).values()
+    path = grid / "rows" / row["row_id"] / "history.jsonl"
+    records = history_of(grid, row["row_id"])
+    for r in records:
+        if r["step"] <= 10:
+            r["time"] -= 3600.0  # the first run, an hour before the last claim
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    (hit,) = replay(grid, ["step >= 5 and loss > 0.25"]).hits
+    assert not hit.by_time and hit.saved_s == pytest.approx(float(row["runtime_s"]) * (1 - 5 / 20))
 
 
 def test_replay_of_a_bad_rule_is_one_error_line(tmp_path):
