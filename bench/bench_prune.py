@@ -48,6 +48,7 @@ def load_base(path: Path, grid_overrides: list[str], steps: int | None) -> dict:
         if not key or not values:
             raise SystemExit(f"--grid takes key=v1,v2, got {item!r}")
         spec["grid"][key] = [yaml.safe_load(v) for v in values.split(",")]
+        spec["fixed"].pop(key, None)  # a fixed value becomes a grid axis
     if steps is not None:
         spec["fixed"]["steps"] = steps
         spec["fixed"]["checkpoint_every"] = max(steps // 2, 1)
