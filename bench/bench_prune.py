@@ -95,13 +95,37 @@ def run_grid(spec: Path, runs: Path, workers: int) -> tuple[Path, common.Timed]:
     return grid_dir, timed
 
 
-def candidate_rules(steps: int, every: int) -> list[str]:
-    """Rules at validation points from 4% to 40% of the steps, four thresholds for each metric."""
+#: (metric, comparison, thresholds from the strictest to the loosest): a looser threshold prunes more.
+FAMILIES = [("val_ssim", "<", (0.3, 0.4, 0.5, 0.6)), ("val_mae", ">", (0.5, 0.3, 0.2, 0.1)),
+            ("val_ssim_best", "<", (0.3, 0.4, 0.5, 0.6)), ("val_mae_best", ">", (0.3, 0.2, 0.1, 0.05))]
+
+
+def candidate_rules(steps: int, every: int) -> list[tuple[str, str | None]]:
+    """(rule, the same rule one threshold looser, or None for the loosest) at validation points from 4% to
+    40% of the steps."""
     at = sorted({max(round(steps * f / every), 1) * every for f in (0.04, 0.08, 0.12, 0.16, 0.2, 0.3, 0.4)})
-    return ([f"step >= {s} and val_ssim < {t}" for s in at for t in (0.3, 0.4, 0.5, 0.6)]
-            + [f"step >= {s} and val_mae > {t}" for s in at for t in (0.1, 0.2, 0.3, 0.5)]
-            + [f"step >= {s} and val_ssim_best < {t}" for s in at for t in (0.3, 0.4, 0.5, 0.6)]
-            + [f"step >= {s} and val_mae_best > {t}" for s in at for t in (0.05, 0.1, 0.2, 0.3)])
+    out = []
+    for metric, op, thresholds in FAMILIES:
+        for s in at:
+            rules = [f"step >= {s} and {metric} {op} {t}" for t in thresholds]
+            out += [(rule, rules[i + 1] if i + 1 < len(rules) else None) for i, rule in enumerate(rules)]
+    return out
+
+
+def choose(candidates: dict) -> tuple[str | None, str]:
+    """The rule that saves the most on the pilot with no false prune, and whose threshold one notch looser
+    has none either (a margin: a rule right at the edge of a done row's curve is the one another seed
+    crosses); without such a rule, the most saving clean one. Returns (rule, why)."""
+    clean = {rule: r for rule, (r, _) in candidates.items() if r.pruned and not r.false_prunes}
+    with_margin = {rule: r for rule, r in clean.items()
+                   if candidates[rule][1] is not None and not candidates[candidates[rule][1]][0].false_prunes}
+    if with_margin:
+        return max(with_margin, key=lambda rule: with_margin[rule].saved_s), \
+            "the most saved with no false prune, and none one threshold looser either"
+    if clean:
+        return max(clean, key=lambda rule: clean[rule].saved_s), \
+            "the most saved with no false prune; no clean rule had a clean looser neighbour"
+    return None, ""
 
 
 def eval_cost(grid_dir: Path, batch: int) -> list[float]:
@@ -170,13 +194,10 @@ def main() -> None:
     pilot_rows = rows_of(pilot_dir)
     pilot_failed = sum(r["status"] == "failed" for r in pilot_rows.values())
     pilot_compute = sum(r["runtime_s"] for r in pilot_rows.values())
+    pilot_failed_s = sum(r["runtime_s"] for r in pilot_rows.values() if r["status"] == "failed")
 
-    candidates = []
-    for rule in candidate_rules(steps, every):
-        result = replay(pilot_dir, [rule])
-        candidates.append((rule, result))
-    clean = [(rule, r) for rule, r in candidates if not r.false_prunes and r.pruned]
-    chosen, chosen_replay = max(clean, key=lambda item: item[1].saved_s) if clean else (None, None)
+    candidates = {rule: (replay(pilot_dir, [rule]), looser) for rule, looser in candidate_rules(steps, every)}
+    chosen, why = choose(candidates)
 
     side_lines = []
     if chosen is not None:
@@ -194,6 +215,9 @@ def main() -> None:
         false_prunes = sorted(rid for rid in pruned_rows if reference[rid]["status"] == "done")
         ref_failed = {rid for rid, r in reference.items() if r["status"] == "failed"}
         caught = len(ref_failed & set(pruned_rows))
+        ref_failed_s = sum(reference[rid]["runtime_s"] for rid in ref_failed)
+        # What the prune saved on the rows it stopped, against what their twins cost unpruned.
+        on_pruned = sum(reference[rid]["runtime_s"] - pruned[rid]["runtime_s"] for rid in pruned_rows)
         # What the replay promised for these seeds: the chosen rule replayed on the reference run.
         promised = replay(reference_dir, [chosen])
         side_lines = [
@@ -209,7 +233,10 @@ def main() -> None:
             f"row-seconds. The rule caught {caught} of the {len(ref_failed)} rows that failed in the reference run; "
             f"false prunes (pruned here, `done` in the reference): {', '.join(false_prunes) or 'none'}. Prune steps: "
             + (", ".join(f"{rid} at {r['error'].rsplit(' ', 1)[-1]}" for rid, r in sorted(pruned_rows.items()))
-               or "none") + ". The chosen rule replayed on the reference run promised "
+               or "none") + f". The reference's failed rows took {fmt(ref_failed_s)} row-seconds "
+            f"({100 * ref_failed_s / max(ref_compute, 1e-9):.1f}% of its compute, the most a rule without a false prune "
+            f"could save); the pruned rows cost {fmt(on_pruned)} row-seconds less than their unpruned twins. "
+            "The chosen rule replayed on the reference run promised "
             f"{fmt(promised.saved_s)} row-seconds ({100 * promised.saved_s / max(promised.total_s, 1e-9):.1f}%), "
             f"{promised.pruned} prunes, {len(promised.false_prunes)} false.",
             "",
@@ -230,13 +257,19 @@ def main() -> None:
                                                  " (kept from an earlier run: `--reuse-pilot`)."),
         "",
         "**Replay on the pilot** (`gridrunner replay-prune RULE`); saved = Σ over the pruned rows of the time from "
-        "the record a rule fires on to the row's end (the records' logged times, `started_at` and `runtime_s`):",
+        "the record a rule fires on to the row's end (the records' logged times, `started_at` and `runtime_s`). "
+        f"Failed rows took {fmt(pilot_failed_s)} row-seconds of the pilot's {fmt(pilot_compute)} "
+        f"({100 * pilot_failed_s / max(pilot_compute, 1e-9):.1f}%): no rule without a false prune saves more.",
+        "",
+        "<details><summary>All " + str(len(candidates)) + " candidate rules</summary>",
         "",
         common.table(["rule", "pruned", "of them failed", "false prunes", "saved row-s", "saved %"],
                      [[f"`{rule}`", r.pruned, r.pruned - len(r.false_prunes), len(r.false_prunes), fmt(r.saved_s),
-                       f"{100 * r.saved_s / max(r.total_s, 1e-9):.1f}%"] for rule, r in candidates]),
+                       f"{100 * r.saved_s / max(r.total_s, 1e-9):.1f}%"] for rule, (r, _) in candidates.items()]),
         "",
-        f"Chosen: `{chosen}` (the most saved with no false prune)." if chosen else
+        "</details>",
+        "",
+        f"Chosen: `{chosen}` ({why})." if chosen else
         "**No candidate prunes anything without a false prune**, so no rule was chosen and the side-by-side run "
         "with other seeds was not made (it would have compared two unpruned runs): compute saved 0%.",
         "",
