@@ -7,8 +7,9 @@ spec, ``--grid key=v1,v2`` replaces one of its grid keys, ``--steps`` its step c
 
 1. **Pilot.** The grid runs unpruned with seed 0 (``fixed: {seed: 0}``), two workers.
 2. **Choosing a rule by replay.** ``gridrunner.prune.replay`` replays every candidate
-   ``step >= S and <metric> <op> T`` on the pilot's ``history.jsonl`` files. The rule chosen is the one that
-   saves the most row-seconds with no false prune (a prune of a row that finished ``done``).
+   ``step >= S and <metric> <op> T`` on the pilot's ``history.jsonl`` files, and builds a list of rules
+   from those with no false prune (a prune of a row that finished ``done``), none one threshold looser
+   either, greedily by the row-seconds they save (:func:`choose`).
 3. **Other seeds, side by side.** The same grid with seed 1 runs twice at once, one worker each: without
    the rule (the reference) and with it (``prune:``). Compute is the sum of the rows' ``runtime_s``
    (row-seconds: the row's process from fork to result, start-up and testing included). A false prune
@@ -55,7 +56,7 @@ def load_base(path: Path, grid_overrides: list[str], steps: int | None) -> dict:
     return spec
 
 
-def write_grid_spec(path: Path, base: dict, name: str, seed: int, cache: Path, prune: str | None = None) -> Path:
+def write_grid_spec(path: Path, base: dict, name: str, seed: int, cache: Path, prune: list | None = None) -> Path:
     spec = copy.deepcopy(base)
     spec["name"] = name
     spec["fixed"].update(seed=seed, cache_dir=str(cache), examples=0)
@@ -112,20 +113,39 @@ def candidate_rules(steps: int, every: int) -> list[tuple[str, str | None]]:
     return out
 
 
-def choose(candidates: dict) -> tuple[str | None, str]:
-    """The rule that saves the most on the pilot with no false prune, and whose threshold one notch looser
-    has none either (a margin: a rule right at the edge of a done row's curve is the one another seed
-    crosses); without such a rule, the most saving clean one. Returns (rule, why)."""
+def choose(candidates: dict, pilot_dir: Path, replay) -> tuple[list[str], str]:
+    """The rules to prune with, chosen on the pilot: a list (``prune:`` takes one; a row is pruned when any
+    of them fires), built greedily from the candidates that are safe.
+
+    Safe: no false prune on the pilot, and none with its threshold one notch looser either (a margin: a
+    rule right at the edge of a done row's curve is the one another seed crosses). A list prunes a row
+    when one of its rules does, so a list of safe rules has no false prune on the pilot. Greedy: start from
+    the safe rule that saves the most, then add the one that adds the most to the list's saving (an early
+    rule for the plain failures, a later one for those that look like slow starters at first), while it
+    adds at least 1% of the pilot's compute. Without a safe rule, the clean one that saves the most.
+    Returns (rules, why)."""
     clean = {rule: r for rule, (r, _) in candidates.items() if r.pruned and not r.false_prunes}
-    with_margin = {rule: r for rule, r in clean.items()
-                   if candidates[rule][1] is not None and not candidates[candidates[rule][1]][0].false_prunes}
-    if with_margin:
-        return max(with_margin, key=lambda rule: with_margin[rule].saved_s), \
-            "the most saved with no false prune, and none one threshold looser either"
-    if clean:
-        return max(clean, key=lambda rule: clean[rule].saved_s), \
+    safe = [rule for rule in clean
+            if candidates[rule][1] is not None and not candidates[candidates[rule][1]][0].false_prunes]
+    if not safe:
+        if not clean:
+            return [], ""
+        return [max(clean, key=lambda rule: clean[rule].saved_s)], \
             "the most saved with no false prune; no clean rule had a clean looser neighbour"
-    return None, ""
+    total = next(iter(clean.values())).total_s
+    chosen = [max(safe, key=lambda rule: clean[rule].saved_s)]
+    saved = clean[chosen[0]].saved_s
+    while True:
+        gains = {rule: replay(pilot_dir, chosen + [rule]).saved_s - saved for rule in safe if rule not in chosen}
+        best = max(gains, key=gains.get, default=None)
+        if best is None or gains[best] < 0.01 * total:
+            break
+        chosen.append(best)
+        saved += gains[best]
+    # In step order, as a reader would write them; the list prunes the same rows either way.
+    chosen.sort(key=lambda rule: int(rule.split()[2]))
+    return chosen, ("greedily, from the rules with no false prune on the pilot and none one threshold looser, "
+                    "while each added at least 1% of the pilot's compute")
 
 
 def eval_cost(grid_dir: Path, batch: int) -> list[float]:
@@ -197,10 +217,11 @@ def main() -> None:
     pilot_failed_s = sum(r["runtime_s"] for r in pilot_rows.values() if r["status"] == "failed")
 
     candidates = {rule: (replay(pilot_dir, [rule]), looser) for rule, looser in candidate_rules(steps, every)}
-    chosen, why = choose(candidates)
+    chosen, why = choose(candidates, pilot_dir, replay)
 
+    pilot_choice = replay(pilot_dir, chosen) if chosen else None
     side_lines = []
-    if chosen is not None:
+    if chosen:
         reference_spec = write_grid_spec(work / "reference.yaml", base, "reference", 1, cache)
         pruned_spec = write_grid_spec(work / "pruned.yaml", base, "pruned", 1, cache, prune=chosen)
         reference_dir = common.make_grid(reference_spec, runs)
@@ -219,7 +240,7 @@ def main() -> None:
         # What the prune saved on the rows it stopped, against what their twins cost unpruned.
         on_pruned = sum(reference[rid]["runtime_s"] - pruned[rid]["runtime_s"] for rid in pruned_rows)
         # What the replay promised for these seeds: the chosen rule replayed on the reference run.
-        promised = replay(reference_dir, [chosen])
+        promised = replay(reference_dir, chosen)
         side_lines = [
             f"**Seed 1, side by side** (one worker each, at the same time, {fmt(side.wall_s)} s):",
             "",
@@ -236,7 +257,7 @@ def main() -> None:
                or "none") + f". The reference's failed rows took {fmt(ref_failed_s)} row-seconds "
             f"({100 * ref_failed_s / max(ref_compute, 1e-9):.1f}% of its compute, the most a rule without a false prune "
             f"could save); the pruned rows cost {fmt(on_pruned)} row-seconds less than their unpruned twins. "
-            "The chosen rule replayed on the reference run promised "
+            "The chosen rules replayed on the reference run promised "
             f"{fmt(promised.saved_s)} row-seconds ({100 * promised.saved_s / max(promised.total_s, 1e-9):.1f}%), "
             f"{promised.pruned} prunes, {len(promised.false_prunes)} false.",
             "",
@@ -269,7 +290,9 @@ def main() -> None:
         "",
         "</details>",
         "",
-        f"Chosen: `{chosen}` ({why})." if chosen else
+        (f"Chosen: {', '.join(f'`{rule}`' for rule in chosen)} ({why}); on the pilot it prunes "
+         f"{pilot_choice.pruned} rows and saves {fmt(pilot_choice.saved_s)} row-seconds "
+         f"({100 * pilot_choice.saved_s / max(pilot_choice.total_s, 1e-9):.1f}%).") if chosen else
         "**No candidate prunes anything without a false prune**, so no rule was chosen and the side-by-side run "
         "with other seeds was not made (it would have compared two unpruned runs): compute saved 0%.",
         "",
