@@ -169,7 +169,7 @@ class ReplayRow:
         it would be pruned at belongs to the row's last run (a resumed row's earlier runs logged before
         ``started_at``)."""
         return (self.prune_time is not None and self.last_time is not None and self.last_time >= self.prune_time
-                and (self.started is None or self.prune_time >= self.started - 1.0))
+                and (self.started is None or self.prune_time >= self.started))
 
     @property
     def saved_s(self) -> float:
@@ -188,7 +188,7 @@ class ReplayRow:
             return min(self.runtime_s, (self.last_time - self.prune_time) + max(tail, 0.0))
         if not self.last_step or self.last_step <= 0:
             return 0.0
-        return self.runtime_s * max(0.0, 1.0 - self.step / self.last_step)
+        return self.runtime_s * min(1.0, max(0.0, 1.0 - self.step / self.last_step))  # steps may be negative
 
 
 @dataclass
@@ -297,8 +297,9 @@ def replay(grid_dir: str | Path, rules: list[str]) -> ReplayResult:
                 runtime = float(fields[p + RUNTIME] or 0.0)
             except ValueError:
                 runtime = 0.0
+            runtime = runtime if math.isfinite(runtime) else 0.0  # a hand-edited "inf" counts as nothing
             result.rows += 1
-            result.total_s += runtime if math.isfinite(runtime) else 0.0
+            result.total_s += runtime
             if status == "failed" and not error.startswith(PRUNED + ":"):
                 result.failed_rows += 1
             row = ReplayRow(row_id, status, error, runtime, started=parse_iso(fields[p + STARTED]))

@@ -241,6 +241,31 @@ def test_replay_of_a_prune_in_an_earlier_run_of_a_resumed_row_counts_the_share_o
     assert not hit.by_time and hit.saved_s == pytest.approx(float(row["runtime_s"]) * (1 - 5 / 20))
 
 
+finite = st.floats(min_value=-1e9, max_value=1e10, allow_nan=False, allow_infinity=False)
+
+
+@given(runtime=st.floats(min_value=0, max_value=1e6, allow_nan=False), step=finite, last_step=st.none() | finite,
+       prune_time=st.none() | finite, last_time=st.none() | finite, started=st.none() | finite)
+def test_a_replayed_saving_is_never_negative_nor_more_than_the_row_took(runtime, step, last_step, prune_time,
+                                                                         last_time, started):
+    from gridrunner.prune import ReplayRow
+
+    row = ReplayRow("r", "failed", "", runtime, step=step, last_step=last_step, prune_time=prune_time,
+                    last_time=last_time, started=started)
+    assert 0.0 <= row.saved_s <= runtime
+
+
+@pytest.mark.parametrize("cell", ["inf", "nan", "-inf"])
+def test_regression_a_hand_edited_runtime_that_is_not_a_number_counts_as_nothing_saved(tmp_path, cell):
+    grid = steps_grid(tmp_path, None, grid={"plateau": [0.5]})
+    Worker(grid, handle_signals=False).run()
+    (row,) = rows_by(grid).values()
+    path = next((grid / "shards").glob("*.csv"))
+    path.write_text(path.read_text().replace(f",{row['runtime_s']},", f",{cell},"))
+    result = replay(grid, ["step >= 5 and loss > 0.25"])
+    assert result.pruned == 1 and result.saved_s == 0.0 and result.total_s == 0.0
+
+
 def test_replay_of_a_bad_rule_is_one_error_line(tmp_path):
     grid = steps_grid(tmp_path, None)
     out = CliRunner().invoke(main, ["replay-prune", "--grid", str(grid), "plateau >"])
