@@ -255,6 +255,14 @@ def test_a_replayed_saving_is_never_negative_nor_more_than_the_row_took(runtime,
     assert 0.0 <= row.saved_s <= runtime
 
 
+def test_regression_a_prune_at_a_negative_step_saves_no_more_than_the_row_took():
+    """Found by the property above: a task that logs negative steps made the share of steps after the prune
+    more than 1, and the saving twice the row's runtime."""
+    from gridrunner.prune import ReplayRow
+
+    assert ReplayRow("r", "failed", "", 1.0, step=-1.0, last_step=1.0).saved_s == 1.0
+
+
 @pytest.mark.parametrize("cell", ["inf", "nan", "-inf"])
 def test_regression_a_hand_edited_runtime_that_is_not_a_number_counts_as_nothing_saved(tmp_path, cell):
     grid = steps_grid(tmp_path, None, grid={"plateau": [0.5]})
