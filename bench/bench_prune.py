@@ -18,7 +18,7 @@ spec, ``--grid key=v1,v2`` replaces one of its grid keys, ``--steps`` its step c
 It also measures the validation metric's cost: ``eval_s`` (the time spent validating, from every row's
 ``metrics.json``) against the row's training time (steps / ``train_images_per_s`` · batch).
 
-    .venv/bin/python bench/bench_prune.py             # the full run (about 25 minutes on 2 idle cores)
+    .venv/bin/python bench/bench_prune.py             # the demo grid (about 13 minutes on 2 idle cores)
     .venv/bin/python bench/bench_prune.py --quick     # 60 steps, 4 rows: checks the script, not the numbers
     .venv/bin/python bench/bench_prune.py --reuse-pilot   # keep a finished pilot of the same spec
 """
