@@ -61,7 +61,23 @@ def test_two_demo_rows_reproduce_the_metrics_recorded_for_the_lock(tmp_path):
     for row_id in got:  # the thread counts were fixed, not TensorFlow's default of every core
         ran = json.loads((tmp_path / "runs" / "demo-rows" / "rows" / row_id / "metrics.json").read_text())
         assert (ran["intra_op_threads"], ran["inter_op_threads"]) == (record["threads"], record["threads"])
+    same_kernels = record["cpu_isa"] == cpu_isa()
     for row in record["rows"]:
+        if not same_kernels:
+            # oneDNN picks other kernels on other vector extensions (an AMX Xeon against the recorded AVX-512
+            # EPYC gave m_ssim 0.9565 for 0.9616): the digits differ, the result must not.
+            ran = got[row["row_id"]]
+            assert (ran["status"], ran["error"]) == (row["status"], row["error"]), explain(record)
+            # The input's metrics involve no training; of the trained model's, M-SSIM (what the failure rule
+            # and the analysis read) stays within 0.02, while a failed model's MAE moved by 18%.
+            for name, value in row["metrics"].items():
+                if not (name.startswith("bench_") or name == "m_ssim"):
+                    continue
+                tolerance = 0.02 if name == "m_ssim" else 1e-6 * abs(value)
+                assert abs(ran[name] - value) <= tolerance, (
+                    f"demo row {row['params']} ({row['row_id']}): {name} {ran[name]} against {value} "
+                    f"(± {tolerance:.3g} on a CPU with other vector extensions): " + explain(record))
+            continue
         assert got[row["row_id"]] == {**row["metrics"], "status": row["status"], "error": row["error"]}, (
             f"demo row {row['params']} ({row['row_id']}) gave {got[row['row_id']]}, not {row['metrics']}: "
             + explain(record))
