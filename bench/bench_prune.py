@@ -68,10 +68,13 @@ def write_grid_spec(path: Path, base: dict, name: str, seed: int, cache: Path, p
 
 
 def eval_points(fixed: dict) -> tuple[int, int]:
-    """(steps, steps between validations) as the MRI tasks set them."""
-    steps = int(fixed.get("steps", 4000))
-    log_every = int(fixed.get("log_every") or max(steps // 50, 1))
-    return steps, int(fixed.get("eval_every", 2 * log_every))
+    """(steps, steps between validations), by the MRI tasks' own schedule."""
+    import dataclasses
+
+    from gridrunner.tasks.mri.training import TrainingConfig
+
+    config = TrainingConfig(**{f.name: fixed[f.name] for f in dataclasses.fields(TrainingConfig) if f.name in fixed})
+    return config.steps, config.schedule[1]
 
 
 def rows_of(grid_dir: Path) -> dict:

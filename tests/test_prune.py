@@ -51,7 +51,7 @@ def test_a_matching_rule_stops_the_row_which_checkpoints_and_fails_with_the_rule
     # It stopped as a worker stop stops a row: at the next should_stop(), after saving its checkpoint.
     assert events(tmp_path / "events")[(f"interrupted@4", pruned_id)] == 1
     assert (grid / "rows" / pruned_id / "checkpoint" / "step").read_text() == "4"
-    history = [json.loads(line) for line in (grid / "rows" / pruned_id / "history.jsonl").read_text().splitlines()]
+    history = history_of(grid, pruned_id)
     assert [r["step"] for r in history] == [1, 2, 3, 4]
     # Not rerun: a second worker finds nothing to claim.
     again = Worker(grid, handle_signals=False).run()

@@ -84,6 +84,12 @@ class TrainingConfig:
     jit_compile: bool = False  # XLA for the training step (GPUs; slower on CPU)
     precision: str = "float32"  # or mixed_bfloat16, mixed_float16 (with loss scaling)
 
+    @property
+    def schedule(self) -> tuple[int, int]:
+        """(steps between learning-curve points, steps between validations; 0 = none)."""
+        log_every = self.log_every or max(self.steps // 50, 1)
+        return log_every, 2 * log_every if self.eval_every is None else self.eval_every
+
 
 def split_params(params: dict, model_defaults: dict) -> tuple[dict, TrainingConfig, dataset.DataConfig]:
     """Split a row's parameters into the model's, the training's and the data's, with defaults.
@@ -234,8 +240,7 @@ def train_and_evaluate(build_model, loss: str, batch_size: int, config: Training
         step_var.assign(step)
         manager.save(checkpoint_number=step)
 
-    log_every = config.log_every or max(config.steps // 50, 1)
-    eval_every = 2 * log_every if config.eval_every is None else config.eval_every
+    log_every, eval_every = config.schedule
     validation = validation_batch(tests[""], config.eval_images) if eval_every else None
     # traced once, reused at every validation; float32 whatever the model's precision
     infer = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32))
