@@ -8,9 +8,10 @@ worker, which records it and then removes the file.
 
 A worker that reclaims the row from a dead holder looks there before running it: a result that this
 very claim of the row produced (the same holder, claim time and attempt) is recorded as it is, and the
-row is not run again. Any other file is ignored, so a leftover can never stand in for a run the user
-asked for (a reset clears the row's holder), and a result the shard already holds is never written
-twice (its row is no longer running).
+row is not run again. It keeps the result again under its own claim first, so a chain of workers each
+gone before recording it still runs the row once. Any other file is ignored, so a leftover can never
+stand in for a run the user asked for (a reset clears the row's holder), and a result the shard already
+holds is never written twice (its row is no longer running).
 
 Rows shorter than ``KEEP_AFTER_S`` are not kept: running them again costs less than the write.
 """

@@ -662,6 +662,9 @@ class Worker:
             log.info("%s %s: its previous worker %s finished it but was gone before recording the result; "
                      "recording that result (the row is not run again)", claim.row_id, claim.path.name,
                      claim.previous[0])
+            # Kept again under this claim: if this worker is gone before recording it too, the next one
+            # records it (tests/reliability/test_stale_worker.py).
+            outbox.keep(row_dir, outbox.identity(claim), *kept)
             return self._classify(kept[0], params, row_dir, kept[1], claim)
         seed = params["seed"] if isinstance(params.get("seed"), int) else seed_from_row_id(claim.row_id)
         self._row_end = None

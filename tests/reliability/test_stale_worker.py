@@ -136,6 +136,61 @@ def test_a_worker_killed_between_its_rows_end_and_the_record_leaves_a_result_tha
     assert leftovers(grid) == []
 
 
+#: A second worker that reclaims the row, takes the first one's kept result (the real Worker.execute) and
+#: is gone before recording it: the process ends between the two, as a SIGKILL would end it.
+TAKE_AND_DIE = """
+import os, sys
+from pathlib import Path
+from gridrunner.worker import Worker
+grid = Path(sys.argv[1])
+worker = Worker(grid, linger=False, handle_signals=False)
+shard = grid / "shards" / "shard-000.csv"
+_, scan = worker.store.claim(shard, worker.worker_id, worker.liveness, worker.spec.max_attempts)
+result = worker.execute(scan.claim)
+print(scan.claim.row_id, scan.claim.previous[0], result.status, flush=True)
+os._exit(0)
+"""
+
+
+def test_a_kept_result_outlives_a_second_worker_gone_before_recording_it_too(project, reaper):
+    """A kept result is kept again by the worker that takes it: the third worker records it, and the row ran
+    once in all (it ran twice before that)."""
+    import sys
+
+    from gridrunner.lock import ShardLock
+    from gridrunner.outbox import OUTBOX_FILE
+
+    side = project / "executions.log"
+    grid = make_grid(project, {"task": "reliability_tasks:run", "outcomes": ["token", "value"],
+                               "grid": {"i": [0]}, "fixed": {"record_to": str(side), "duration": 1.2}})
+    shard = grid / "shards" / "shard-000.csv"
+    first = reaper(subprocess.Popen(worker_cmd(grid), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True))
+    assert wait_until(lambda: len(executions(side)) == 1, 60)
+    (run,) = executions(side).values()
+    outbox = grid / "rows" / run.row_id / OUTBOX_FILE
+    with ShardLock(str(shard) + ".lock"):  # the first worker cannot record the row's result
+        assert wait_until(lambda: executions(side)[run.token].finished and outbox.exists(), 60)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    first_holder = json.loads(outbox.read_text())["worker"]
+
+    second = subprocess.run([sys.executable, "-c", TAKE_AND_DIE, str(grid)], capture_output=True, text=True,
+                            timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.split() == [run.row_id, first_holder, "done"]  # took the first worker's result
+    assert rows(grid)[run.row_id]["status"] == "running"  # and never recorded it
+    assert json.loads(outbox.read_text())["worker"] != first_holder  # kept again, under its own claim
+
+    third = subprocess.run(worker_cmd(grid), capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0, third.stderr
+    got = rows(grid)[run.row_id]
+    assert got["status"] == "done" and int(float(got["token"])) == run.token
+    assert len(executions(side)) == 1  # the row ran once, for three workers
+    assert not outbox.exists()
+    assert leftovers(grid) == []
+
+
 def test_a_kept_result_never_stands_in_for_a_run_the_user_asked_for(project):
     """A result left in a row's outbox belongs to one claim: a row that is not running (reset, or never
     claimed) runs, and a claim of another holder does not take it."""
