@@ -100,27 +100,35 @@ def test_a_lock_holder_frozen_past_the_locks_stale_time_abandons_its_write(proje
     assert leftovers(grid) == []
 
 
-def test_a_worker_killed_between_its_rows_end_and_the_record_leaves_a_result_that_is_not_run_again(project, reaper):
-    """A Slurm job's SIGKILL (``KillWait`` after its SIGTERM) can land after a row has ended and before the
-    transaction that records it: the result kept in the row's outbox is recorded by the next worker."""
+def killed_before_recording(project, reaper, levels: list):
+    """A grid of ``i`` in ``levels`` whose first worker is SIGKILLed after its first row ended and before it
+    recorded the result (the shard's lock, held here, keeps it from the record): (grid, the executions
+    log, that row's execution, its outbox file)."""
     from gridrunner.lock import ShardLock
     from gridrunner.outbox import OUTBOX_FILE
 
     side = project / "executions.log"
     grid = make_grid(project, {"task": "reliability_tasks:run", "outcomes": ["token", "value"],
-                               "grid": {"i": [0, 1]}, "fixed": {"record_to": str(side), "duration": 1.2}})
-    shard = grid / "shards" / "shard-000.csv"
+                               "grid": {"i": levels}, "fixed": {"record_to": str(side), "duration": 1.2}})
     first = reaper(subprocess.Popen(worker_cmd(grid), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                     start_new_session=True))
     assert wait_until(lambda: len(executions(side)) == 1, 60)
     (run,) = executions(side).values()
     outbox = grid / "rows" / run.row_id / OUTBOX_FILE
-    # Holding the shard's lock keeps the worker from recording the row's result once it has ended.
-    with ShardLock(str(shard) + ".lock"):
+    with ShardLock(str(grid / "shards" / "shard-000.csv") + ".lock"):
         assert wait_until(lambda: executions(side)[run.token].finished and outbox.exists(), 60)
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
     assert rows(grid)[run.row_id]["status"] == "running"  # the result never reached the shard
+    return grid, side, run, outbox
+
+
+def test_a_worker_killed_between_its_rows_end_and_the_record_leaves_a_result_that_is_not_run_again(project, reaper):
+    """A Slurm job's SIGKILL (``KillWait`` after its SIGTERM) can land after a row has ended and before the
+    transaction that records it: the result kept in the row's outbox is recorded by the next worker."""
+    from gridrunner.outbox import OUTBOX_FILE
+
+    grid, side, run, _ = killed_before_recording(project, reaper, [0, 1])
 
     second = reaper(subprocess.Popen([c for c in worker_cmd(grid) if c != "--quiet"], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True))
@@ -157,22 +165,7 @@ def test_a_kept_result_outlives_a_second_worker_gone_before_recording_it_too(pro
     once in all (it ran twice before that)."""
     import sys
 
-    from gridrunner.lock import ShardLock
-    from gridrunner.outbox import OUTBOX_FILE
-
-    side = project / "executions.log"
-    grid = make_grid(project, {"task": "reliability_tasks:run", "outcomes": ["token", "value"],
-                               "grid": {"i": [0]}, "fixed": {"record_to": str(side), "duration": 1.2}})
-    shard = grid / "shards" / "shard-000.csv"
-    first = reaper(subprocess.Popen(worker_cmd(grid), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    start_new_session=True))
-    assert wait_until(lambda: len(executions(side)) == 1, 60)
-    (run,) = executions(side).values()
-    outbox = grid / "rows" / run.row_id / OUTBOX_FILE
-    with ShardLock(str(shard) + ".lock"):  # the first worker cannot record the row's result
-        assert wait_until(lambda: executions(side)[run.token].finished and outbox.exists(), 60)
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
+    grid, side, run, outbox = killed_before_recording(project, reaper, [0])
     first_holder = json.loads(outbox.read_text())["worker"]
 
     second = subprocess.run([sys.executable, "-c", TAKE_AND_DIE, str(grid)], capture_output=True, text=True,
