@@ -104,15 +104,15 @@ FAMILIES = [("val_ssim", "<", (0.3, 0.4, 0.5, 0.6)), ("val_mae", ">", (0.5, 0.3,
             ("val_ssim_best", "<", (0.3, 0.4, 0.5, 0.6)), ("val_mae_best", ">", (0.3, 0.2, 0.1, 0.05))]
 
 
-def candidate_rules(steps: int, every: int) -> list[tuple[str, str | None]]:
-    """(rule, the same rule one threshold looser, or None for the loosest) at validation points from 4% to
-    40% of the steps."""
+def candidate_rules(steps: int, every: int) -> list[tuple[str, str | None, int]]:
+    """(rule, the same rule one threshold looser or None for the loosest, the step it starts at) at
+    validation points from 4% to 40% of the steps."""
     at = sorted({max(round(steps * f / every), 1) * every for f in (0.04, 0.08, 0.12, 0.16, 0.2, 0.3, 0.4)})
     out = []
     for metric, op, thresholds in FAMILIES:
         for s in at:
             rules = [f"step >= {s} and {metric} {op} {t}" for t in thresholds]
-            out += [(rule, rules[i + 1] if i + 1 < len(rules) else None) for i, rule in enumerate(rules)]
+            out += [(rule, rules[i + 1] if i + 1 < len(rules) else None, s) for i, rule in enumerate(rules)]
     return out
 
 
@@ -126,8 +126,9 @@ def choose(candidates: dict, pilot_dir: Path, replay) -> tuple[list[str], str]:
     the safe rule that saves the most, then add the one that adds the most to the list's saving (an early
     rule for the plain failures, a later one for those that look like slow starters at first), while it
     adds at least 1% of the pilot's compute. Without a safe rule, the clean one that saves the most.
+    ``candidates``: rule -> (its replay on the pilot, the rule one threshold looser, the step it starts at).
     Returns (rules, why)."""
-    clean = {rule: r for rule, (r, _) in candidates.items() if r.pruned and not r.false_prunes}
+    clean = {rule: r for rule, (r, _, _) in candidates.items() if r.pruned and not r.false_prunes}
     safe = [rule for rule in clean
             if candidates[rule][1] is not None and not candidates[candidates[rule][1]][0].false_prunes]
     if not safe:
@@ -146,7 +147,7 @@ def choose(candidates: dict, pilot_dir: Path, replay) -> tuple[list[str], str]:
         chosen.append(best)
         saved += gains[best]
     # In step order, as a reader would write them; the list prunes the same rows either way.
-    chosen.sort(key=lambda rule: int(rule.split()[2]))
+    chosen.sort(key=lambda rule: candidates[rule][2])
     return chosen, ("greedily, from the rules with no false prune on the pilot and none one threshold looser, "
                     "while each added at least 1% of the pilot's compute")
 
@@ -219,7 +220,8 @@ def main() -> None:
     pilot_compute = sum(r["runtime_s"] for r in pilot_rows.values())
     pilot_failed_s = sum(r["runtime_s"] for r in pilot_rows.values() if r["status"] == "failed")
 
-    candidates = {rule: (replay(pilot_dir, [rule]), looser) for rule, looser in candidate_rules(steps, every)}
+    candidates = {rule: (replay(pilot_dir, [rule]), looser, step)
+                  for rule, looser, step in candidate_rules(steps, every)}
     chosen, why = choose(candidates, pilot_dir, replay)
 
     pilot_choice = replay(pilot_dir, chosen) if chosen else None
@@ -289,7 +291,7 @@ def main() -> None:
         "",
         common.table(["rule", "pruned", "of them failed", "false prunes", "saved row-s", "saved %"],
                      [[f"`{rule}`", r.pruned, r.pruned - len(r.false_prunes), len(r.false_prunes), fmt(r.saved_s),
-                       f"{100 * r.saved_s / max(r.total_s, 1e-9):.1f}%"] for rule, (r, _) in candidates.items()]),
+                       f"{100 * r.saved_s / max(r.total_s, 1e-9):.1f}%"] for rule, (r, _, _) in candidates.items()]),
         "",
         "</details>",
         "",
