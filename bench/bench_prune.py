@@ -264,7 +264,7 @@ def main() -> None:
             f"could save); the pruned rows cost {fmt(on_pruned)} row-seconds less than their unpruned twins. "
             "The chosen rules replayed on the reference run promised "
             f"{fmt(promised.saved_s)} row-seconds ({100 * promised.saved_s / max(promised.total_s, 1e-9):.1f}%), "
-            f"{promised.pruned} prunes, {len(promised.false_prunes)} false.",
+            f"{promised.pruned} prune{'' if promised.pruned == 1 else 's'}, {len(promised.false_prunes)} false.",
             "",
         ]
     shares = eval_cost(pilot_dir, batch)
