@@ -30,6 +30,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -104,6 +105,12 @@ FAMILIES = [("val_ssim", "<", (0.3, 0.4, 0.5, 0.6)), ("val_mae", ">", (0.5, 0.3,
             ("val_ssim_best", "<", (0.3, 0.4, 0.5, 0.6)), ("val_mae_best", ">", (0.3, 0.2, 0.1, 0.05))]
 
 
+class Candidate(NamedTuple):
+    result: object  # the rule's ReplayResult on the pilot
+    looser: str | None  # the same rule one threshold looser; None for the loosest
+    step: int  # the step it starts at
+
+
 def candidate_rules(steps: int, every: int) -> list[tuple[str, str | None, int]]:
     """(rule, the same rule one threshold looser or None for the loosest, the step it starts at) at
     validation points from 4% to 40% of the steps."""
@@ -126,11 +133,11 @@ def choose(candidates: dict, pilot_dir: Path, replay) -> tuple[list[str], str]:
     the safe rule that saves the most, then add the one that adds the most to the list's saving (an early
     rule for the plain failures, a later one for those that look like slow starters at first), while it
     adds at least 1% of the pilot's compute. Without a safe rule, the clean one that saves the most.
-    ``candidates``: rule -> (its replay on the pilot, the rule one threshold looser, the step it starts at).
+    ``candidates``: rule -> :class:`Candidate`.
     Returns (rules, why)."""
-    clean = {rule: r for rule, (r, _, _) in candidates.items() if r.pruned and not r.false_prunes}
+    clean = {rule: c.result for rule, c in candidates.items() if c.result.pruned and not c.result.false_prunes}
     safe = [rule for rule in clean
-            if candidates[rule][1] is not None and not candidates[candidates[rule][1]][0].false_prunes]
+            if candidates[rule].looser is not None and not candidates[candidates[rule].looser].result.false_prunes]
     if not safe:
         if not clean:
             return [], ""
@@ -147,7 +154,7 @@ def choose(candidates: dict, pilot_dir: Path, replay) -> tuple[list[str], str]:
         chosen.append(best)
         saved += gains[best]
     # In step order, as a reader would write them; the list prunes the same rows either way.
-    chosen.sort(key=lambda rule: candidates[rule][2])
+    chosen.sort(key=lambda rule: candidates[rule].step)
     return chosen, ("greedily, from the rules with no false prune on the pilot and none one threshold looser, "
                     "while each added at least 1% of the pilot's compute")
 
@@ -220,7 +227,7 @@ def main() -> None:
     pilot_compute = sum(r["runtime_s"] for r in pilot_rows.values())
     pilot_failed_s = sum(r["runtime_s"] for r in pilot_rows.values() if r["status"] == "failed")
 
-    candidates = {rule: (replay(pilot_dir, [rule]), looser, step)
+    candidates = {rule: Candidate(replay(pilot_dir, [rule]), looser, step)
                   for rule, looser, step in candidate_rules(steps, every)}
     chosen, why = choose(candidates, pilot_dir, replay)
 
