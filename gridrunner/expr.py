@@ -18,7 +18,10 @@ Used for the spec's ``failure`` rule (``m_ssim < 0.5 or m_mae > 1``), its ``cost
 
 Names are looked up in a mapping (one row's parameters and outcomes). Evaluation either works on
 plain Python values, one row at a time, or on whole pandas columns (:meth:`Expr.evaluate_frame`).
-A missing or non-numeric value compares as false, so a failure rule never fires on a row it cannot read.
+Conditions have three values, as in SQL: a comparison with a missing, ``None``, NaN or non-comparable
+value is *unknown*, ``not`` of unknown is unknown, ``and`` is false if either side is false and ``or``
+true if either side is true, and unknown otherwise. A rule fires only when it is true, so a missing value
+never fires one, even under ``not`` (``not (acc > 0.5)`` does not fire on a record without ``acc``).
 """
 from __future__ import annotations
 
@@ -267,14 +270,16 @@ class Expr:
             raise ExprError(self.text, f"unknown {what} {unknown[0]!r} (valid: {valid})")
 
     def evaluate(self, values: Mapping[str, Any]) -> Any:
-        """Evaluate on one row. A missing name or None makes comparisons false and arithmetic None."""
+        """Evaluate on one row. A condition gives True, False or None (unknown: it read a missing, None or NaN
+        value, see the module docstring); arithmetic on a missing value gives None."""
         try:
             return _eval(self.tree, values, self.text)
         except _Missing:
             return None
 
     def evaluate_frame(self, frame) -> Any:
-        """Evaluate column-wise on a pandas DataFrame; comparisons give boolean Series (NaN → False)."""
+        """Evaluate column-wise on a pandas DataFrame; conditions give nullable boolean Series (``pd.NA``
+        where unknown, as :meth:`evaluate` gives None)."""
         import numpy as np
         import pandas as pd
 
@@ -292,23 +297,34 @@ class _Missing(Exception):
 
 def _eval(node, values, text):
     kind = node[0]
+    if kind == "or":
+        left = _truth(node[1], values, text)
+        if left is True:
+            return True
+        right = _truth(node[2], values, text)
+        return True if right is True else (None if left is None or right is None else False)
+    if kind == "and":
+        left = _truth(node[1], values, text)
+        if left is False:
+            return False
+        right = _truth(node[2], values, text)
+        return False if right is False else (None if left is None or right is None else True)
+    if kind == "not":
+        value = _truth(node[1], values, text)
+        return None if value is None else not value
     try:
-        if kind == "or":
-            return bool(_truth(node[1], values, text) or _truth(node[2], values, text))
-        if kind == "and":
-            return bool(_truth(node[1], values, text) and _truth(node[2], values, text))
-        if kind == "not":
-            return not _truth(node[1], values, text)
         if kind == "cmp":
             left, right = _eval(node[2], values, text), _eval(node[3], values, text)
-            if left is None or right is None or _is_nan(left) or _is_nan(right):
-                raise _Missing
+            if _unknown(left) or _unknown(right):
+                return None
             return bool(_COMPARE[node[1]](left, right))
         if kind == "in":
             left, right = _eval(node[1], values, text), _eval(node[2], values, text)
+            if _unknown(left):
+                return None
             return left in right
     except (_Missing, TypeError):
-        return False
+        return None
     if kind == "const":
         return node[1]
     if kind == "name":
@@ -330,6 +346,8 @@ def _eval(node, values, text):
     if kind == "call":
         func = _FUNCS[node[1]][0]
         args = [_eval(n, values, text) for n in node[2]]
+        if any(arg is None for arg in args):
+            raise _Missing  # max(0.01, k) on a row whose k is null: unknown, like arithmetic on it
         try:
             return func(*args)
         except OverflowError:
@@ -360,8 +378,17 @@ def _power(base, exponent):
         return math.nan
 
 
-def _truth(node, values, text) -> bool:
-    return bool(_eval(node, values, text))
+def _truth(node, values, text) -> bool | None:
+    """A node's truth: True, False, or None when it is unknown (it read a missing, None or NaN value)."""
+    try:
+        value = _eval(node, values, text)
+    except (_Missing, TypeError):
+        return None
+    return None if _unknown(value) else bool(value)
+
+
+def _unknown(value) -> bool:
+    return value is None or _is_nan(value)
 
 
 def _number(value):
@@ -377,7 +404,7 @@ def _is_nan(value) -> bool:
 def _eval_frame(node, frame, text, np, pd):
     kind = node[0]
     rec = lambda n: _eval_frame(n, frame, text, np, pd)  # noqa: E731
-    if kind == "or":
+    if kind == "or":  # pandas' nullable booleans follow the same three-valued logic as _eval
         return _as_bool(rec(node[1]), frame, pd) | _as_bool(rec(node[2]), frame, pd)
     if kind == "and":
         return _as_bool(rec(node[1]), frame, pd) & _as_bool(rec(node[2]), frame, pd)
@@ -385,13 +412,15 @@ def _eval_frame(node, frame, text, np, pd):
         return ~_as_bool(rec(node[1]), frame, pd)
     if kind == "cmp":
         left, right = rec(node[2]), rec(node[3])
-        result = _COMPARE[node[1]](left, right)
-        return _as_bool(result, frame, pd)
+        result = _as_bool(_COMPARE[node[1]](left, right), frame, pd)
+        return result.mask(_missing_mask(left, frame, pd) | _missing_mask(right, frame, pd))
     if kind == "in":
         left, right = rec(node[1]), rec(node[2])
         if isinstance(left, pd.Series):
-            return left.isin(right)
-        return pd.Series(left in right, index=frame.index)
+            result = _as_bool(left.isin(right), frame, pd)
+        else:
+            result = pd.Series(left in right, index=frame.index, dtype="boolean")
+        return result.mask(_missing_mask(left, frame, pd))
     if kind == "const":
         return node[1]
     if kind == "name":
@@ -426,6 +455,14 @@ def _eval_frame(node, frame, text, np, pd):
 
 
 def _as_bool(value, frame, pd):
+    """``value`` as a nullable boolean Series (``pd.NA`` where it is missing or NaN)."""
     if isinstance(value, pd.Series):
-        return value.fillna(False).astype(bool)
-    return pd.Series(bool(value), index=frame.index)
+        unknown = value.isna()
+        return value.where(~unknown, False).astype(bool).astype("boolean").mask(unknown)
+    return pd.Series(pd.NA if _unknown(value) else bool(value), index=frame.index, dtype="boolean")
+
+
+def _missing_mask(value, frame, pd):
+    if isinstance(value, pd.Series):
+        return value.isna().astype(bool)
+    return pd.Series(_unknown(value) if not isinstance(value, list) else False, index=frame.index)

@@ -232,9 +232,12 @@ class ReplayResult:
         if not self.hits:
             out.append("It would prune no row.")
         else:
-            caught = sum(1 for hit in self.hits if hit.status == "failed")
-            out.append(f"It would prune {self.pruned} row(s): {caught} of the {self.failed_rows} that failed, and "
-                       f"{len(self.false_prunes)} that finished done.")
+            # Rows a prune already stopped are not among the failed_rows: they are counted apart.
+            stopped = sum(1 for hit in self.hits if hit.status == "failed" and hit.error.startswith(PRUNED + ":"))
+            caught = sum(1 for hit in self.hits if hit.status == "failed") - stopped
+            again = f", {stopped} that a prune already stopped" if stopped else ""
+            out.append(f"It would prune {self.pruned} row(s): {caught} of the {self.failed_rows} that failed{again}, "
+                       f"and {len(self.false_prunes)} that finished done.")
             out.append("At steps: " + ", ".join(f"{_num(step)} ({n} row{'s' if n > 1 else ''})"
                                                  for step, n in self.steps()))
             share = 100.0 * self.saved_s / self.total_s if self.total_s > 0 else 0.0

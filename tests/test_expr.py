@@ -29,11 +29,27 @@ def test_evaluates_rules_and_costs(text, values, expected):
 
 def test_missing_or_nan_values_never_fire_a_rule():
     rule = parse("m_ssim < 0.5")
-    assert rule.evaluate({}) is False
-    assert rule.evaluate({"m_ssim": None}) is False
-    assert rule.evaluate({"m_ssim": float("nan")}) is False
-    assert parse("not m_ssim < 0.5").evaluate({}) is True
+    assert rule.evaluate({}) is None
+    assert rule.evaluate({"m_ssim": None}) is None
+    assert rule.evaluate({"m_ssim": float("nan")}) is None
     assert parse("depth * 2").evaluate({}) is None
+    assert parse("max(0.01, k)").evaluate({"k": None}) is None
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("not m_ssim < 0.5", None),  # was True: `not` of an unknown fired a rule on a row without m_ssim
+    ("not (acc > 0.5) and step >= 2", None),
+    ("acc > 0.5 or step >= 2", True),
+    ("acc > 0.5 and step >= 9", False),
+    ("not (acc > 0.5 or step >= 9)", None),
+    ("not (acc > 0.5 and step >= 9)", True),
+    ("acc in [1, 2]", None),
+    ("not (acc in [1, 2])", None),
+    ("not nan_metric > 0", None),
+])
+def test_not_of_a_missing_value_is_unknown_and_never_fires(text, expected):
+    """Regression: `prune: step >= 2 and not (acc > 0.5)` pruned rows that never logged acc."""
+    assert parse(text).evaluate({"step": 3, "nan_metric": float("nan")}) is expected
 
 
 def test_names_and_unknown_names():
@@ -64,10 +80,53 @@ def test_evaluate_frame_matches_row_by_row():
     for text in ("m_ssim < 0.5 or m_mae > 1", "not m_ssim >= 0.5", "loss == 'ssim' and m_mae < 0.15",
                  "loss in ['l1']"):
         rule = parse(text)
-        vector = list(rule.evaluate_frame(frame))
+        vector = [None if value is pd.NA else bool(value) for value in rule.evaluate_frame(frame)]
         rows = [rule.evaluate({k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))})
                 for row in frame.to_dict("records")]
         assert vector == rows, text
+
+
+_NAMES = ("a", "b", "c")
+_comparison = st.builds(lambda name, op, number: f"{name} {op} {number}", st.sampled_from(_NAMES),
+                        st.sampled_from(["<", "<=", ">", ">=", "==", "!="]), st.integers(-2, 2))
+_membership = st.builds(lambda name, neg, items: f"{name} {neg}in [{', '.join(map(str, items))}]",
+                        st.sampled_from(_NAMES), st.sampled_from(["", "not "]),
+                        st.lists(st.integers(-2, 2), min_size=1, max_size=3))
+_arith = st.builds(lambda x, op, y, cmp, n: f"{x} {op} {y} {cmp} {n}", st.sampled_from(_NAMES),
+                   st.sampled_from(["+", "-", "*"]), st.sampled_from(_NAMES), st.sampled_from(["<", ">="]),
+                   st.integers(-3, 3))
+_conditions = st.recursive(
+    st.one_of(_comparison, _membership, _arith),
+    lambda inner: st.one_of(st.builds(lambda x: f"not ({x})", inner),
+                            st.builds(lambda x, op, y: f"({x}) {op} ({y})", inner, st.sampled_from(["and", "or"]),
+                                      inner)),
+    max_leaves=6)
+_value = st.one_of(st.integers(-2, 2), st.just(None), st.just(float("nan")))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_conditions, st.lists(st.dictionaries(st.sampled_from(_NAMES), _value), min_size=1, max_size=6),
+       st.lists(st.integers(-2, 2), min_size=3, max_size=3))
+def test_conditions_are_three_valued_and_a_known_answer_never_changes_with_the_unknowns(text, records, fill):
+    """Over generated rules and partial records (names missing, None, NaN): a True or False answer holds
+    for every value the unknowns could take (so a missing value can never make a rule fire), and the
+    column-wise evaluation gives the same answers as the row-wise one."""
+    rule = parse(text)
+    answers = [rule.evaluate(record) for record in records]
+    for record, answer in zip(records, answers):
+        assert answer in (True, False, None)
+        if answer is None:
+            continue
+        known = {k: v for k, v in record.items() if isinstance(v, int)}
+        for offset in range(3):  # a few completions of the unknowns
+            completed = {name: known.get(name, fill[(i + offset) % 3]) for i, name in enumerate(_NAMES)}
+            assert rule.evaluate(completed) is answer, (text, record, completed)
+    frame = pd.DataFrame([{name: record.get(name, math.nan) for name in _NAMES} for record in records],
+                         dtype=float)
+    vector = [None if value is pd.NA else bool(value) for value in rule.evaluate_frame(frame)]
+    rows = [rule.evaluate({k: v for k, v in record.items() if v is not None and not (isinstance(v, float) and math.isnan(v))})
+            for record in records]
+    assert vector == rows, text
 
 
 _ALPHABET = st.sampled_from(list("abxyz0123456789 .,()[]<>=!+-*/%'\"_") + ["and", "or", "not", "in", "import",

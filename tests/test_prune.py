@@ -175,6 +175,29 @@ def test_a_context_without_a_worker_prunes_on_its_own_log(tmp_path):
 
 # ---------------------------------------------------------------- replay
 
+def test_regression_a_rule_with_not_never_prunes_a_row_that_lacks_its_metric(tmp_path):
+    """`not (val_ssim > 0.3)` on records without val_ssim is unknown, not true: the rows run to the end."""
+    rule = "step >= 2 and not (val_ssim > 0.3)"
+    grid = steps_grid(tmp_path, rule)
+    summary = Worker(grid, handle_signals=False).run()
+    assert (summary.done, summary.failed) == (2, 0)
+    result = replay(grid, [rule])
+    assert result.pruned == 0 and result.missing_names == {"val_ssim"}
+
+
+def test_regression_replay_counts_rows_a_prune_already_stopped_apart_from_the_failed_ones(tmp_path):
+    """On a grid run with a prune rule, the rows it stopped are not among "the N that failed": the summary
+    said "2 of the 0 that failed"."""
+    grid = steps_grid(tmp_path, "step >= 4 and loss > 0.3", grid={"plateau": [0.0, 0.5, 0.6]})
+    Worker(grid, handle_signals=False, grace_s=5).run()
+    result = replay(grid, ["step >= 4 and loss > 0.3"])
+    assert (result.pruned, result.failed_rows) == (2, 0)
+    out = CliRunner().invoke(main, ["replay-prune", "--grid", str(grid), "step >= 4 and loss > 0.3"])
+    assert out.exit_code == 0, out.output
+    assert ("It would prune 2 row(s): 0 of the 0 that failed, 2 that a prune already stopped, and 0 that "
+            "finished done.") in out.output
+
+
 def test_replay_reports_prunes_steps_saved_compute_and_names_the_false_prunes(tmp_path):
     grid = steps_grid(tmp_path, None, grid={"plateau": [0.0, 0.3, 0.5]},
                       record_to=str(tmp_path / "events"))
