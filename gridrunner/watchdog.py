@@ -80,9 +80,11 @@ class RowWatchdog:
         self._closed = False
         self._thread: threading.Thread | None = None
 
-    def watch(self, history: Path, hang_s: float | None, limit_s: float | None) -> None:
-        """Start the clocks of a row that starts now; ``history`` is its ``history.jsonl``."""
-        signature = history_signature(history) if hang_s is not None else None
+    def watch(self, history: Path, hang_s: float | None, limit_s: float | None, before=False) -> None:
+        """Start the clocks of a row that starts now; ``history`` is its ``history.jsonl``. ``before`` is
+        :func:`history_signature` of it taken before the row's process started: a row that logs at once
+        may have logged by now, and a signature taken after that log would never see it change."""
+        signature = (before if before is not False else history_signature(history)) if hang_s is not None else None
         limit_at = time.time() + limit_s if limit_s is not None else None
         with self._cond:
             self._row = _Watched(Path(history), hang_s, limit_at, signature)

@@ -684,13 +684,13 @@ class Worker:
 
     # ---- rows the grid stops: hung and runaway rows (the watchdog's callbacks, on its thread)
 
-    def _watch(self, row_dir: Path) -> None:
+    def _watch(self, row_dir: Path, before) -> None:
         if self._watchdog is None:
             from gridrunner.watchdog import RowWatchdog
 
             self._watchdog = RowWatchdog(self._hung, self._over_time)
         limit_s = self._row_limit_min * 60.0 if self._row_limit_min is not None else None
-        self._watchdog.watch(row_dir / "history.jsonl", self.hang_s, limit_s)
+        self._watchdog.watch(row_dir / "history.jsonl", self.hang_s, limit_s, before)
 
     def _hung(self) -> None:
         from gridrunner.watchdog import last_step
@@ -756,6 +756,10 @@ class Worker:
         if self.prune:
             request["prune"], request["grace_s"] = self.prune, self.grace_s
         watched = self.hang_s is not None or self._row_limit_min is not None
+        if watched:
+            from gridrunner.watchdog import history_signature
+
+            before = history_signature(row_dir / "history.jsonl")  # before the row can log
         try:
             pid = self._spawner.begin(request)
         except SpawnerDied as err:
@@ -763,7 +767,7 @@ class Worker:
         self._child_pid = pid
         if watched:
             self._ctx_row_dir = row_dir
-            self._watch(row_dir)
+            self._watch(row_dir, before)
         try:
             if self._stop.is_set():
                 os.kill(pid, signal.SIGUSR1)  # a stop asked for while the request was on its way

@@ -40,6 +40,25 @@ def test_a_row_that_stops_logging_is_killed_and_fails_as_hung_with_its_last_step
     assert stopped_counts(grid_status(grid))["hung"] == 1
 
 
+def test_regression_a_row_that_logs_at_once_and_then_hangs_is_killed_too(tmp_path, monkeypatch):
+    """The hang clock's first look at history.jsonl came after the row's process started; a row that logged
+    before that look never changed the file again, so its clock never started (3 of 6 such rows ran on)."""
+    (tmp_path / "logs_at_once.py").write_text(
+        "import time\n"
+        "def run(params, ctx):\n"
+        "    ctx.log(0, val=1.0)  # the first thing the row does\n"
+        "    time.sleep(30)\n"
+        "    return {'final_step': 0.0}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    grid = make_grid(tmp_path, {"task": "logs_at_once:run", "outcomes": ["final_step"],
+                                "grid": {"copy": list(range(6))}, "hang_after_min": 0.01})
+    summary = Worker(grid, handle_signals=False).run()
+    rows = list(rows_by(grid).values())
+    assert summary.failed == 6
+    assert {r["error"] for r in rows} == {"Hung: no progress for 0.01 min (last step 0)"}
+    assert all(float(r["runtime_s"]) < 10 for r in rows)
+
+
 def test_a_slow_start_up_is_never_a_hang(tmp_path):
     # 3 s before the first log, against a hang time of 1.2 s: the clock only starts at the first ctx.log.
     grid = grid_of(tmp_path, {"startup_s": [3.0]}, hang_after_min=0.02)
