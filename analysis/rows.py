@@ -93,6 +93,7 @@ def rule_mask(df: pd.DataFrame, rule: str) -> pd.Series:
 
     expr = parse(rule)
     expr.check_names(list(df.columns), "column")
+    expr.check_condition()
     result = expr.evaluate_frame(df)
     if not isinstance(result, pd.Series):
         result = pd.Series(bool(result), index=df.index)

@@ -45,6 +45,8 @@ _TOKEN = re.compile(
 )
 _KEYWORDS = {"and", "or", "not", "in", "true", "false", "none", "True", "False", "None"}
 _CONSTANTS = {"true": True, "True": True, "false": False, "False": False, "none": None, "None": None}
+#: The node kinds a rule's top may have: those that say true or false.
+CONDITIONS = ("or", "and", "not", "cmp", "in")
 _COMPARE = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, "!=": operator.ne}
 _ARITH = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv, "%": operator.mod, "**": operator.pow}
 _FUNCS = {
@@ -268,6 +270,18 @@ class Expr:
         if unknown:
             valid = ", ".join(sorted(allowed)) or "none"
             raise ExprError(self.text, f"unknown {what} {unknown[0]!r} (valid: {valid})")
+
+    @property
+    def is_condition(self) -> bool:
+        """Whether it says true or false: a comparison, ``in``, or ``and``/``or``/``not`` at its top."""
+        return self.tree[0] in CONDITIONS
+
+    def check_condition(self, example: str = "m_ssim < 0.5") -> None:
+        """Raise :class:`ExprError` unless it is a condition: a rule such as ``score + 1`` or ``depth`` would
+        select every row where the value is not 0."""
+        if not self.is_condition:
+            raise ExprError(self.text, f"a rule must be a condition (a comparison, 'in', 'and', 'or', 'not'), "
+                                       f"such as {example!r}")
 
     def evaluate(self, values: Mapping[str, Any]) -> Any:
         """Evaluate on one row. A condition gives True, False or None (unknown: it read a missing, None or NaN

@@ -232,6 +232,7 @@ def reset_rows(grid_dir: str | Path, statuses=(), rows=(), where: str | None = N
     if where is not None:
         rule = Expr(where)
         rule.check_names(spec.params + spec.outcomes + ["status", "attempts", "runtime_s"], "column")
+        rule.check_condition("status == 'failed' and loss == 'ssim'")
     if statuses:
         allowed = set(statuses)
     else:

@@ -46,8 +46,6 @@ from gridrunner.errors import ExprError, GridError
 from gridrunner.expr import Expr
 
 PRUNED = "Pruned"
-#: The node kinds a rule may have at its top: it must say true or false.
-_CONDITIONS = ("or", "and", "not", "cmp", "in")
 #: Names every record has, besides the task's own metrics.
 RECORD_NAMES = ("step", "time")
 
@@ -60,7 +58,7 @@ def message(rule: str, step) -> str:
 def check_rule(text, parameters, bookkeeping) -> Expr:
     """Parse one prune rule as ``make`` accepts it; raises :class:`ExprError` saying what is wrong."""
     expr = Expr(text)
-    if expr.tree[0] not in _CONDITIONS:
+    if not expr.is_condition:
         raise ExprError(text, "a prune rule must be a condition such as 'step >= 200 and val_ssim < 0.3'")
     names = expr.names
     booked = sorted(names & set(bookkeeping))

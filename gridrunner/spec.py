@@ -355,7 +355,7 @@ class _Validator:
         if repeat > 1 and any(name == "seed" for sub in subgrids for name in _sub_params(sub)):
             self.fail(("repeat",), "`repeat` adds a `seed` column, but the grid already has a `seed` parameter")
         spec.exclude = self.exclude(data.get("exclude"), params)
-        spec.failure = self.expr(data, "failure", outcomes + params, "outcome or parameter")
+        spec.failure = self.expr(data, "failure", outcomes + params, "outcome or parameter", condition=True)
         spec.cost = self.expr(data, "cost", params + list(fixed), "parameter")
         spec.resources = self.resources(data.get("resources"))
         spec.metric = data.get("metric")
@@ -564,6 +564,7 @@ class _Validator:
                 try:
                     expr = Expr(entry)
                     expr.check_names(params, "parameter")
+                    expr.check_condition("loss == 'ssim' and depth > 15")
                 except ExprError as err:
                     self.fail(kp, str(err))
                 out.append(("rule", expr))
@@ -571,14 +572,17 @@ class _Validator:
                 self.fail(kp, f"expected a mapping or a rule string, got {_kind(entry)}")
         return out
 
-    def expr(self, data: dict, key: str, allowed: list[str], what: str) -> str | None:
+    def expr(self, data: dict, key: str, allowed: list[str], what: str, condition: bool = False) -> str | None:
         text = data.get(key)
         if text is None:
             return None
         if not isinstance(text, str):
             self.fail((key,), f"expected a rule string such as 'm_ssim < 0.5', got {text!r}")
         try:
-            Expr(text).check_names(allowed, what)
+            expr = Expr(text)
+            expr.check_names(allowed, what)
+            if condition:
+                expr.check_condition()
         except ExprError as err:
             self.fail((key,), str(err))
         return text

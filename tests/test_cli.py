@@ -82,6 +82,20 @@ def test_usage_errors_exit_2(project):
     assert snapshot(project) == before
 
 
+@pytest.mark.parametrize("args", [["reset", "--where", "x + 1"], ["reset", "--where", "1"],
+                                  ["analyze", "--failure", "score + 1"]])
+def test_regression_a_rule_that_is_not_a_condition_is_refused_and_changes_nothing(project, args):
+    """`reset --where 'x + 1'` reset every row whose x was not -1: a finished grid's results were gone."""
+    invoke("make", "demo.yaml")
+    invoke("work", "--quiet")
+    before = snapshot(project)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: a rule must be a condition (a comparison, 'in', 'and', 'or', 'not')")
+    assert result.output.count("\n") == 1
+    assert snapshot(project) == before
+
+
 def test_reset_of_an_unknown_row_changes_nothing(project):
     invoke("make", "demo.yaml")
     invoke("work", "--quiet")

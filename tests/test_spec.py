@@ -157,6 +157,12 @@ BAD_SPECS = [
      "g.yaml:4, at key failure: unexpected character '.' at column 17 in \"__import__('os').system('x')\""),
     (GOOD + "max_len: 0\n", "g.yaml:4, at key max_len: expected a positive integer, got 0"),
     (GOOD + "repeat: two\n", "g.yaml:4, at key repeat: expected a positive integer, got 'two'"),
+    (GOOD + "failure: value + 1\n",  # regression: accepted, and every row ended failed
+     "g.yaml:4, at key failure: a rule must be a condition (a comparison, 'in', 'and', 'or', 'not'), such as "
+     "'m_ssim < 0.5' in 'value + 1'"),
+    (GOOD + "exclude: [x]\n",
+     "g.yaml:4, at key exclude[0]: a rule must be a condition (a comparison, 'in', 'and', 'or', 'not'), such as "
+     "\"loss == 'ssim' and depth > 15\" in 'x'"),
     (GOOD + "exclude: [{y: 1}]\n",
      "g.yaml:4, at key exclude[0].y: unknown parameter 'y' (parameters: x)"),
     (GOOD + "random: {n: 3, params: {lr: {loguniform: [0, 1]}}}\n",
