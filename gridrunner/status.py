@@ -87,13 +87,16 @@ class GridStatus:
         return counts["not_run"] == 0 and counts["running"] == 0
 
     def eta_s(self) -> float | None:
-        """Remaining rows × median runtime / live workers (None until a row has finished)."""
+        """Remaining rows × median runtime / live workers (None until a row has finished, and while no live
+        worker runs a row: nothing is making progress, so there is no time to tell)."""
         if not self.runtimes:
             return None
         counts = self.counts
         remaining = counts["not_run"] + counts["running"]
         live = len({r.worker for r in self.running if not r.stale})
-        return remaining * statistics.median(self.runtimes) / max(live, 1)
+        if live == 0:
+            return None
+        return remaining * statistics.median(self.runtimes) / live
 
 
 #: Failed rows that the grid's own rules stopped, by the prefix of their ``error`` cell.

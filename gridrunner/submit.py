@@ -399,11 +399,36 @@ def job_states(grid_dir: Path) -> list[dict]:
                 shown = ", ".join(jobs[:5]) + (", …" if len(jobs) > 5 else "")
                 out.append({"job_id": f"array {array}", "state": state, "kind": entry.get("kind", "workers"),
                             "detail": f"{len(jobs)} task(s): {shown}" + (f" ({detail})" if detail else "")})
-    if last.get("executor") == "local" and last.get("kind", "workers") == "workers":
-        out.append({"job_id": f"local supervisor {last.get('supervisor_pid')}",
-                    "state": "RUNNING" if pid_alive(int(last.get("supervisor_pid") or -1)) else "ENDED",
-                    "detail": f"{last.get('workers')} workers, at most {last.get('max_parallel')} at a time"})
+    for entry in entries:  # every local submission still running, and the latest one however it is
+        if entry.get("executor") != "local" or entry.get("kind", "workers") != "workers":
+            continue
+        alive = supervisor_alive(entry)
+        if alive or entry is last:
+            out.append({"job_id": f"local supervisor {entry.get('supervisor_pid')}",
+                        "state": "RUNNING" if alive else "ENDED",
+                        "detail": f"{entry.get('workers')} workers, at most {entry.get('max_parallel')} at a time"})
     return out
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, field 22 of ``/proc/<pid>/stat``); None if it is
+    not running or that cannot be read. With its pid it names one process: a pid alone may be reused."""
+    try:
+        with open(f"/proc/{int(pid)}/stat", "rb") as fh:
+            return int(fh.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def supervisor_alive(entry: dict) -> bool:
+    """Whether the local supervisor of a submission still runs: its pid is alive and, where the submission
+    recorded it, the process there started when the supervisor did (so a pid reused since by another
+    process, after a reboot or a long time, is not taken for it, nor signalled by ``cancel``)."""
+    pid = entry.get("supervisor_pid")
+    if not pid or not pid_alive(int(pid)):
+        return False
+    started = entry.get("supervisor_start")
+    return started is None or process_start(int(pid)) == started
 
 
 def _kind_detail(grid_dir: Path, entry: dict) -> str:
@@ -780,8 +805,14 @@ def _submit_local(grid_dir: Path, spec, shards: int, settings: dict, source: str
         max_parallel = slots.workers  # every slot at once: a slot's worker holds its share of a GPU
     settings["max_parallel"] = max_parallel
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    folder = jobs_dir(grid_dir) / "local" / stamp
-    folder.mkdir(parents=True, exist_ok=True)
+    (jobs_dir(grid_dir) / "local").mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):  # a folder of its own, even for two submissions in the same second
+        folder = jobs_dir(grid_dir) / "local" / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            folder.mkdir()
+            break
+        except FileExistsError:
+            continue
     command = [sys.executable, "-m", "gridrunner.submit", "supervise", str(grid_dir), str(shards), str(max_parallel),
                str(folder)]
     if settings.get("lease_s"):
@@ -801,7 +832,8 @@ def _submit_local(grid_dir: Path, spec, shards: int, settings: dict, source: str
     ids = [f"local-{proc.pid}_{i}" for i in range(shards)]
     record_submission(grid_dir, {"time": now_iso(), "executor": "local", "kind": "workers", "watch": watch,
                                  "job_ids": ids, "workers": shards,
-                                 "max_parallel": max_parallel, "supervisor_pid": proc.pid, "profile": source,
+                                 "max_parallel": max_parallel, "supervisor_pid": proc.pid,
+                                 "supervisor_start": process_start(proc.pid), "profile": source,
                                  "settings": settings, "command": sys.argv, "folder": str(folder)})
     return Submission("local", ids, settings, source, str(folder))
 
@@ -890,7 +922,7 @@ def cancel(grid_dir: Path) -> list[str]:
             done += [f"Slurm job {a}" + (" (the watcher)" if a in watchers else "") for a in arrays]
     for entry in submissions(grid_dir):
         pid = entry.get("supervisor_pid")
-        if entry.get("executor") == "local" and pid and pid_alive(int(pid)):
+        if entry.get("executor") == "local" and supervisor_alive(entry):
             try:
                 os.kill(int(pid), signal.SIGTERM)
                 done.append(f"local supervisor {pid}")
@@ -918,7 +950,7 @@ def wait(grid_dir: Path, poll_s: float = 2.0, on_progress=None) -> bool:
         if on_progress is not None:
             on_progress(status)
         if last["executor"] == "local":
-            if not pid_alive(int(last["supervisor_pid"])):
+            if not supervisor_alive(last):
                 return grid_status(grid_dir).finished
         else:
             if status.finished:

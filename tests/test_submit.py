@@ -78,6 +78,48 @@ def test_cancel_gives_rows_back_and_a_new_submit_finishes_them(project):
     assert all(float(r["resumed_from"]) > 0 for r in rows)  # warm start from the checkpoint
 
 
+def test_regression_two_local_submissions_in_one_second_have_their_own_logs_and_both_are_listed(project,
+                                                                                                 monkeypatch):
+    """Two `submit`s in the same second shared one log folder (their workers' logs interleaved, one
+    exit-codes.json for both), and `status` listed only the second supervisor."""
+    from gridrunner.status import current_status, to_json
+
+    grid = make_grid(project, {"task": "gridrunner.tasks.toy:sleep", "outcomes": ["slept"],
+                               "grid": {"duration": [1.5], "i": list(range(4))}})
+    monkeypatch.setattr(time, "strftime", lambda *_: "20261203-080000")
+    first = submit(grid, 1, executor="local")
+    second = submit(grid, 1, executor="local")
+    assert first.folder != second.folder
+    assert sorted(os.path.basename(e["folder"]) for e in submissions(grid)) == ["20261203-080000",
+                                                                               "20261203-080000-2"]
+    jobs = to_json(current_status(grid))["jobs"]
+    assert [job["state"] for job in jobs] == ["RUNNING", "RUNNING"]
+    wait(grid, poll_s=0.2)
+    assert statuses(grid) == ["done"] * 4
+    for entry in submissions(grid):
+        assert json.loads((project / entry["folder"] / "exit-codes.json").read_text()) == {"0": 0}
+
+
+def test_regression_cancel_never_signals_a_process_that_took_a_recorded_supervisors_pid(project, request):
+    """`cancel` sent SIGTERM to whatever process had the pid of a supervisor long gone."""
+    import subprocess
+
+    from gridrunner.submit import process_start, record_submission
+    from gridrunner.status import current_status, to_json
+
+    grid = make_grid(project, {"task": "gridrunner.tasks.toy:noop", "outcomes": ["value"], "grid": {"i": [1]}})
+    other = subprocess.Popen(["sleep", "60"])
+    request.addfinalizer(other.kill)
+    record_submission(grid, {"executor": "local", "kind": "workers", "job_ids": [f"local-{other.pid}_0"],
+                             "workers": 1, "max_parallel": 1, "supervisor_pid": other.pid,
+                             "supervisor_start": process_start(other.pid) - 1})  # a process that started earlier
+    assert [job["state"] for job in to_json(current_status(grid))["jobs"]] == ["ENDED"]
+    result = CliRunner().invoke(main, ["cancel"], catch_exceptions=False)
+    assert result.exit_code == 0 and "local supervisor" not in result.output
+    time.sleep(0.2)
+    assert other.poll() is None  # not signalled
+
+
 def test_submit_argument_errors(project):
     make_grid(project, {"task": "gridrunner.tasks.toy:noop", "outcomes": ["value"], "grid": {"i": [1]}})
     runner = CliRunner()
