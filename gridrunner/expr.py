@@ -360,8 +360,9 @@ def _eval(node, values, text):
     if kind == "call":
         func = _FUNCS[node[1]][0]
         args = [_eval(n, values, text) for n in node[2]]
-        if any(arg is None for arg in args):
-            raise _Missing  # max(0.01, k) on a row whose k is null: unknown, like arithmetic on it
+        for arg in args:
+            if arg is None:
+                raise _Missing  # max(0.01, k) on a row whose k is null: unknown, like arithmetic on it
         try:
             return func(*args)
         except OverflowError:
