@@ -222,6 +222,7 @@ def make_console(file=None):
     console = Console(file=file)
     if not console.is_terminal:
         console.soft_wrap = True
+        console.width = 100_000  # tables too are laid out at their own width, never squeezed or cut
     return console
 
 
@@ -306,8 +307,8 @@ def render(status: GridStatus, console, max_shards: int = 40, max_running: int =
         table.add_column(column, justify="left" if column in ("shard", "progress") else "right")
     shown = status.shards if len(status.shards) <= max_shards else status.shards[:max_shards]
     for shard in shown:
-        if shard.error:
-            table.add_row(shard.path.name, f"[red]{shard.error}[/]", "", "", "", "", "")
+        if shard.error:  # the reason goes below the table, on a line of its own that is never wrapped
+            table.add_row(shard.path.name, "[red]unreadable[/]", "", "", "", "", "")
             continue
         c = shard.counts
         bar = ProgressBar(total=max(shard.total, 1), completed=c["done"] + c["failed"], width=24)
@@ -328,6 +329,8 @@ def render(status: GridStatus, console, max_shards: int = 40, max_running: int =
     if status.errors:
         console.print("[bold]failures by kind:[/] " + ", ".join(f"{k} {n}" for k, n in status.errors.most_common(8)))
     for shard in status.shards:
+        if shard.error:
+            console.print(f"[red]unreadable shard[/] {shard.error}", soft_wrap=True)
         for line, message in shard.bad[:5]:
             console.print(f"[red]bad row[/] {shard.path}:{line}: {message}")
     for row_id, names in status.duplicates[:5]:

@@ -127,11 +127,11 @@ def test_status_json_holds_every_count_shard_running_row_stale_claim_failure_kin
             assert doc["median_runtime_s"] == statistics.median(runtimes)
         else:
             assert doc["median_runtime_s"] is None
-        if doc["finished"] or not runtimes:
+        if doc["finished"] or not runtimes or not live:  # no live worker: nothing is making progress
             assert doc["eta_s"] is None
         else:
             remaining = counts["not_run"] + counts["running"]
-            expected = remaining * statistics.median(runtimes) / max(live, 1)
+            expected = remaining * statistics.median(runtimes) / live
             assert abs(doc["eta_s"] - expected) <= 1e-3 + 1e-9 * expected
         assert doc["jobs"] == []
         assert doc["schema"] == 1 and doc["grid"] == "gen"
@@ -144,6 +144,7 @@ def test_status_text_off_a_terminal_keeps_the_eta_on_its_line_however_narrow(tmp
     (path,) = store.shard_paths()
     with store.transaction(path) as shard:
         set_state(shard, 0, ("done", 119.0), time.time())
+        set_state(shard, 1, ("running", "live"), time.time())
     env = {**os.environ, "COLUMNS": "40"}
     out = subprocess.run([sys.executable, "-m", "gridrunner.cli", "status", "--grid", str(grid)], env=env,
                          capture_output=True, text=True, check=True).stdout
@@ -154,6 +155,21 @@ def test_status_text_off_a_terminal_keeps_the_eta_on_its_line_however_narrow(tmp
 def finishing_grid(tmp_path, rows: int = 6, seconds: float = 0.4) -> Path:
     return make_grid(tmp_path, {"name": "w", "task": "gridrunner.tasks.toy:sleep", "outcomes": ["slept"],
                                 "grid": {"i": list(range(rows))}, "fixed": {"duration": seconds}})
+
+
+def test_regression_an_unreadable_shards_reason_is_one_whole_line_off_a_terminal(tmp_path):
+    """The reason sat in the shard table's progress cell, which the table wrapped over 8 lines and cut."""
+    grid = make_grid(tmp_path, {"task": "gridrunner.tasks.toy:noop", "outcomes": ["value"],
+                                "grid": {"i": list(range(4))}, "max_len": 2})
+    store = GridStore(grid)
+    path = store.shard_paths()[1]
+    path.write_text("i,value\n1,2\n")  # no bookkeeping columns
+    env = {**os.environ, "COLUMNS": "60"}
+    out = subprocess.run([sys.executable, "-m", "gridrunner.cli", "status", "--grid", str(grid)], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    (line,) = [line for line in out.splitlines() if line.startswith("unreadable shard ")]
+    assert line.startswith(f"unreadable shard {path}:1: missing column 'row_id'"), out
+    assert "…" not in out, out
 
 
 def test_watch_off_a_terminal_prints_each_change_and_ends_when_the_grid_finishes(tmp_path):
