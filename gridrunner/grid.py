@@ -10,6 +10,7 @@ import yaml
 
 from gridrunner.errors import GridError, SpecError
 from gridrunner.expr import Expr
+from gridrunner.journal import JOURNAL_DIR
 from gridrunner.spec import Spec, expand, load_spec, task_params, validate
 from gridrunner.store import (
     ATTEMPTS,
@@ -23,7 +24,6 @@ from gridrunner.store import (
     check_compatible,
     header_for,
     now_iso,
-    shard_index,
     why_failed,
     write_atomic,
     write_shards,
@@ -68,20 +68,20 @@ def make(spec_path: str | Path, runs_dir: str | Path = DEFAULT_RUNS, dry_run: bo
 
     store = GridStore(grid_dir)
     existing: dict = {}
-    old_paths = []
-    if (grid_dir / SPEC_FILE).exists():
+    is_grid = (grid_dir / SPEC_FILE).exists()
+    if is_grid:
         old = read_resolved(grid_dir)
         check_compatible(old, resolved, spec_path)
         store.recover()
+        _refuse_missing_shards(store, spec_path)
         existing = store.existing_ids()
-        old_paths = store.shard_paths()
     elif grid_dir.exists() and any(grid_dir.iterdir()):
         raise GridError(f"{grid_dir} exists but holds no {SPEC_FILE}; it is not a grid. Move it away or "
                         f"choose another name or --runs DIR")
 
     rows = _rows_to_write(spec, existing, report)
     header = header_for(spec.params, spec.outcomes)
-    first = max((shard_index(p) for p in old_paths), default=-1) + 1
+    first = store.next_index()
     if dry_run:
         for _ in rows:
             pass
@@ -93,7 +93,7 @@ def make(spec_path: str | Path, runs_dir: str | Path = DEFAULT_RUNS, dry_run: bo
     resolved["made_at"] = now_iso()
     spec_text = "# Resolved by `gridrunner make`; edit the source spec and re-run make instead.\n" + \
         yaml.safe_dump(resolved, sort_keys=False, default_flow_style=None, width=110)
-    if not existing and not (grid_dir / SPEC_FILE).exists():
+    if not is_grid:
         # A new grid: build it in a staging directory and rename it into place, so a crash leaves nothing.
         grid_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = grid_dir.with_name(f".{grid_dir.name}.making-{os.getpid()}")
@@ -116,6 +116,7 @@ def make(spec_path: str | Path, runs_dir: str | Path = DEFAULT_RUNS, dry_run: bo
         report.shards = [grid_dir / SHARD_DIR / p.name for p in report.shards]
     else:
         try:
+            (grid_dir / SHARD_DIR).mkdir(exist_ok=True)  # gone with every journal: its rows are new again
             report.shards = write_shards(grid_dir / SHARD_DIR, header, rows, spec.max_len, first, fsync=True)
             _check_not_empty(spec, spec_path, report)  # no rows: write_shards wrote no file
             write_atomic(grid_dir / SOURCE_FILE, source_text)
@@ -126,6 +127,25 @@ def make(spec_path: str | Path, runs_dir: str | Path = DEFAULT_RUNS, dry_run: bo
             raise GridError(f"cannot add rows to {grid_dir} ({why_failed(err)}); existing rows are unchanged, and "
                             f"`gridrunner make` again adds the rows still missing") from err
     return report
+
+
+def _refuse_missing_shards(store: GridStore, spec_path: Path) -> None:
+    """Refuse to extend a grid whose shard files are gone but whose journals are there. The journals
+    still hold those rows and their results: adding the rows again as new would hide the results
+    behind fresh ``not_run`` rows, and a new shard under a deleted one's name would take its journal.
+    Only ``gridrunner recover`` writes such shards back."""
+    missing = store.missing_shards()
+    if not missing:
+        return
+    journals = store.grid_dir / JOURNAL_DIR
+    if not store.shard_dir.is_dir():
+        what = f"{store.shard_dir}/ is missing, but the journals of its {len(missing)} shard(s) are in {journals}/"
+    else:
+        names = ", ".join(p.name for p in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        what = (f"{names} {'is' if len(missing) == 1 else 'are'} missing from {store.shard_dir}/, but "
+                f"{'its journal is' if len(missing) == 1 else 'their journals are'} still in {journals}/")
+    raise GridError(f"{what}; run `gridrunner recover --grid {store.grid_dir}` first (it rebuilds shards from their "
+                    f"journals, or says why it cannot), then `gridrunner make {spec_path}` again; nothing was written")
 
 
 def _check_not_empty(spec: Spec, spec_path: Path, report: MakeReport) -> None:

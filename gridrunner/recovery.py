@@ -1,6 +1,7 @@
 """``gridrunner recover``: rebuild shards that were deleted, truncated or garbled, from their journals.
 
-For every journal under ``runs/<grid>/journal/``, holding the shard's lock:
+The ``shards/`` folder is made again if it was deleted, and a split cut short is finished. Then, for
+every journal under ``runs/<grid>/journal/``, holding the shard's lock:
 
 * the shard file is missing: it is written again with every row the journal holds, in their latest
   committed state;
@@ -23,10 +24,11 @@ from pathlib import Path
 
 from gridrunner.atomic import write_atomic
 from gridrunner.errors import ShardError
-from gridrunner.journal import JOURNAL_DIR, Journal, append_note, commit_entry, text_sha
+from gridrunner.journal import Journal, append_note, commit_entry, text_sha
 from gridrunner.lock import ShardLock
 from gridrunner.reconcile import ShardHalfWritten, fingerprint, journal_base, looks_half_written, merge
 from gridrunner.shardfile import STATUS, Shard
+from gridrunner.store import GridStore
 
 
 @dataclass
@@ -51,12 +53,12 @@ class Rebuilt:
 
 
 def recover_grid(grid_dir: Path, lock_stale_s: float = 60.0) -> list[Rebuilt]:
-    grid_dir = Path(grid_dir)
-    shard_dir = grid_dir / "shards"
+    store = GridStore(Path(grid_dir), lock_stale_s=lock_stale_s)
+    # Deleted with every shard in it: the journals beside it hold the rows. Then a split cut short.
+    store.shard_dir.mkdir(exist_ok=True)
+    store.recover()
     report = []
-    journals = sorted((grid_dir / JOURNAL_DIR).glob("shard-*.csv.jsonl"))
-    for journal_file in journals:
-        path = shard_dir / journal_file.name[: -len(".jsonl")]
+    for path in store.journaled_shards():
         journal = Journal(path, fingerprint)
         with ShardLock(str(path) + ".lock", stale_s=lock_stale_s):
             report.append(_recover_one(path, journal))

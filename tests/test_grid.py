@@ -1,5 +1,6 @@
 """`make`: shards, idempotent re-make, extension that keeps results, the study's DnCNN grid."""
 import csv
+import shutil
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,90 @@ def test_the_readme_spec_example_validates():
     block = re.search(r"```yaml\n(# grids/example.yaml.*?)```", text, re.S).group(1)
     spec = validate(yaml.safe_load(block), check_task=False)
     assert spec.size() == 3 * 3 * 2 * 2 * 3 * 10
+
+
+# ============================================================================
+# A grid that lost its shards or its spec.yaml: make never hides a result, and leads to the fix
+# ============================================================================
+
+SMALL = {"name": "small", "task": "gridrunner.tasks.toy:noop", "grid": {"a": [1, 2, 3, 4], "b": ["x", "y", "z"]},
+         "outcomes": ["value"], "max_len": 5}
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from gridrunner.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def _files(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def small(tmp_path, monkeypatch):
+    """``runs/small`` made from ``small.yaml`` in the current directory: shards of 5, 5 and 2 rows, with
+    3 rows of shard-000 and every row of shard-001 done."""
+    monkeypatch.chdir(tmp_path)
+    write_spec(tmp_path, SMALL, "small")
+    assert _cli("make", "small.yaml").exit_code == 0
+    grid = Path("runs/small")
+    store = GridStore(grid)
+    for path, n in zip(store.shard_paths(), (3, 5)):
+        for _ in range(n):
+            _, scan = store.claim(path, "h:1", lambda *a: False, 3)
+            store.record(scan.claim, Result("done", {"value": 1.0}))
+    return grid
+
+
+def test_regression_make_refuses_a_grid_whose_shards_folder_was_deleted_until_recover_rebuilt_it(small, tmp_path):
+    """`make` after `rm -rf shards/` wrote 12 new rows and replaced shard-000's journal by an all-not_run
+    one, so that `recover` brought its rows back without their results. The journals hold the rows: make
+    now changes nothing and says to run `recover`, which rebuilds every shard."""
+    before = shard_rows(small)
+    shutil.rmtree(small / "shards")
+    files = _files(tmp_path)
+    message = ("Error: runs/small/shards/ is missing, but the journals of its 3 shard(s) are in runs/small/journal/; "
+               "run `gridrunner recover --grid runs/small` first (it rebuilds shards from their journals, or says "
+               "why it cannot), then `gridrunner make small.yaml` again; nothing was written\n")
+    for args in (["make", "small.yaml", "--dry-run"], ["make", "small.yaml"]):
+        result = _cli(*args)
+        assert (result.exit_code, result.output) == (1, message)
+        assert _files(tmp_path) == files  # no shard, and no journal replaced
+    result = _cli("recover")
+    assert result.exit_code == 0, result.output
+    assert shard_rows(small) == before
+    result = _cli("make", "small.yaml")
+    assert (result.exit_code, result.output) == (
+        0, "runs/small: 12 rows in the spec; 12 already there, wrote 0 new in 0 shard file(s)\n")
+    assert shard_rows(small) == before
+    assert sorted(p.name for p in (small / "journal").iterdir() if ".replaced-" in p.name) == []
+
+
+def test_regression_make_refuses_a_grid_with_one_shard_file_deleted_instead_of_adding_its_rows_as_new(small, tmp_path):
+    before = shard_rows(small)
+    (small / "shards" / "shard-001.csv").unlink()  # its 5 rows are done
+    files = _files(tmp_path)
+    result = _cli("make", "small.yaml")
+    assert (result.exit_code, result.output) == (
+        1, "Error: shard-001.csv is missing from runs/small/shards/, but its journal is still in runs/small/journal/; "
+           "run `gridrunner recover --grid runs/small` first (it rebuilds shards from their journals, or says why "
+           "it cannot), then `gridrunner make small.yaml` again; nothing was written\n")
+    assert _files(tmp_path) == files
+    assert _cli("recover").exit_code == 0
+    assert shard_rows(small) == before
+    assert _cli("make", "small.yaml").output.startswith("runs/small: 12 rows in the spec; 12 already there")
+
+
+def test_regression_split_never_takes_the_name_and_journal_of_a_deleted_shard(small):
+    """A new shard is numbered past every journal too: the last shard deleted by hand keeps its journal."""
+    (small / "shards" / "shard-002.csv").unlink()
+    journal = (small / "journal" / "shard-002.csv.jsonl").read_bytes()
+    result = _cli("split", "--shard", "0", "--into", "2")
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in GridStore(small).shard_paths()] == ["shard-000.csv", "shard-001.csv", "shard-003.csv"]
+    assert (small / "journal" / "shard-002.csv.jsonl").read_bytes() == journal
+    assert _cli("recover").exit_code == 0
+    assert len(shard_rows(small)["shard-002.csv"]) == 2

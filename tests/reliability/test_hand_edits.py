@@ -14,6 +14,7 @@ import io
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -305,3 +306,19 @@ def test_recover_rebuilds_a_deleted_a_truncated_and_a_garbled_shard(project):
     assert rows(grid) == before
     again = cli("recover", "--grid", str(grid))
     assert again.stdout.splitlines() == [f"shard-00{k}.csv: whole, nothing to do" for k in range(3)]
+
+
+def test_regression_recover_rebuilds_every_shard_after_the_shards_folder_was_deleted(project):
+    """`rm -rf runs/g/shards; gridrunner recover` failed with a saved traceback (exit 3) making the first
+    shard's lock: the folder is made again and every shard rebuilt from its journal."""
+    grid = make_grid(project, _spec(project / "executions.log", 12, 0.0, 4))
+    assert cli("work", "--quiet", "--max-rows", "6").returncode == 0
+    before = rows(grid)
+    shutil.rmtree(grid / "shards")
+    result = cli("recover")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert [line.split("; rebuilt from")[0] for line in result.stdout.splitlines()] == [
+        f"shard-00{k}.csv: the file was missing" for k in range(3)]
+    assert rows(grid) == before
+    status = cli("status")
+    assert status.returncode == 0 and "6/12 finished" in status.stdout and "run `gridrunner recover`" not in status.stdout
