@@ -219,11 +219,20 @@ def edit(grid, runs_dir, shard, command):
 @main.command()
 @_grid_options
 def recover(grid, runs_dir):
-    """Rebuild shards that were deleted, truncated or garbled, from their journals; say what was rebuilt."""
-    from gridrunner.recovery import recover_grid
+    """Rebuild shards that were deleted, truncated or garbled, from their journals; say what was rebuilt.
 
-    for rebuilt in recover_grid(_find(grid, runs_dir)):
+    Also rebuilds a deleted shards/ folder. A shard that cannot be rebuilt (its journal is gone or
+    unreadable) is named with the reason, and the command exits 1 once it rebuilt all the others.
+    """
+    from gridrunner.recovery import lost_summary, recover_grid
+
+    grid_dir = _find(grid, runs_dir)
+    report = recover_grid(grid_dir)
+    for rebuilt in report:
         click.echo(rebuilt.line())
+    lost = lost_summary(grid_dir, report)
+    if lost:
+        raise GridError(lost)
 
 
 @main.command()
