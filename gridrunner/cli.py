@@ -224,9 +224,10 @@ def recover(grid, runs_dir):
     Also rebuilds a deleted shards/ folder. A shard that cannot be rebuilt (its journal is gone or
     unreadable) is named with the reason, and the command exits 1 once it rebuilt all the others.
     """
+    from gridrunner.grid import find_grid
     from gridrunner.recovery import lost_summary, recover_grid
 
-    grid_dir = _find(grid, runs_dir)
+    grid_dir = find_grid(grid, runs_dir, journals_ok=True)  # spec.yaml may be lost too: `make` restores it
     report = recover_grid(grid_dir)
     for rebuilt in report:
         click.echo(rebuilt.line())

@@ -265,3 +265,89 @@ def test_regression_split_never_takes_the_name_and_journal_of_a_deleted_shard(sm
     assert (small / "journal" / "shard-002.csv.jsonl").read_bytes() == journal
     assert _cli("recover").exit_code == 0
     assert len(shard_rows(small)["shard-002.csv"]) == 2
+
+
+GARBLED = "{{{ : [\n"
+
+
+@pytest.mark.parametrize("damage, line", [
+    ("garbled", "runs/small/spec.yaml:1: invalid YAML: expected the node content, but found ':'; {verb} it from "
+                "small.yaml, which runs/small/spec.source.yaml vouches for"),
+    ("deleted", "runs/small/spec.yaml is missing; {verb} it from small.yaml, which runs/small/spec.source.yaml "
+                "vouches for"),
+    ("deleted with spec.source.yaml garbled",
+     "runs/small/spec.yaml is missing; {verb} it from small.yaml, whose parameters and outcomes are the shards' "
+     "columns (runs/small/spec.source.yaml:1: invalid YAML: expected the node content, but found ':'; the task and "
+     "the fixed values cannot be checked)"),
+])
+def test_regression_make_restores_a_lost_spec_yaml_from_the_grids_own_spec(small, tmp_path, damage, line):
+    """A garbled or deleted spec.yaml made every command fail, `make` included, with the grid's results
+    unreachable. `make SPEC` restores it when spec.source.yaml (or, failing that, the shards' columns)
+    vouches for SPEC; `--dry-run` says so and writes nothing."""
+    before = shard_rows(small)
+    if damage == "garbled":
+        (small / "spec.yaml").write_text(GARBLED)
+        result = _cli("status")
+        assert (result.exit_code, result.output) == (
+            1, "Error: runs/small/spec.yaml:1: invalid YAML: expected the node content, but found ':'; re-run "
+               "`gridrunner make` on the source spec to restore it\n")
+    else:
+        (small / "spec.yaml").unlink()
+        if "garbled" in damage:
+            (small / "spec.source.yaml").write_text(GARBLED)
+    files = _files(tmp_path)
+    result = _cli("make", "small.yaml", "--dry-run")
+    assert (result.exit_code, result.output) == (
+        0, line.format(verb="would restore") + "\nruns/small: 12 rows in the spec; 12 already there, would write 0 "
+                                                "new in 0 shard file(s)\n")
+    assert _files(tmp_path) == files
+    result = _cli("make", "small.yaml")
+    assert (result.exit_code, result.output.splitlines()[0]) == (0, line.format(verb="restored"))
+    assert yaml.safe_load((small / "spec.yaml").read_text())["outcomes"] == ["value"]
+    assert (small / "spec.source.yaml").read_text() == (tmp_path / "small.yaml").read_text()
+    assert _cli("status").exit_code == 0
+    assert shard_rows(small) == before
+
+
+@pytest.mark.parametrize("change, source, message", [
+    ({"task": "gridrunner.tasks.toy:sleep"}, "intact",
+     "Error: other.yaml, at key task: the task changed since this grid was made ('gridrunner.tasks.toy:noop' → "
+     "'gridrunner.tasks.toy:sleep'); finished rows would no longer match. Make a new grid (another `name:` or "
+     "--runs DIR), or change it back"),
+    ({"outcomes": ["loss"]}, "garbled",
+     "Error: runs/small/spec.yaml is missing, and nothing in runs/small vouches for other.yaml: "
+     "runs/small/spec.source.yaml:1: invalid YAML: expected the node content, but found ':'; the shards' parameters "
+     "and outcomes are a, b; value, not the spec's a, b; loss. Restore runs/small/spec.yaml from a backup, or make "
+     "other.yaml as a new grid (another `name:` or --runs DIR); nothing was written"),
+])
+def test_regression_make_restores_no_spec_yaml_from_a_spec_the_grid_does_not_vouch_for(small, tmp_path, change,
+                                                                                       source, message):
+    (small / "spec.yaml").unlink()
+    if source == "garbled":
+        (small / "spec.source.yaml").write_text(GARBLED)
+    write_spec(tmp_path, {**SMALL, **change}, "other")
+    files = _files(tmp_path)
+    result = _cli("make", "other.yaml")
+    assert (result.exit_code, result.output) == (1, message + "\n")
+    assert _files(tmp_path) == files
+
+
+def test_regression_a_grid_that_lost_its_spec_yaml_and_its_shards_folder_comes_back_whole(small, tmp_path):
+    """`make` restores spec.yaml only once the shards are back, and `recover --grid` needs no spec.yaml."""
+    before = shard_rows(small)
+    (small / "spec.yaml").unlink()
+    shutil.rmtree(small / "shards")
+    files = _files(tmp_path)
+    result = _cli("make", "small.yaml")
+    assert (result.exit_code, result.output) == (
+        1, "Error: runs/small/shards/ is missing, but the journals of its 3 shard(s) are in runs/small/journal/; "
+           "run `gridrunner recover --grid runs/small` first (it rebuilds shards from their journals, or says why "
+           "it cannot), then `gridrunner make small.yaml` again; nothing was written\n")
+    assert _files(tmp_path) == files
+    result = _cli("recover", "--grid", "runs/small")
+    assert result.exit_code == 0, result.output
+    assert shard_rows(small) == before
+    result = _cli("make", "small.yaml")
+    assert result.exit_code == 0 and result.output.startswith("runs/small/spec.yaml is missing; restored it"), \
+        result.output
+    assert _cli("status").exit_code == 0 and shard_rows(small) == before
