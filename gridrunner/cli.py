@@ -219,11 +219,21 @@ def edit(grid, runs_dir, shard, command):
 @main.command()
 @_grid_options
 def recover(grid, runs_dir):
-    """Rebuild shards that were deleted, truncated or garbled, from their journals; say what was rebuilt."""
-    from gridrunner.recovery import recover_grid
+    """Rebuild shards that were deleted, truncated or garbled, from their journals; say what was rebuilt.
 
-    for rebuilt in recover_grid(_find(grid, runs_dir)):
+    Also rebuilds a deleted shards/ folder. A shard that cannot be rebuilt (its journal is gone or
+    unreadable) is named with the reason, and the command exits 1 once it rebuilt all the others.
+    """
+    from gridrunner.grid import find_grid
+    from gridrunner.recovery import lost_summary, recover_grid
+
+    grid_dir = find_grid(grid, runs_dir, journals_ok=True)  # spec.yaml may be lost too: `make` restores it
+    report = recover_grid(grid_dir)
+    for rebuilt in report:
         click.echo(rebuilt.line())
+    lost = lost_summary(grid_dir, report)
+    if lost:
+        raise GridError(lost)
 
 
 @main.command()

@@ -10,7 +10,8 @@ import yaml
 
 from gridrunner.errors import GridError, SpecError
 from gridrunner.expr import Expr
-from gridrunner.spec import Spec, expand, load_spec, task_params, validate
+from gridrunner.journal import JOURNAL_DIR
+from gridrunner.spec import BOOK_COLUMNS, Spec, expand, load_spec, task_params, validate
 from gridrunner.store import (
     ATTEMPTS,
     ROW_ID,
@@ -23,7 +24,6 @@ from gridrunner.store import (
     check_compatible,
     header_for,
     now_iso,
-    shard_index,
     why_failed,
     write_atomic,
     write_shards,
@@ -41,10 +41,12 @@ class MakeReport:
     orphans: list = field(default_factory=list)  # row ids in the shards that the spec no longer makes
     shards: list = field(default_factory=list)  # shard files written now
     dry_run: bool = False
+    restored: str = ""  # how spec.yaml, missing or unreadable, was (or would be) restored
 
     def lines(self) -> list[str]:
         verb = "would write" if self.dry_run else "wrote"
-        out = [f"{self.grid_dir}: {self.total} rows in the spec; {self.kept} already there, "
+        out = [self.restored] if self.restored else []
+        out += [f"{self.grid_dir}: {self.total} rows in the spec; {self.kept} already there, "
                f"{verb} {self.new} new in {len(self.shards)} shard file(s)"]
         if self.orphans:
             sample = ", ".join(self.orphans[:5]) + (" ..." if len(self.orphans) > 5 else "")
@@ -68,20 +70,23 @@ def make(spec_path: str | Path, runs_dir: str | Path = DEFAULT_RUNS, dry_run: bo
 
     store = GridStore(grid_dir)
     existing: dict = {}
-    old_paths = []
-    if (grid_dir / SPEC_FILE).exists():
-        old = read_resolved(grid_dir)
+    is_grid = (grid_dir / SPEC_FILE).exists() or bool(store.shard_paths() or store.journaled_shards())
+    if is_grid:
+        try:
+            old = read_resolved(grid_dir, hint="")
+        except GridError as unreadable:  # missing or unreadable, in a folder that holds rows
+            old = _vouched_spec(store, spec, resolved, spec_path, unreadable, report)
         check_compatible(old, resolved, spec_path)
         store.recover()
+        _refuse_missing_shards(store, spec_path)
         existing = store.existing_ids()
-        old_paths = store.shard_paths()
     elif grid_dir.exists() and any(grid_dir.iterdir()):
         raise GridError(f"{grid_dir} exists but holds no {SPEC_FILE}; it is not a grid. Move it away or "
                         f"choose another name or --runs DIR")
 
     rows = _rows_to_write(spec, existing, report)
     header = header_for(spec.params, spec.outcomes)
-    first = max((shard_index(p) for p in old_paths), default=-1) + 1
+    first = store.next_index()
     if dry_run:
         for _ in rows:
             pass
@@ -93,7 +98,7 @@ def make(spec_path: str | Path, runs_dir: str | Path = DEFAULT_RUNS, dry_run: bo
     resolved["made_at"] = now_iso()
     spec_text = "# Resolved by `gridrunner make`; edit the source spec and re-run make instead.\n" + \
         yaml.safe_dump(resolved, sort_keys=False, default_flow_style=None, width=110)
-    if not existing and not (grid_dir / SPEC_FILE).exists():
+    if not is_grid:
         # A new grid: build it in a staging directory and rename it into place, so a crash leaves nothing.
         grid_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = grid_dir.with_name(f".{grid_dir.name}.making-{os.getpid()}")
@@ -116,6 +121,7 @@ def make(spec_path: str | Path, runs_dir: str | Path = DEFAULT_RUNS, dry_run: bo
         report.shards = [grid_dir / SHARD_DIR / p.name for p in report.shards]
     else:
         try:
+            (grid_dir / SHARD_DIR).mkdir(exist_ok=True)  # gone with every journal: its rows are new again
             report.shards = write_shards(grid_dir / SHARD_DIR, header, rows, spec.max_len, first, fsync=True)
             _check_not_empty(spec, spec_path, report)  # no rows: write_shards wrote no file
             write_atomic(grid_dir / SOURCE_FILE, source_text)
@@ -126,6 +132,82 @@ def make(spec_path: str | Path, runs_dir: str | Path = DEFAULT_RUNS, dry_run: bo
             raise GridError(f"cannot add rows to {grid_dir} ({why_failed(err)}); existing rows are unchanged, and "
                             f"`gridrunner make` again adds the rows still missing") from err
     return report
+
+
+def _refuse_missing_shards(store: GridStore, spec_path: Path) -> None:
+    """Refuse to extend a grid whose shard files are gone but whose journals are there. The journals
+    still hold those rows and their results: adding the rows again as new would hide the results
+    behind fresh ``not_run`` rows, and a new shard under a deleted one's name would take its journal.
+    Only ``gridrunner recover`` writes such shards back."""
+    missing = store.missing_shards()
+    if not missing:
+        return
+    journals = store.grid_dir / JOURNAL_DIR
+    if not store.shard_dir.is_dir():
+        what = f"{store.shard_dir}/ is missing, but the journals of its {len(missing)} shard(s) are in {journals}/"
+    else:
+        names = ", ".join(p.name for p in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        what = (f"{names} {'is' if len(missing) == 1 else 'are'} missing from {store.shard_dir}/, but "
+                f"{'its journal is' if len(missing) == 1 else 'their journals are'} still in {journals}/")
+    raise GridError(f"{what}; run `gridrunner recover --grid {store.grid_dir}` first (it rebuilds shards from their "
+                    f"journals, or says why it cannot), then `gridrunner make {spec_path}` again; nothing was written")
+
+
+def _vouched_spec(store: GridStore, spec: Spec, resolved: dict, spec_path: Path, unreadable: GridError,
+                  report: MakeReport) -> dict:
+    """``spec.yaml`` is missing or unreadable, but the folder holds shards or journals: the grid's
+    results are there, and every other command needs ``spec.yaml``. The spec being made may take its
+    place if the grid's own record vouches for it, and then ``make`` goes on as for any re-make (and
+    writes ``spec.yaml`` again): ``spec.source.yaml``, which every ``make`` saves beside ``spec.yaml``,
+    when it loads (then it is checked as ``spec.yaml`` would be); else the shards' columns, when they
+    are exactly the spec's parameters and outcomes. Returns what ``resolved`` is then checked against."""
+    grid_dir = store.grid_dir
+    spec_file, source = grid_dir / SPEC_FILE, grid_dir / SOURCE_FILE
+    lost = f"{spec_file} is missing" if not spec_file.exists() else str(unreadable)
+    verb = "would restore" if report.dry_run else "restored"
+    try:
+        saved = load_spec(source, check_task=False).resolved()
+    except GridError as err:
+        source_why = str(err)
+    else:
+        report.restored = f"{lost}; {verb} it from {spec_path}, which {source} vouches for"
+        return saved
+    expected = header_for(spec.params, spec.outcomes)
+    headers = _shard_headers(store)
+    if headers and all(h == expected for h in headers):
+        report.restored = (f"{lost}; {verb} it from {spec_path}, whose parameters and outcomes are the shards' "
+                           f"columns ({source_why}; the task and the fixed values cannot be checked)")
+        return resolved
+    columns = "no shard or journal can be read" if not headers else (
+        f"the shards' parameters and outcomes are {_columns(next(h for h in headers if h != expected))}, "
+        f"not the spec's {_columns(expected)}")
+    raise GridError(f"{lost}, and nothing in {grid_dir} vouches for {spec_path}: {source_why}; {columns}. "
+                    f"Restore {spec_file} from a backup, or make {spec_path} as a new grid (another `name:` or "
+                    f"--runs DIR); nothing was written")
+
+
+def _shard_headers(store: GridStore) -> list[list[str]]:
+    """The header of every shard file and every journal that can be read."""
+    headers = []
+    for path in store.shard_paths():
+        try:
+            headers.append(store.read(path).header)
+        except GridError:
+            pass
+    for path in store.journaled_shards():
+        try:
+            state = store.journal(path).read_state()
+        except OSError:
+            state = None
+        if state is not None:
+            headers.append(state.header)
+    return headers
+
+
+def _columns(header: list[str]) -> str:
+    """A shard header's parameter and outcome columns, as ``a, b; value`` (the bookkeeping left out)."""
+    p = header.index("row_id") if "row_id" in header else len(header)
+    return f"{', '.join(header[:p])}; {', '.join(header[p + len(BOOK_COLUMNS):])}"
 
 
 def _check_not_empty(spec: Spec, spec_path: Path, report: MakeReport) -> None:
@@ -176,13 +258,21 @@ def _rows_to_write(spec: Spec, existing: dict, report: MakeReport):
 FAST_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def read_resolved(grid_dir: str | Path) -> dict:
+_REMAKE_HINT = "; re-run `gridrunner make` on the source spec to restore it"
+
+
+def read_resolved(grid_dir: str | Path, hint: str = _REMAKE_HINT) -> dict:
+    """The grid's ``spec.yaml`` as a mapping; ``hint``, what a :class:`SpecError` for an unreadable one
+    ends with, tells the user how to restore it (``make`` does, from the spec that made the grid)."""
     path = Path(grid_dir) / SPEC_FILE
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
     except FileNotFoundError:
         raise GridError(f"{grid_dir} is not a grid directory (no {SPEC_FILE}); run `gridrunner make SPEC` first") from None
+    except (OSError, UnicodeDecodeError) as err:
+        reason = why_failed(err) if isinstance(err, OSError) else f"not UTF-8 text ({err.reason} at byte {err.start})"
+        raise SpecError(path, None, f"cannot read the saved spec: {reason}{hint}") from None
     try:
         # libyaml's safe loader where PyYAML has it (every worker reads this file as it starts); when the
         # file does not parse, the pure one's, whose messages are the ones documented.
@@ -193,10 +283,9 @@ def read_resolved(grid_dir: str | Path) -> dict:
     except yaml.YAMLError as err:  # a hand edit; safe loaders never run code, whatever the tags say
         mark = getattr(err, "problem_mark", None)
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise SpecError(path, None, f"invalid YAML: {problem}; re-run `gridrunner make` on the source spec",
-                        mark.line + 1 if mark else None) from None
+        raise SpecError(path, None, f"invalid YAML: {problem}{hint}", mark.line + 1 if mark else None) from None
     if not isinstance(data, dict):
-        raise SpecError(path, None, "the saved spec is not a mapping; re-run `gridrunner make` on the source spec")
+        raise SpecError(path, None, f"the saved spec is not a mapping{hint}")
     return data
 
 
@@ -208,10 +297,13 @@ def saved_spec(grid_dir: str | Path, check_task: bool = False, resolved: dict | 
     return validate(clean, path=Path(grid_dir) / SPEC_FILE, check_task=check_task)
 
 
-def find_grid(grid: str | Path | None = None, runs_dir: str | Path = DEFAULT_RUNS) -> Path:
-    """The grid a command acts on: ``grid`` if given, else the one made most recently under ``runs_dir``."""
+def find_grid(grid: str | Path | None = None, runs_dir: str | Path = DEFAULT_RUNS, journals_ok: bool = False) -> Path:
+    """The grid a command acts on: ``grid`` if given, else the one made most recently under ``runs_dir``.
+    With ``journals_ok`` (``recover``), a ``grid`` given without ``spec.yaml`` will do if it holds journals."""
     if grid is not None:
         path = Path(grid)
+        if journals_ok and GridStore(path).journaled_shards():
+            return path
         if not (path / SPEC_FILE).exists():
             if path.is_file() and path.suffix in (".yaml", ".yml"):
                 raise GridError(f"{path} is a spec file, not a grid directory; run `gridrunner make {path}` "

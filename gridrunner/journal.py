@@ -111,9 +111,8 @@ class Journal:
                 if start > 0:
                     lines = lines[1:]  # the first may be the end of a longer line
                 for line in reversed(lines):
-                    try:
-                        entry = json.loads(line)
-                    except ValueError:
+                    entry = _entry(line)
+                    if entry is None:
                         continue  # a line cut short by a crash mid-append: the one before is the head
                     self._head = (key, entry["n"], entry.get("sha"), data.endswith(b"\n"))
                     return entry["n"], entry.get("sha")
@@ -171,15 +170,14 @@ class Journal:
             return None
         state = None
         for line in data.splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
+            entry = _entry(line)
+            if entry is None:
                 continue
             if "csv" in entry:
                 table = [r for r in csv.reader(io.StringIO(entry.pop("csv"), newline="")) if r]
                 entry["header"], entry["rows"] = table[0], table[1:]
             if state is None:
-                if "header" not in entry:
+                if not isinstance(entry.get("header"), list) or "row_id" not in entry["header"]:
                     continue
                 state = JournalState(entry["header"], {}, {}, -1, None)
             self._apply(state, entry)
@@ -231,6 +229,16 @@ class Journal:
                  "deleted": {rid: h.deleted for rid, h in state.history.items() if h.deleted is not None}}
         write_atomic(self.path, json.dumps(entry, separators=(",", ":"), ensure_ascii=False) + "\n")
         self._head = None
+
+
+def _entry(line: bytes) -> dict | None:
+    """A journal line as its entry, or None for one that is not a journal entry (cut short by a crash,
+    or garbled: ``recover`` reports a journal that holds no snapshot)."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) and isinstance(entry.get("n"), int) else None
 
 
 def append_note(shard_dir: Path, message: str) -> None:

@@ -489,7 +489,11 @@ def hand_edit_report(store, last: int = 5) -> list[str]:
         try:
             data = read_bytes(path)  # NFS: ESTALE retried
         except FileNotFoundError:
-            lines.append(f"{path.name} is missing but its journal holds its rows: run `gridrunner recover`")
+            if head is None:
+                lines.append(f"{path.name} is missing, and its journal holds nothing readable: `gridrunner recover` "
+                             f"says what can be done")
+            else:
+                lines.append(f"{path.name} is missing but its journal holds its rows: run `gridrunner recover`")
             continue
         try:
             text = data.decode("utf-8")

@@ -32,6 +32,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from typing import Callable, Iterable, Iterator
 from gridrunner.atomic import (StoreWriteError, estale_again, fsync_directory, read_bytes, remove_orphaned_temps,
                                why_failed, write_atomic)
 from gridrunner.errors import GridError, ShardError, SpecError
-from gridrunner.journal import Journal, append_note, commit_entry, compact_if_long, text_sha
+from gridrunner.journal import JOURNAL_DIR, Journal, append_note, commit_entry, compact_if_long, text_sha
 from gridrunner.lock import BROKEN, HOST, ShardLock, pid_alive, remove_orphaned_breaks
 from gridrunner.shardfile import (_NB, ATTEMPTS, ERROR, FINISHED, ROW_ID, RUNTIME, SHARD_GLOB, STARTED, STATUS,
                                   WORKER, Shard, header_for, now_iso, parse_iso, safe_cell, shard_index, shard_name)
@@ -62,6 +63,8 @@ SPEC_FILE = "spec.yaml"
 SOURCE_FILE = "spec.source.yaml"
 #: ``<grid>/.changed``, touched after every write of a shard: a watcher learns of a change with one ``stat``.
 CHANGED_FILE = ".changed"
+#: A journal's name, ``shard-NNN.csv.jsonl``; the group is its shard's file name.
+_JOURNAL_NAME = re.compile(r"(shard-\d+\.csv)\.jsonl")
 log = logging.getLogger("gridrunner.store")
 
 
@@ -134,6 +137,23 @@ class GridStore:
 
     def shard_paths(self) -> list[Path]:
         return sorted(self.shard_dir.glob(SHARD_GLOB), key=shard_index)
+
+    def journaled_shards(self) -> list[Path]:
+        """The shard of every journal under ``journal/``, in shard order, whether its file is there or not."""
+        names = (_JOURNAL_NAME.fullmatch(p.name) for p in (self.grid_dir / JOURNAL_DIR).glob("shard-*.csv.jsonl"))
+        return sorted((self.shard_dir / m.group(1) for m in names if m), key=shard_index)
+
+    def missing_shards(self) -> list[Path]:
+        """Shards whose journal is there but whose file is not (deleted by hand, or with the whole
+        ``shards/`` folder): their rows are in the journal, and only ``gridrunner recover`` writes them
+        back. A split's ``.pending`` file counts as the shard (:meth:`recover` puts it into place)."""
+        return [p for p in self.journaled_shards()
+                if not p.exists() and not p.with_name(p.name + ".pending").exists()]
+
+    def next_index(self) -> int:
+        """The number of the next new shard: past every shard file and every journal, so that a new
+        shard never takes the name, and so the journal, of one that was deleted."""
+        return max((shard_index(p) for p in self.shard_paths() + self.journaled_shards()), default=-1) + 1
 
     def row_dir(self, row_id: str) -> Path:
         if not row_id or not all(c.isalnum() or c in "-_" for c in row_id):
@@ -447,7 +467,7 @@ class GridStore:
             chunk = -(-len(movable) // into)
             groups = [movable[k: k + chunk] for k in range(0, len(movable), chunk)]
             moved = {i for group in groups[1:] for i in group}
-            next_index = max(shard_index(q) for q in self.shard_paths()) + 1
+            next_index = self.next_index()
             pending = []
             # 1. the new shards, under names no worker reads; 2. the old shard without the moved rows;
             # 3. rename the new shards into place. A crash between 2 and 3 leaves *.pending files that

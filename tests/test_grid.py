@@ -1,5 +1,6 @@
 """`make`: shards, idempotent re-make, extension that keeps results, the study's DnCNN grid."""
 import csv
+import shutil
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,176 @@ def test_the_readme_spec_example_validates():
     block = re.search(r"```yaml\n(# grids/example.yaml.*?)```", text, re.S).group(1)
     spec = validate(yaml.safe_load(block), check_task=False)
     assert spec.size() == 3 * 3 * 2 * 2 * 3 * 10
+
+
+# ============================================================================
+# A grid that lost its shards or its spec.yaml: make never hides a result, and leads to the fix
+# ============================================================================
+
+SMALL = {"name": "small", "task": "gridrunner.tasks.toy:noop", "grid": {"a": [1, 2, 3, 4], "b": ["x", "y", "z"]},
+         "outcomes": ["value"], "max_len": 5}
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from gridrunner.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def _files(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def small(tmp_path, monkeypatch):
+    """``runs/small`` made from ``small.yaml`` in the current directory: shards of 5, 5 and 2 rows, with
+    3 rows of shard-000 and every row of shard-001 done."""
+    monkeypatch.chdir(tmp_path)
+    write_spec(tmp_path, SMALL, "small")
+    assert _cli("make", "small.yaml").exit_code == 0
+    grid = Path("runs/small")
+    store = GridStore(grid)
+    for path, n in zip(store.shard_paths(), (3, 5)):
+        for _ in range(n):
+            _, scan = store.claim(path, "h:1", lambda *a: False, 3)
+            store.record(scan.claim, Result("done", {"value": 1.0}))
+    return grid
+
+
+def test_regression_make_refuses_a_grid_whose_shards_folder_was_deleted_until_recover_rebuilt_it(small, tmp_path):
+    """`make` after `rm -rf shards/` wrote 12 new rows and replaced shard-000's journal by an all-not_run
+    one, so that `recover` brought its rows back without their results. The journals hold the rows: make
+    now changes nothing and says to run `recover`, which rebuilds every shard."""
+    before = shard_rows(small)
+    shutil.rmtree(small / "shards")
+    files = _files(tmp_path)
+    message = ("Error: runs/small/shards/ is missing, but the journals of its 3 shard(s) are in runs/small/journal/; "
+               "run `gridrunner recover --grid runs/small` first (it rebuilds shards from their journals, or says "
+               "why it cannot), then `gridrunner make small.yaml` again; nothing was written\n")
+    for args in (["make", "small.yaml", "--dry-run"], ["make", "small.yaml"]):
+        result = _cli(*args)
+        assert (result.exit_code, result.output) == (1, message)
+        assert _files(tmp_path) == files  # no shard, and no journal replaced
+    result = _cli("recover")
+    assert result.exit_code == 0, result.output
+    assert shard_rows(small) == before
+    result = _cli("make", "small.yaml")
+    assert (result.exit_code, result.output) == (
+        0, "runs/small: 12 rows in the spec; 12 already there, wrote 0 new in 0 shard file(s)\n")
+    assert shard_rows(small) == before
+    assert sorted(p.name for p in (small / "journal").iterdir() if ".replaced-" in p.name) == []
+
+
+def test_regression_make_refuses_a_grid_with_one_shard_file_deleted_instead_of_adding_its_rows_as_new(small, tmp_path):
+    before = shard_rows(small)
+    (small / "shards" / "shard-001.csv").unlink()  # its 5 rows are done
+    files = _files(tmp_path)
+    result = _cli("make", "small.yaml")
+    assert (result.exit_code, result.output) == (
+        1, "Error: shard-001.csv is missing from runs/small/shards/, but its journal is still in runs/small/journal/; "
+           "run `gridrunner recover --grid runs/small` first (it rebuilds shards from their journals, or says why "
+           "it cannot), then `gridrunner make small.yaml` again; nothing was written\n")
+    assert _files(tmp_path) == files
+    assert _cli("recover").exit_code == 0
+    assert shard_rows(small) == before
+    assert _cli("make", "small.yaml").output.startswith("runs/small: 12 rows in the spec; 12 already there")
+
+
+def test_regression_split_never_takes_the_name_and_journal_of_a_deleted_shard(small):
+    """A new shard is numbered past every journal too: the last shard deleted by hand keeps its journal."""
+    (small / "shards" / "shard-002.csv").unlink()
+    journal = (small / "journal" / "shard-002.csv.jsonl").read_bytes()
+    result = _cli("split", "--shard", "0", "--into", "2")
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in GridStore(small).shard_paths()] == ["shard-000.csv", "shard-001.csv", "shard-003.csv"]
+    assert (small / "journal" / "shard-002.csv.jsonl").read_bytes() == journal
+    assert _cli("recover").exit_code == 0
+    assert len(shard_rows(small)["shard-002.csv"]) == 2
+
+
+GARBLED = "{{{ : [\n"
+
+
+@pytest.mark.parametrize("damage, line", [
+    ("garbled", "runs/small/spec.yaml:1: invalid YAML: expected the node content, but found ':'; {verb} it from "
+                "small.yaml, which runs/small/spec.source.yaml vouches for"),
+    ("deleted", "runs/small/spec.yaml is missing; {verb} it from small.yaml, which runs/small/spec.source.yaml "
+                "vouches for"),
+    ("deleted with spec.source.yaml garbled",
+     "runs/small/spec.yaml is missing; {verb} it from small.yaml, whose parameters and outcomes are the shards' "
+     "columns (runs/small/spec.source.yaml:1: invalid YAML: expected the node content, but found ':'; the task and "
+     "the fixed values cannot be checked)"),
+])
+def test_regression_make_restores_a_lost_spec_yaml_from_the_grids_own_spec(small, tmp_path, damage, line):
+    """A garbled or deleted spec.yaml made every command fail, `make` included, with the grid's results
+    unreachable. `make SPEC` restores it when spec.source.yaml (or, failing that, the shards' columns)
+    vouches for SPEC; `--dry-run` says so and writes nothing."""
+    before = shard_rows(small)
+    if damage == "garbled":
+        (small / "spec.yaml").write_text(GARBLED)
+        result = _cli("status")
+        assert (result.exit_code, result.output) == (
+            1, "Error: runs/small/spec.yaml:1: invalid YAML: expected the node content, but found ':'; re-run "
+               "`gridrunner make` on the source spec to restore it\n")
+    else:
+        (small / "spec.yaml").unlink()
+        if "garbled" in damage:
+            (small / "spec.source.yaml").write_text(GARBLED)
+    files = _files(tmp_path)
+    result = _cli("make", "small.yaml", "--dry-run")
+    assert (result.exit_code, result.output) == (
+        0, line.format(verb="would restore") + "\nruns/small: 12 rows in the spec; 12 already there, would write 0 "
+                                                "new in 0 shard file(s)\n")
+    assert _files(tmp_path) == files
+    result = _cli("make", "small.yaml")
+    assert (result.exit_code, result.output.splitlines()[0]) == (0, line.format(verb="restored"))
+    assert yaml.safe_load((small / "spec.yaml").read_text())["outcomes"] == ["value"]
+    assert (small / "spec.source.yaml").read_text() == (tmp_path / "small.yaml").read_text()
+    assert _cli("status").exit_code == 0
+    assert shard_rows(small) == before
+
+
+@pytest.mark.parametrize("change, source, message", [
+    ({"task": "gridrunner.tasks.toy:sleep"}, "intact",
+     "Error: other.yaml, at key task: the task changed since this grid was made ('gridrunner.tasks.toy:noop' → "
+     "'gridrunner.tasks.toy:sleep'); finished rows would no longer match. Make a new grid (another `name:` or "
+     "--runs DIR), or change it back"),
+    ({"outcomes": ["loss"]}, "garbled",
+     "Error: runs/small/spec.yaml is missing, and nothing in runs/small vouches for other.yaml: "
+     "runs/small/spec.source.yaml:1: invalid YAML: expected the node content, but found ':'; the shards' parameters "
+     "and outcomes are a, b; value, not the spec's a, b; loss. Restore runs/small/spec.yaml from a backup, or make "
+     "other.yaml as a new grid (another `name:` or --runs DIR); nothing was written"),
+])
+def test_regression_make_restores_no_spec_yaml_from_a_spec_the_grid_does_not_vouch_for(small, tmp_path, change,
+                                                                                       source, message):
+    (small / "spec.yaml").unlink()
+    if source == "garbled":
+        (small / "spec.source.yaml").write_text(GARBLED)
+    write_spec(tmp_path, {**SMALL, **change}, "other")
+    files = _files(tmp_path)
+    result = _cli("make", "other.yaml")
+    assert (result.exit_code, result.output) == (1, message + "\n")
+    assert _files(tmp_path) == files
+
+
+def test_regression_a_grid_that_lost_its_spec_yaml_and_its_shards_folder_comes_back_whole(small, tmp_path):
+    """`make` restores spec.yaml only once the shards are back, and `recover --grid` needs no spec.yaml."""
+    before = shard_rows(small)
+    (small / "spec.yaml").unlink()
+    shutil.rmtree(small / "shards")
+    files = _files(tmp_path)
+    result = _cli("make", "small.yaml")
+    assert (result.exit_code, result.output) == (
+        1, "Error: runs/small/shards/ is missing, but the journals of its 3 shard(s) are in runs/small/journal/; "
+           "run `gridrunner recover --grid runs/small` first (it rebuilds shards from their journals, or says why "
+           "it cannot), then `gridrunner make small.yaml` again; nothing was written\n")
+    assert _files(tmp_path) == files
+    result = _cli("recover", "--grid", "runs/small")
+    assert result.exit_code == 0, result.output
+    assert shard_rows(small) == before
+    result = _cli("make", "small.yaml")
+    assert result.exit_code == 0 and result.output.startswith("runs/small/spec.yaml is missing; restored it"), \
+        result.output
+    assert _cli("status").exit_code == 0 and shard_rows(small) == before

@@ -14,6 +14,8 @@ import io
 import json
 import os
 import random
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -305,3 +307,92 @@ def test_recover_rebuilds_a_deleted_a_truncated_and_a_garbled_shard(project):
     assert rows(grid) == before
     again = cli("recover", "--grid", str(grid))
     assert again.stdout.splitlines() == [f"shard-00{k}.csv: whole, nothing to do" for k in range(3)]
+
+
+def test_regression_recover_rebuilds_every_shard_after_the_shards_folder_was_deleted(project):
+    """`rm -rf runs/g/shards; gridrunner recover` failed with a saved traceback (exit 3) making the first
+    shard's lock: the folder is made again and every shard rebuilt from its journal."""
+    grid = make_grid(project, _spec(project / "executions.log", 12, 0.0, 4))
+    assert cli("work", "--quiet", "--max-rows", "6").returncode == 0
+    before = rows(grid)
+    shutil.rmtree(grid / "shards")
+    result = cli("recover")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert [line.split("; rebuilt from")[0] for line in result.stdout.splitlines()] == [
+        f"shard-00{k}.csv: the file was missing" for k in range(3)]
+    assert rows(grid) == before
+    status = cli("status")
+    assert status.returncode == 0 and "6/12 finished" in status.stdout and "run `gridrunner recover`" not in status.stdout
+
+
+def test_regression_recover_names_each_shard_it_cannot_rebuild_with_the_reason_and_exits_1(project):
+    """A shard deleted with its journal, and one deleted with its journal garbled, were reported as nothing
+    (the first) and "whole, nothing to do" (the second), exit 0. Each is named with its reason, the rows
+    of the spec that no shard or journal holds are counted, the other shards are still recovered, the
+    command exits 1, and the way out it names works."""
+    grid = make_grid(project, _spec(project / "executions.log", 12, 0.0, 3))
+    assert cli("work", "--quiet").returncode == 0
+    before = rows(grid)
+    kept = rows(grid, skip=("shard-002.csv", "shard-003.csv"))
+    (grid / "journal" / "shard-002.csv.jsonl").unlink()
+    (grid / "journal" / "shard-003.csv.jsonl").write_text("garbage\n")
+    (grid / "shards" / "shard-002.csv").unlink()
+    (grid / "shards" / "shard-003.csv").unlink()
+    (grid / "shards" / "shard-001.csv").unlink()  # rebuilt all the same
+    status = cli("status")
+    assert "shard-003.csv is missing, and its journal holds nothing readable: `gridrunner recover` says what can be " \
+           "done" in status.stdout, status.stdout
+    result = cli("recover")
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert lines[0] == "shard-000.csv: whole, nothing to do"
+    assert lines[1] == "shard-001.csv: the file was missing; rebuilt from the journal: 3 rows (3 done)"
+    assert lines[2] == "shard-002.csv: no file and no journal, though later shards are there: cannot be rebuilt"
+    assert lines[3] == ("shard-003.csv: the file is missing, and its journal runs/g/journal/shard-003.csv.jsonl holds "
+                        "no readable snapshot of the shard (it is garbled): cannot be rebuilt")
+    lost = sorted(set(before) - set(kept))
+    prefix = "6 row(s) of the spec are in no readable shard and no journal, so their results, if they had any, are lost: "
+    assert lines[4].startswith(prefix) and len(lines) == 5
+    assert set(lines[4][len(prefix):].rstrip(" .").split(", ")) <= set(lost)
+    assert result.stderr == (
+        "Error: runs/g: cannot rebuild shard-002.csv, shard-003.csv (see above); their rows are lost unless you have "
+        "copies of the files to put back in runs/g/shards/; otherwise move runs/g/journal/shard-003.csv.jsonl out of "
+        f"the grid (nothing in them can be read), then `gridrunner make {project / 'g.yaml'}` adds the rows that no "
+        "shard holds again as not_run\n")
+    assert rows(grid) == kept
+    (grid / "journal" / "shard-003.csv.jsonl").rename(project / "shard-003.csv.jsonl")
+    make = cli("make", "g.yaml")
+    assert (make.returncode, make.stdout) == (
+        0, "runs/g: 12 rows in the spec; 6 already there, wrote 6 new in 2 shard file(s)\n"), make.stderr
+    again = cli("recover")
+    assert (again.returncode, again.stdout.splitlines()) == (0, [f"shard-00{k}.csv: whole, nothing to do"
+                                                                 for k in range(4)])
+    assert {rid: r["status"] for rid, r in rows(grid).items()} == {
+        **{rid: "done" for rid in kept}, **{rid: "not_run" for rid in lost}}
+
+
+def test_regression_recover_starts_a_garbled_journal_again_from_its_whole_shard(project):
+    """A journal that is empty or holds no entry (`5` made `recover` fail with a saved traceback) leaves
+    its shard unprotected: recover starts it again from the whole file, so that the shard can be rebuilt
+    once it is lost."""
+    grid = make_grid(project, _spec(project / "executions.log", 6, 0.0, 3))
+    assert cli("work", "--quiet").returncode == 0
+    before = rows(grid)
+    (grid / "journal" / "shard-000.csv.jsonl").write_text("5\n")
+    (grid / "journal" / "shard-001.csv.jsonl").write_text("")
+    result = cli("recover")
+    assert (result.returncode, result.stderr) == (0, "")
+    lines = result.stdout.splitlines()
+    assert re.fullmatch(r"shard-000\.csv: its journal runs/g/journal/shard-000\.csv\.jsonl holds no readable snapshot "
+                        r"of the shard \(it is garbled\); started it again from the file, which is whole and left as "
+                        r"it is: 3 rows \(3 done\) \(the old one is kept as "
+                        r"runs/g/journal/shard-000\.csv\.jsonl\.damaged-\d{8}T\d{6}\)", lines[0]), lines[0]
+    assert lines[1] == ("shard-001.csv: its journal runs/g/journal/shard-001.csv.jsonl is empty; started it again from "
+                        "the file, which is whole and left as it is: 3 rows (3 done)")
+    assert rows(grid) == before
+    for shard in (grid / "shards").glob("shard-*.csv"):
+        shard.unlink()
+    result = cli("recover")
+    assert (result.returncode, result.stdout.splitlines()) == (
+        0, [f"shard-00{k}.csv: the file was missing; rebuilt from the journal: 3 rows (3 done)" for k in range(2)])
+    assert rows(grid) == before
