@@ -64,11 +64,13 @@ class Context:
         self._should_stop_hook = should_stop
         self._prune = None  # a gridrunner.prune.PruneWatch when the grid has prune rules
 
-    def watch_prune(self, rules, params: dict, grace_s: float | None = None, notice_fd: int | None = None) -> None:
-        """Evaluate the prune ``rules`` on every record this row logs from now on (see :mod:`gridrunner.prune`)."""
+    def watch_prune(self, rules, params: dict, grace_s: float | None = None, notice_fd: int | None = None,
+                    on_match=None) -> None:
+        """Evaluate the prune ``rules`` on every record this row logs from now on (see :mod:`gridrunner.prune`);
+        ``on_match`` is called with the prune's message when one matches."""
         from gridrunner.prune import PruneWatch
 
-        self._prune = PruneWatch(rules, params, grace_s, notice_fd)
+        self._prune = PruneWatch(rules, params, grace_s, notice_fd, on_match)
 
     @property
     def pruned(self) -> str | None:

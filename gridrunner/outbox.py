@@ -13,6 +13,12 @@ gone before recording it still runs the row once. Any other file is ignored, so 
 stand in for a run the user asked for (a reset clears the row's holder), and a result the shard already
 holds is never written twice (its row is no longer running).
 
+The verdicts that end a row without a result are kept the same way, as soon as they are made: the row's
+process keeps a prune (``{"pruned": ...}``) when the rule matches, before the task checkpoints, and the
+worker keeps ``{"ended": "Hung: ..."}`` or ``{"ended": "TimeLimit: ..."}`` before it signals the row. A
+worker gone while the row winds down (or before recording) so leaves the verdict for the next one, and the
+row is not run again; a task that still returns its result after a time-limit stop replaces the verdict.
+
 Rows shorter than ``KEEP_AFTER_S`` are not kept: running them again costs less than the write.
 """
 from __future__ import annotations
@@ -37,15 +43,20 @@ def identity(claim) -> dict:
 
 
 def final(payload: dict) -> bool:
-    """Whether a row's payload ends the row (a result, a failure, a prune): a row given back runs again."""
-    return bool(payload.get("pruned")) or (("metrics" in payload or "error" in payload)
-                                           and not payload.get("interrupted"))
+    """Whether a row's payload ends the row (a result, a failure, a prune, the grid's verdict on a hung or
+    runaway row): a row given back runs again."""
+    return bool(payload.get("pruned")) or bool(payload.get("ended")) or (
+        ("metrics" in payload or "error" in payload) and not payload.get("interrupted"))
 
 
-def keep(row_dir: Path, claim: dict, payload: dict, runtime_s: float) -> bool:
+def keep(row_dir: Path, claim: dict, payload: dict, runtime_s: float, replace: bool = True) -> bool:
     """Keep the row's ``payload`` (as its process returned it) for ``claim`` (:func:`identity`) until it is
-    recorded; False if it is not worth keeping or cannot be kept. Called by the row's own process."""
+    recorded; False if it is not worth keeping or cannot be kept. Called by the row's own process when its
+    task ends or a prune rule matches, and by the worker for its verdict on a hung or runaway row, with
+    ``replace`` False: a result the row's process kept for the same claim stays."""
     if runtime_s < KEEP_AFTER_S or not final(payload):
+        return False
+    if not replace and take(row_dir, (claim["worker"], claim["started_at"], claim["attempt"])) is not None:
         return False
     try:
         row_dir.mkdir(parents=True, exist_ok=True)

@@ -91,11 +91,13 @@ def first_match(rules, values: dict) -> Expr | None:
 class PruneWatch:
     """The prune rules of one running row (held by its :class:`~gridrunner.context.Context`)."""
 
-    def __init__(self, rules: tuple, params: dict, grace_s: float | None = None, notice_fd: int | None = None):
+    def __init__(self, rules: tuple, params: dict, grace_s: float | None = None, notice_fd: int | None = None,
+                 on_match=None):
         self.rules = parse_rules(tuple(rules))
         self.params = params
         self.grace_s = grace_s
         self.notice_fd = notice_fd
+        self.on_match = on_match  # called with the prune's message (the row's process keeps it in its outbox)
         self.pruned: str | None = None
 
     def check(self, record: dict) -> str | None:
@@ -111,6 +113,8 @@ class PruneWatch:
                 os.write(self.notice_fd, (json.dumps({"pruned": self.pruned}) + "\n").encode())
             except OSError:
                 pass  # the worker is gone; the row's process dies with it
+        if self.on_match is not None:
+            self.on_match(self.pruned)
         if self.grace_s is not None:
             _arm_kill(self.grace_s)
         return self.pruned

@@ -14,7 +14,11 @@ The spawner sets :data:`ROW_ENVIRONMENT` (where the user's environment does not)
 so every row's process starts with it.
 
 Lifetimes: the spawner dies with its worker and a row's process with the spawner (``PR_SET_PDEATHSIG``),
-so a killed worker never leaves a row running. The spawner installs the row's signal handlers once,
+so a killed worker never leaves a row running. The spawner is the subreaper of its rows (a process a row
+started is orphaned to it, not to init), and when a row's process exits, the spawner kills what it left
+running: a process the task started and did not end (a data loader, a forked helper) never outlives its
+row, holding its GPU's memory or keeping its worker waiting. Rows stay in their worker's process group, so
+a signal to the group (Ctrl-Z, a node frozen) reaches them too. The spawner installs the row's signal handlers once,
 before any fork, and its row processes inherit them: SIGUSR1 and SIGTERM make ``ctx.should_stop()``
 true, SIGINT and SIGUSR2 are ignored (they are the worker's, which passes a stop on as SIGUSR1). Those two
 are blocked across each fork, so one that arrives while a row's process starts waits for its handler
@@ -40,6 +44,7 @@ import importlib.util
 import json
 import os
 import pickle
+import select
 import signal
 import struct
 import sys
@@ -58,6 +63,7 @@ HEAVY_MODULES = ("tensorflow", "torch", "jax", "cupy", "keras")
 ROW_ENVIRONMENT = {"TF_CPP_MIN_LOG_LEVEL": "2"}
 _HEADER = struct.Struct("!I")
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
 try:
     _PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # looked up once, not in every row's process
 except (OSError, AttributeError):  # pragma: no cover - not Linux
@@ -296,6 +302,8 @@ def main(request_fd: int, reply_fd: int, worker: int) -> None:
     """The spawner's loop (run by :meth:`Spawner.start` in a fresh interpreter)."""
     global _CURRENT
     _die_with_parent(worker)
+    if _PRCTL is not None:  # what a row leaves running is orphaned to this process, not to init
+        _PRCTL(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     set_row_environment()
     signal.signal(signal.SIGUSR1, _ask_to_stop)
     signal.signal(signal.SIGTERM, _ask_to_stop)
@@ -323,8 +331,10 @@ def main(request_fd: int, reply_fd: int, worker: int) -> None:
             ctx.request_stop()
         _CURRENT = ctx  # before the fork: a stop that reaches the row's process at once finds it
         read_fd, write_fd = os.pipe()
+        started = time.monotonic()
         if request.get("prune"):
-            ctx.watch_prune(request["prune"], request["params"], request.get("grace_s"), notice_fd=write_fd)
+            ctx.watch_prune(request["prune"], request["params"], request.get("grace_s"), notice_fd=write_fd,
+                            on_match=_keeper(request, started))
         # Python drops the signals a child gets before its after-fork bookkeeping is done, and the worker
         # may signal the pid as soon as it has it: blocked across the fork, such a signal waits instead.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
@@ -334,18 +344,14 @@ def main(request_fd: int, reply_fd: int, worker: int) -> None:
             os.close(request_fd)
             os.close(reply_fd)
             _row(write_fd, me, request["task"], request["params"], ctx, mask, request["row_dir"],
-                 request.get("outbox"))
+                 request.get("outbox"), started)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(write_fd)
         _write_frame(reply_fd, {"pid": pid})
-        chunks = []
-        while True:
-            data = os.read(read_fd, 1 << 16)
-            if not data:
-                break
-            chunks.append(data)
+        chunks = _collect(read_fd, pid)
         os.close(read_fd)
         status = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        _end_descendants(me, pid)
         ended = pid
         _CURRENT = None
         killed = status.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
@@ -353,18 +359,109 @@ def main(request_fd: int, reply_fd: int, worker: int) -> None:
                                 "signal": status.si_status if killed else None})
 
 
+def _collect(read_fd: int, pid: int) -> list:
+    """What the row's process ``pid`` writes to ``read_fd``, until it exits. Not until end of file: a child
+    the task forked inherits the pipe's write end, and one still running after the row would hold the row
+    open (and its worker waiting) for as long as it lives."""
+    try:
+        pidfd = os.pidfd_open(pid)  # readable once the process has exited (Linux 5.3)
+    except (AttributeError, OSError):
+        pidfd = None
+    poller = select.poll()
+    poller.register(read_fd, select.POLLIN)
+    if pidfd is not None:
+        poller.register(pidfd, select.POLLIN)
+    chunks = []
+    try:
+        while True:
+            events = dict(poller.poll(None if pidfd is not None else 100))
+            if events.get(read_fd):
+                data = os.read(read_fd, 1 << 16)
+                if not data:
+                    return chunks  # every writer has closed it
+                chunks.append(data)
+                continue
+            exited = pidfd in events if pidfd is not None else \
+                os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+            if exited:  # it wrote all it will write before it exited: take what the pipe holds
+                os.set_blocking(read_fd, False)
+                try:
+                    while data := os.read(read_fd, 1 << 16):
+                        chunks.append(data)
+                except BlockingIOError:
+                    pass
+                return chunks
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _children(me: int) -> set[int]:
+    """The pids of this process's children (``/proc``; the spawner has one thread)."""
+    try:
+        with open(f"/proc/{me}/task/{me}/children", encoding="ascii") as fh:
+            return {int(pid) for pid in fh.read().split()}
+    except OSError:  # a kernel without CONFIG_PROC_CHILDREN: look through every process
+        found = set()
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat", "rb") as fh:
+                        if int(fh.read().rsplit(b")", 1)[1].split()[1]) == me:
+                            found.add(int(entry))
+                except (OSError, ValueError, IndexError):
+                    continue
+        return found
+
+
+def _end_descendants(me: int, row_pid: int, wait_s: float = 5.0) -> None:
+    """Kill what the row's process ``row_pid`` (exited, not yet reaped) left running: processes the task
+    started and did not end, which would hold a GPU's memory, the row's pipe or its files after the row.
+    The spawner is their subreaper, so each one orphaned is its child now; killing them orphans theirs in
+    turn, until none is left (or ``wait_s`` is over: a process stuck in the kernel cannot hold the row)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        left = _children(me) - {row_pid}
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid in left:
+            while time.monotonic() < deadline:
+                try:
+                    if os.waitpid(pid, os.WNOHANG) != (0, 0):
+                        break
+                except ChildProcessError:
+                    break
+                time.sleep(0.001)
+
+
+def _keeper(request: dict, started: float):
+    """For a row whose grid has prune rules: keeps a prune in the row's outbox the moment a rule matches (in the
+    row's process), so a worker gone while the task winds down leaves the prune for the next worker."""
+    claim = request.get("outbox")
+    if claim is None:
+        return None
+    row_dir = Path(request["row_dir"])
+    return lambda pruned: outbox.keep(row_dir, claim, {"pruned": pruned}, time.monotonic() - started)
+
+
 def _row(write_fd: int, spawner: int, task: str, params: dict, ctx: Context, mask, row_dir: str,
-         claim: dict | None) -> None:
+         claim: dict | None, started: float) -> None:
     """Body of a row's process: run the task, keep its payload in ``row_dir``'s outbox for ``claim`` (the
     claim's identity, :mod:`gridrunner.outbox`), send it up the pipe, exit without cleanup. It starts with
     SIGUSR1 and SIGTERM blocked and unblocks them (restoring ``mask``) first: one sent meanwhile reaches its
     handler now."""
     code = 0
-    started = time.monotonic()
     try:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         _die_with_parent(spawner)
         payload = call_task(task, params, ctx)
+        if ctx.pruned:
+            payload["pruned"] = ctx.pruned  # kept with it: however the task ended, the row ends pruned
         if claim is not None:
             outbox.keep(Path(row_dir), claim, payload, time.monotonic() - started)
         _write_all(write_fd, json.dumps(payload).encode())

@@ -317,6 +317,7 @@ class Worker:
         self._row_end: str | None = None  # why the watchdog ended the running row (Hung: / TimeLimit: ...)
         self._row_limit_min: float | None = None
         self._ctx_row_dir: Path | None = None  # the watched row's directory
+        self._row_keep = None  # (row directory, claim identity, start) of the watched row, for its outbox
 
     # ---- stopping
 
@@ -714,12 +715,15 @@ class Worker:
             self._kill_timer.start()
 
     def _end_row(self, why: str, doing: str, sig: int) -> bool:
-        """The grid ends the running row (hung, runaway) for ``why``: record that and send its process ``sig``.
-        False if no row's process runs (any more)."""
+        """The grid ends the running row (hung, runaway) for ``why``: record that, keep it in the row's outbox
+        (a worker gone before recording it leaves it for the next), and send its process ``sig``. False if no
+        row's process runs (any more)."""
         pid = self._child_pid
         if pid is None:
             return False
         self._row_end = why
+        row_dir, claim, started = self._row_keep
+        outbox.keep(row_dir, claim, {"ended": why}, time.monotonic() - started, replace=False)
         log.warning("%s; %s", why, doing)
         try:
             os.kill(pid, sig)
@@ -767,6 +771,7 @@ class Worker:
         self._child_pid = pid
         if watched:
             self._ctx_row_dir = row_dir
+            self._row_keep = (row_dir, request["outbox"], time.monotonic())
             self._watch(row_dir, before)
         try:
             if self._stop.is_set():
@@ -802,6 +807,9 @@ class Worker:
         if payload.get("pruned"):  # final, however the task ended after the rule matched
             metrics = {k: v for k, v in (payload.get("metrics") or {}).items() if math.isfinite(v)}
             return Result("failed", metrics=metrics, runtime_s=runtime, error=payload["pruned"])
+        if payload.get("ended") and not ("metrics" in payload or "error" in payload):
+            # the verdict a worker kept on a hung or runaway row, then was gone before recording it
+            return Result("failed", runtime_s=runtime, error=payload["ended"])
         if self._row_end is not None and payload.get("interrupted"):  # hung or runaway; a real result still wins
             return Result("failed", runtime_s=runtime, error=self._row_end)
         if payload.get("interrupted"):

@@ -169,3 +169,37 @@ def test_a_stop_signal_that_reaches_a_row_as_its_process_starts_is_never_lost(tm
             assert int((tmp_path / "rows" / f"r{k}" / "checkpoint" / "step").read_text()) < 100
     finally:
         spawner.close()
+
+
+LINGERING = '''
+import os, subprocess, sys, time
+def run(params, ctx):
+    pids = ctx.row_dir / "children"
+    if params["how"] == "fork":
+        pid = os.fork()
+        if pid == 0:  # a child that inherits the row's pipe to the spawner, and outlives the task
+            time.sleep(60)
+            os._exit(0)
+    else:
+        pid = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]).pid
+    pids.write_text(str(pid))
+    return {"value": 1.0}
+'''
+
+
+@pytest.mark.parametrize("how", ["fork", "popen"])
+def test_regression_a_child_the_task_leaves_running_neither_holds_the_row_nor_outlives_it(tmp_path, monkeypatch,
+                                                                                          how):
+    """A forked child holds the write end of the row's result pipe: the worker waited for it to exit (60 s
+    here) before it recorded the row. Now the row ends when its process does, and what is left of the row's
+    process group is killed then."""
+    (tmp_path / "lingering.py").write_text(LINGERING)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    grid = make_grid(tmp_path, {"task": "lingering:run", "outcomes": ["value"], "grid": {"how": [how]}})
+    worker = Worker(grid, handle_signals=False)
+    summary = worker.run()
+    assert summary.done == 1
+    (row_id,) = summary.rows
+    child = int((grid / "rows" / row_id / "children").read_text())
+    assert summary.elapsed_s < 30
+    assert wait_until(lambda: not pid_alive(child), 10)
