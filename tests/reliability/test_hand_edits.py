@@ -305,3 +305,50 @@ def test_recover_rebuilds_a_deleted_a_truncated_and_a_garbled_shard(project):
     assert rows(grid) == before
     again = cli("recover", "--grid", str(grid))
     assert again.stdout.splitlines() == [f"shard-00{k}.csv: whole, nothing to do" for k in range(3)]
+
+
+# ---------------------------------------------------------------------------- regressions: found by a tester
+
+def _pandas_with_index(path: Path) -> None:
+    import pandas as pd
+
+    pd.read_csv(path, keep_default_na=False, dtype=str).to_csv(path)  # the index becomes a first, unnamed column
+
+
+@pytest.mark.parametrize("breakage", ["header deleted", "column removed", "pandas index", "file removed"])
+def test_regression_a_worker_whose_running_rows_shard_becomes_unusable_records_the_result_and_goes_on(
+        project, reaper, breakage):
+    """A hand edit that makes the shard of the row a worker runs unusable: the row's result goes into the
+    journal, the worker runs the other shards' rows and exits 0, and once the user puts the file back the
+    row is done without running again (a row of 0.8 s keeps no outbox, so only the journal can save it)."""
+    side = project / "executions.log"
+    grid = make_grid(project, _spec(side, 6, 0.8, 3))
+    shard = grid / "shards" / "shard-000.csv"
+    worker = reaper(subprocess.Popen(worker_cmd(grid, "--shard", "0", "--no-linger"), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True))
+    assert wait_until(lambda: len(executions(side)) >= 1, 60)
+    text = shard.read_text()
+    (running,) = [r for r in _parse(text)[1:] if r[2] == "running"]
+    if breakage == "header deleted":
+        _save(shard, text.split("\n", 1)[1], "rename")
+    elif breakage == "column removed":
+        _save(shard, _render([r[:-1] for r in _parse(text)]), "rename")
+    elif breakage == "pandas index":
+        _pandas_with_index(shard)
+    else:
+        shard.unlink()
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    assert f"the result of row {running[1]} is kept in its journal" in err
+    assert {r["status"] for r in rows(grid, skip=("shard-000.csv",)).values()} == {"done"}
+    if breakage == "file removed":
+        assert cli("recover", "--grid", str(grid)).returncode == 0
+    else:
+        _save(shard, text, "rename")  # the user puts the file back as it was
+    final = cli("work", "--grid", str(grid), "--quiet", "--no-linger")
+    assert final.returncode == 0, final.stderr
+    got = rows(grid)
+    assert len(got) == 6 and {r["status"] for r in got.values()} == {"done"}, got
+    runs = by_row(executions(side))
+    assert sorted(len(ran) for ran in runs.values()) == [1] * 6, runs
+    assert got[running[1]]["token"] == repr(float(runs[running[1]][0].token))
