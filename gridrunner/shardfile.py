@@ -159,7 +159,10 @@ class Shard:
             return f"unknown status {status!r} (valid: {', '.join(STATUSES)})"
         attempts = fields[p + ATTEMPTS]
         if attempts and not attempts.isdigit():
-            return f"attempts must be a whole number, got {attempts!r}"
+            whole = _whole_number(attempts)
+            if whole is None:
+                return f"attempts must be a whole number, got {attempts!r}"
+            fields[p + ATTEMPTS] = whole  # pandas writes a column with empty cells as floats: 1.0 means 1
         runtime = fields[p + RUNTIME]
         if runtime and not _is_number(runtime):
             return f"runtime_s must be a number, got {runtime!r}"
@@ -244,6 +247,17 @@ class Shard:
             else:
                 out.write(raw if raw.endswith(("\n", "\r")) else raw + "\n")
         return out.getvalue()
+
+
+def _whole_number(text: str) -> str | None:
+    """``text`` as the digits of the whole number >= 0 that it means (``1.0``, ``2e0``), else None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    if not (value >= 0 and value.is_integer()):  # NaN and infinities fail too
+        return None
+    return str(int(value))
 
 
 def _is_number(text: str) -> bool:

@@ -352,3 +352,29 @@ def test_regression_a_worker_whose_running_rows_shard_becomes_unusable_records_t
     runs = by_row(executions(side))
     assert sorted(len(ran) for ran in runs.values()) == [1] * 6, runs
     assert got[running[1]]["token"] == repr(float(runs[running[1]][0].token))
+
+
+def test_regression_a_row_appended_with_pandas_whose_attempts_become_floats_keeps_the_running_row(project, reaper):
+    """``pd.concat`` of one new row writes ``attempts`` as ``1.0``/``0.0`` (the new row's cell is empty): the
+    same values, so the running row keeps its claim and records its result, and the new row runs."""
+    import pandas as pd
+
+    side = project / "executions.log"
+    grid = make_grid(project, _spec(side, 3, 1.5, 100))
+    shard = grid / "shards" / "shard-000.csv"
+    worker = reaper(subprocess.Popen(worker_cmd(grid, "--no-linger"), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True))
+    assert wait_until(lambda: len(executions(side)) >= 1, 60)
+    frame = pd.read_csv(shard)
+    frame = pd.concat([frame, pd.DataFrame([{"i": 99, "status": "not_run"}])], ignore_index=True)
+    frame.to_csv(shard, index=False)
+    assert ",running,1.0," in shard.read_text()
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    assert "attempts must be a whole number" not in err
+    got = rows(grid)
+    assert len(got) == 4 and {r["status"] for r in got.values()} == {"done"}, got
+    assert row_id_of({"i": 99}) in got
+    runs = by_row(executions(side))
+    assert sorted(len(ran) for ran in runs.values()) == [1] * 4, runs
+    assert list(grid.glob("rows/*/stale-result-*")) == []
