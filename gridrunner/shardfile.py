@@ -86,6 +86,8 @@ class Shard:
 
     @classmethod
     def parse(cls, path: Path, text: str) -> "Shard":
+        # A byte order mark (Excel's "CSV UTF-8", vim's `:set bomb`) is no part of the first column's name.
+        text = text.removeprefix("\ufeff")
         if not text.strip():
             raise ShardError(path, "empty file: a shard needs at least its header line")
         reader = csv.reader(io.StringIO(text, newline=""))

@@ -378,3 +378,25 @@ def test_regression_a_row_appended_with_pandas_whose_attempts_become_floats_keep
     runs = by_row(executions(side))
     assert sorted(len(ran) for ran in runs.values()) == [1] * 4, runs
     assert list(grid.glob("rows/*/stale-result-*")) == []
+
+
+def test_regression_a_shard_saved_with_a_byte_order_mark_is_merged_as_the_same_columns(project, reaper):
+    """Excel's "CSV UTF-8" and vim's ``:set bomb`` start the file with a BOM: it is no part of the first
+    column's name, so the save merges (its appended row runs) and ``status`` reads every row."""
+    side = project / "executions.log"
+    grid = make_grid(project, _spec(side, 4, 0.5, 100))
+    shard = grid / "shards" / "shard-000.csv"
+    status = cli("status", "--grid", str(grid), "--json")
+    _save(shard, "\ufeff" + shard.read_text() + "77,,not_run,0,,,,,,,\n", "rename")
+    saved = cli("status", "--grid", str(grid), "--json")
+    assert saved.returncode == 0 and json.loads(saved.stdout)["total"] == json.loads(status.stdout)["total"] + 1
+    assert json.loads(saved.stdout)["unreadable_shards"] == 0, saved.stdout
+    worker = reaper(subprocess.Popen(worker_cmd(grid, "--no-linger"), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True))
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0 and "missing column" not in err, err
+    got = rows(grid)
+    assert len(got) == 5 and {r["status"] for r in got.values()} == {"done"}, got
+    assert row_id_of({"i": 77}) in got
+    assert not shard.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert sorted(len(ran) for ran in by_row(executions(side)).values()) == [1] * 5
