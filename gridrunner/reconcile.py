@@ -36,6 +36,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -300,6 +301,7 @@ def merge(path, user: list, errors: dict[int, str], current: dict[str, list[str]
             report.reset += 1
         elif status_old == "not_run" and status_new == "not_run" and params_changed:
             fresh = list(cells)
+            fresh[:p] = [_typed_like(new_cell, old_cell) for new_cell, old_cell in zip(cells[:p], old[:p])]
             _clear(fresh, p)
             fresh[p] = ""
             fresh[p + ATTEMPTS] = "0"
@@ -341,6 +343,32 @@ def merge(path, user: list, errors: dict[int, str], current: dict[str, list[str]
     if kept_back:
         out, out_errors = _insert_in_order(out, out_errors, kept_back, current, p)
     return out, out_errors, report
+
+
+_PANDAS_WHOLE_FLOAT = re.compile(r"([+-]?\d+)\.0*")
+
+
+def _typed_like(new: str, old: str) -> str:
+    """The text of a parameter cell of a ``not_run`` row whose parameters the user changed, given the row's
+    committed cell ``old``: typed like it where the tool that saved the file changed only the spelling.
+
+    pandas rewrites every cell of a column, not only the one the user changed: booleans as ``True``, ints
+    of a column with empty cells as ``8.0``. Taken as written they would give the row other parameters
+    (the string ``"True"``, the float 8.0) and another ``row_id``, so the same configuration could run
+    twice. So a cell that means the same value as before keeps gridrunner's own text, a boolean cell stays
+    a boolean (``True``/``TRUE`` → ``true``) and an int cell stays an int (``9.0`` → ``9``). Bare ``True``
+    cannot mean the boolean everywhere (:func:`gridrunner.spec.decode_cell` keeps it a string): gridrunner
+    writes the string parameter ``"True"`` bare, so only the row's own committed cell tells which it is.
+    """
+    if same_value(new) == same_value(old):
+        return old
+    if old in ("true", "false") and new.strip().lower() in ("true", "false"):
+        return new.strip().lower()
+    if old.lstrip("+-").isdigit():
+        whole = _PANDAS_WHOLE_FLOAT.fullmatch(new.strip())
+        if whole is not None:
+            return str(int(whole.group(1)))
+    return new
 
 
 def _ids_of_changed(changes, p) -> list[str]:

@@ -400,3 +400,35 @@ def test_regression_a_shard_saved_with_a_byte_order_mark_is_merged_as_the_same_c
     assert row_id_of({"i": 77}) in got
     assert not shard.read_bytes().startswith(b"\xef\xbb\xbf")
     assert sorted(len(ran) for ran in by_row(executions(side)).values()) == [1] * 5
+
+
+def test_regression_parameters_changed_with_pandas_keep_the_types_of_the_cells_pandas_only_respelled(project, reaper):
+    """pandas writes every boolean as ``True``/``False`` and the ints of a column with an empty cell as
+    ``8.0``. A not_run row whose parameters the user changed in pandas gets exactly the typed values they
+    meant: booleans stay booleans and ints stay ints, so its row_id is the configuration's own."""
+    import pandas as pd
+
+    side = project / "executions.log"
+    spec = _spec(side, 0, 0.0, 100)
+    spec["grid"] = [{"i": [0, 1, 2], "flag": [False], "depth": [8]}, {"i": [10], "flag": [True]}]
+    grid = make_grid(project, spec)
+    shard = grid / "shards" / "shard-000.csv"
+    frame = pd.read_csv(shard)
+    first, second = frame.index[frame["i"] == 0][0], frame.index[frame["i"] == 1][0]
+    frame.loc[first, "i"] = 5  # its flag and depth only respelled: False, 8.0
+    frame.loc[second, ["flag", "depth"]] = [True, 9]  # written True, 9.0
+    frame.to_csv(shard, index=False)
+    text = shard.read_text()
+    assert "5,False,8.0," in text and "1,True,9.0," in text
+    worker = reaper(subprocess.Popen(worker_cmd(grid, "--no-linger"), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True))
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    got = rows(grid)
+    expected = {row_id_of(params) for params in ({"i": 5, "flag": False, "depth": 8}, {"i": 1, "flag": True, "depth": 9},
+                                                  {"i": 2, "flag": False, "depth": 8}, {"i": 10, "flag": True})}
+    assert set(got) == expected, got
+    assert {r["status"] for r in got.values()} == {"done"}
+    assert {(r["i"], r["flag"], r["depth"]) for r in got.values()} == {
+        ("5", "false", "8"), ("1", "true", "9"), ("2", "false", "8"), ("10", "true", "")}
+    assert sorted(len(ran) for ran in by_row(executions(side)).values()) == [1] * 4
