@@ -16,7 +16,9 @@ The rules, for a shard file ``F`` that is not what gridrunner last committed, ag
   - a ``not_run`` row whose parameters changed becomes the new row (a new ``row_id``);
   - a row with no ``row_id``, or an unknown one, is an appended row;
   - any other change to a finished row (an edited metric), or any change to a running row, is not
-    applied: the result or the live claim is kept, and the change is reported.
+    applied: the result or the live claim is kept, and the change is reported. A row that is a committed
+    ``running`` state but for its status cell was running in the user's version: its change is a change
+    to a running row even when the row has finished since (a reset would run it again).
 * **Deleted or never seen.** A row of ``L`` missing from ``F`` was deleted by the user if it existed
   when ``F``'s copy was taken, else the copy predates it and it is kept. The copy's age is the newest
   committed state that any of its rows shows. A running row deleted is deleted; its worker's result
@@ -289,6 +291,20 @@ def merge(path, user: list, errors: dict[int, str], current: dict[str, list[str]
         status_old = old[p + STATUS]
         status_new = cells[p + STATUS].strip().lower()
         params_changed = [same_value(c) for c in cells[:p]] != [same_value(c) for c in old[:p]]
+        # A row that is a committed ``running`` state but for its status cell was running in the version the
+        # user edited: a change to a running row, never applied, even if the row has finished since (a
+        # reset would run a finished row again).
+        running_since = None
+        if status_new != "running":
+            as_running = list(cells)
+            as_running[p + STATUS] = "running"
+            running_since = base.is_known_state(rid, fingerprint(as_running))
+        if running_since is not None and status_old != "running":
+            age = max(age, running_since)
+            place(old, rid)
+            report.refused.append(f"row {rid} was running in the version you edited: a change to a running row "
+                                  f"is not applied, and it is {status_old} now (edit it again to change it)")
+            continue
         if status_old in ("done", "failed") and status_new == "not_run":
             kept = list(old)
             _clear(kept, p)

@@ -432,3 +432,29 @@ def test_regression_parameters_changed_with_pandas_keep_the_types_of_the_cells_p
     assert {(r["i"], r["flag"], r["depth"]) for r in got.values()} == {
         ("5", "false", "8"), ("1", "true", "9"), ("2", "false", "8"), ("10", "true", "")}
     assert sorted(len(ran) for ran in by_row(executions(side)).values()) == [1] * 4
+
+
+def test_regression_a_running_row_set_to_not_run_in_a_copy_saved_after_it_finished_does_not_run_again(project, reaper):
+    """The user's buffer has a running row set to not_run; the row finishes before the save. That is a change
+    to a running row (the version the user edited), so it is not applied: the finished row never runs again."""
+    side = project / "executions.log"
+    grid = make_grid(project, _spec(side, 3, 1.5, 100))
+    shard = grid / "shards" / "shard-000.csv"
+    worker = reaper(subprocess.Popen(worker_cmd(grid, "--no-steal", "--no-linger"), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True))
+    assert wait_until(lambda: len(executions(side)) >= 1, 60)
+    records = _parse(shard.read_text())
+    (row,) = [r for r in records[1:] if r[2] == "running"]
+    row[2] = "not_run"  # what the user types into the running row of their buffer
+    assert wait_until(lambda: rows(grid)[row[1]]["status"] == "done", 60)
+    _save(shard, _render(records), "rename")
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    got = rows(grid)
+    assert {r["status"] for r in got.values()} == {"done"}, got
+    runs = by_row(executions(side))
+    assert len(runs[row[1]]) == 1, "the finished row ran again"
+    assert got[row[1]]["token"] == repr(float(runs[row[1]][0].token))
+    notes = (grid / "journal" / "notes.log").read_text()
+    assert f"row {row[1]} was running in the version you edited: a change to a running row is not applied" in notes
+    assert "applied 1 reset" not in notes
