@@ -19,6 +19,11 @@ The rules, for a shard file ``F`` that is not what gridrunner last committed, ag
     applied: the result or the live claim is kept, and the change is reported. A row that is a committed
     ``running`` state but for its status cell was running in the user's version: its change is a change
     to a running row even when the row has finished since (a reset would run it again).
+* **Applied once.** The user's row of an applied reset or parameter change is kept in the journal as a
+  state of that row, begun at the copy's age (the journal's ``seen``). Saving the same copy again (the
+  editor's buffer, after the row was reset and ran again) finds that row equal to a state gridrunner
+  knows: a stale copy, the newer state wins, and the change is not applied a second time. Only the
+  user's own row is kept, so any other edit of that row is still a change.
 * **Deleted or never seen.** A row of ``L`` missing from ``F`` was deleted by the user if it existed
   when ``F``'s copy was taken, else the copy predates it and it is kept. The copy's age is the newest
   committed state that any of its rows shows. A running row deleted is deleted; its worker's result
@@ -125,6 +130,11 @@ class Merge:
     refused: list = field(default_factory=list)  # "row X: why the change was not applied"
     deleted_running: list = field(default_factory=list)
     bad: int = 0
+    #: row id -> fingerprint of the user's row, for each reset and parameter change applied, and ``age``, the
+    #: copy's age: the journal keeps them as states of the row (:func:`commit_entry`), so a later save of
+    #: the same copy is a stale copy and never applies the change again.
+    applied: dict = field(default_factory=dict)
+    age: int = -1
 
     def changes(self) -> int:
         return self.added + self.deleted + self.reset + self.changed
@@ -315,6 +325,7 @@ def merge(path, user: list, errors: dict[int, str], current: dict[str, list[str]
                 continue
             place(kept, rid)
             report.reset += 1
+            report.applied[rid] = fingerprint(record)
         elif status_old == "not_run" and status_new == "not_run" and params_changed:
             fresh = list(cells)
             fresh[:p] = [_typed_like(new_cell, old_cell) for new_cell, old_cell in zip(cells[:p], old[:p])]
@@ -329,6 +340,7 @@ def merge(path, user: list, errors: dict[int, str], current: dict[str, list[str]
                 continue
             place(fresh, fresh[p])
             report.changed += 1
+            report.applied[rid] = fingerprint(record)
         else:
             place(old, rid)
             if status_old == "running":
@@ -358,6 +370,7 @@ def merge(path, user: list, errors: dict[int, str], current: dict[str, list[str]
             report.restored += 1
     if kept_back:
         out, out_errors = _insert_in_order(out, out_errors, kept_back, current, p)
+    report.age = age
     return out, out_errors, report
 
 
@@ -493,8 +506,10 @@ def reconcile_file(path, text: str, journal, read_text) -> tuple[Shard, str]:
         return shard, ""
     user, errors = parse_user_file(path, text, state.header)
     p = state.row_id_column()
+    # A parameter changed under a row_id that the journal knows is the user's parameter change, or (a row
+    # gone since: that change applied already) a stale copy of it: the merge decides, not the row check.
     errors = {i: m for i, m in errors.items()
-              if not (m.startswith("row_id ") and "does not match its parameters" in m and user[i][p] in state.latest)}
+              if not (m.startswith("row_id ") and "does not match its parameters" in m and user[i][p] in state.history)}
     records, merged_errors, report = merge(path, user, errors, state.latest, state.header, journal_base(state))
     shard = Shard(path, state.header, records, merged_errors, list(range(2, len(records) + 2)))
     shard.base = {rid: list(cells) for rid, cells in state.latest.items()}  # never the records' own lists
@@ -516,6 +531,7 @@ def _merge_cut_file(path, text: str, state: JournalState, why: str) -> tuple[Sha
     shard = Shard(path, state.header, records, merged_errors, list(range(2, len(records) + 2)))
     shard.base = {rid: list(cells) for rid, cells in state.latest.items()}
     shard.dirty = True
+    shard.merge = report
     shard.note = (f"{path.name} was cut short ({why}) and has not changed for {SETTLED_S:g} s: "
                   + report.describe(path.name).split(": ", 1)[1])
     return shard, shard.note

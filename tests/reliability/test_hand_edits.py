@@ -458,3 +458,34 @@ def test_regression_a_running_row_set_to_not_run_in_a_copy_saved_after_it_finish
     notes = (grid / "journal" / "notes.log").read_text()
     assert f"row {row[1]} was running in the version you edited: a change to a running row is not applied" in notes
     assert "applied 1 reset" not in notes
+
+
+def test_regression_saving_the_same_buffer_twice_applies_its_reset_once(project, reaper):
+    """An editor's buffer resets a done row and is saved; the row runs again. The same buffer, with one row
+    appended, saved again: the reset was applied already, so the row does not run a third time (and the
+    appended row runs)."""
+    side = project / "executions.log"
+    grid = make_grid(project, _spec(side, 4, 0.6, 100))
+    shard = grid / "shards" / "shard-000.csv"
+    worker = reaper(subprocess.Popen(worker_cmd(grid, "--no-steal", "--no-linger"), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True))
+    assert wait_until(lambda: "done" in {r["status"] for r in rows(grid).values()}, 60)
+    buffer = _parse(shard.read_text())
+    (row,) = [r for r in buffer[1:] if r[2] == "done"][:1]
+    row[2] = "not_run"
+    _save(shard, _render(buffer), "rename")
+    rid = row[1]
+    assert wait_until(lambda: len([r for r in executions(side).values() if r.row_id == rid and r.finished]) == 2
+                      and rows(grid)[rid]["status"] == "done", 60), "the first save's reset was not applied"
+    buffer.append(["50", "", "not_run", "0", "", "", "", "", "", "", ""])
+    _save(shard, _render(buffer), "rename")
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    final = cli("work", "--grid", str(grid), "--quiet", "--no-linger")  # in case the worker left before the save
+    assert final.returncode == 0, final.stderr
+    got = rows(grid)
+    assert len(got) == 5 and {r["status"] for r in got.values()} == {"done"}, got
+    runs = by_row(executions(side))
+    assert len(runs[rid]) == 2, f"the reset was applied {len(runs[rid]) - 1} times"
+    assert len(runs[row_id_of({"i": 50})]) == 1
+    assert got[rid]["token"] == repr(float(runs[rid][-1].token))
