@@ -521,9 +521,13 @@ def reconcile_file(path, text: str, journal, read_text) -> tuple[Shard, str]:
 
 def _merge_cut_file(path, text: str, state: JournalState, why: str) -> tuple[Shard, str]:
     """A file cut short long ago: merge what it holds, deleting nothing (its missing rows were cut, not
-    deleted); a partial last line is kept as a bad row, as the user left it. Raises the parse's own
-    ShardError if not even the header is whole."""
-    user, errors = parse_user_file(path, text, state.header)
+    deleted); a partial last line is kept as a bad row, as the user left it. An empty file (an in-place save
+    that died right after truncating it) is cut before its header: every row comes back from the journal.
+    Raises the parse's own ShardError if the header is there but not whole."""
+    if not text.strip():
+        user, errors = [], {}
+    else:
+        user, errors = parse_user_file(path, text, state.header)
     base = journal_base(state)
     base.knew = lambda rid, age: False
     records, merged_errors, report = merge(path, user, errors, state.latest, state.header, base)

@@ -489,3 +489,27 @@ def test_regression_saving_the_same_buffer_twice_applies_its_reset_once(project,
     assert len(runs[rid]) == 2, f"the reset was applied {len(runs[rid]) - 1} times"
     assert len(runs[row_id_of({"i": 50})]) == 1
     assert got[rid]["token"] == repr(float(runs[rid][-1].token))
+
+
+@pytest.mark.parametrize("content", ["", "\n"])
+def test_regression_a_shard_truncated_to_nothing_that_stays_so_is_merged_and_its_rows_run(project, reaper, content):
+    """An in-place save that died right after truncating the shard (0 bytes, or a lone line end) is a file cut
+    before its header: once it has stayed so for 5 s it is merged deleting nothing, as a header-only file is,
+    and its rows come back from the journal and run."""
+    side = project / "executions.log"
+    grid = make_grid(project, _spec(side, 3, 0.0, 100))
+    shard = grid / "shards" / "shard-000.csv"
+    shard.write_text(content)
+    old = time.time() - 10
+    os.utime(shard, (old, old))  # cut 10 s ago: no save in progress
+    worker = reaper(subprocess.Popen(worker_cmd(grid, "--no-linger"), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True))
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    assert "empty file" not in err
+    got = rows(grid)
+    assert len(got) == 3 and {r["status"] for r in got.values()} == {"done"}, got
+    assert sorted(len(ran) for ran in by_row(executions(side)).values()) == [1] * 3
+    status = json.loads(cli("status", "--grid", str(grid), "--json").stdout)
+    assert status["finished"] and status["unreadable_shards"] == 0 and status["total"] == 3
+    assert "shard-000.csv was cut short" in (grid / "journal" / "notes.log").read_text()
