@@ -102,23 +102,38 @@ class Shard:
         n = len(header)
         p = header.index("row_id")
         outcome_slice = slice(p + _NB, n)
+        offset = 0  # physical lines before the current reader's first (it restarts after a stray quote)
+        physical = None
         while True:
-            start = reader.line_num
+            start = offset + reader.line_num
             try:
                 fields = next(reader)
             except StopIteration:
                 break
             except csv.Error as err:
                 records.append([])
-                lines.append(reader.line_num)
+                lines.append(offset + reader.line_num)
                 errors[len(records) - 1] = f"unreadable line: {err}"
-                spans[len(records) - 1] = (start, reader.line_num)
+                spans[len(records) - 1] = (start, offset + reader.line_num)
                 continue
             if not fields:
                 continue
             index = len(records)
+            line = offset + reader.line_num
+            if line - start > 1 and len(fields) != n:
+                # A stray quote opened a cell that ran on over the lines after it (a record of many lines and
+                # the wrong number of fields): only its first line is the bad row. The rows after it are
+                # read on their own, so they are neither lost nor merged as deleted.
+                physical = physical or io.StringIO(text, newline="").readlines()
+                offset = start + 1
+                reader = csv.reader(io.StringIO("".join(physical[offset:]), newline=""))
+                records.append(next(csv.reader([physical[start]]), []))
+                lines.append(start + 1)
+                errors[index] = ("unclosed quote: a '\"' opens a cell that runs past the end of the line (quote "
+                                 "the cell whole, or remove the quote)")
+                spans[index] = (start, start + 1)
+                continue
             records.append(fields)
-            line = reader.line_num
             lines.append(line)
             message = cls._check(fields, n, p, outcome_slice, header)
             if message is None:
@@ -133,7 +148,7 @@ class Shard:
         if spans:
             # A bad row is written back exactly as the user left it: its fields re-quoted by the csv module
             # would change its text, and an unreadable line has no fields at all.
-            physical = io.StringIO(text, newline="").readlines()  # the lines the reader counted
+            physical = physical or io.StringIO(text, newline="").readlines()  # the lines the reader counted
             for index, (start, end) in spans.items():
                 records[index] = _BadRecord(records[index], "".join(physical[start:end]))
         return cls(path, header, records, errors, lines)

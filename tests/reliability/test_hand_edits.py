@@ -513,3 +513,28 @@ def test_regression_a_shard_truncated_to_nothing_that_stays_so_is_merged_and_its
     status = json.loads(cli("status", "--grid", str(grid), "--json").stdout)
     assert status["finished"] and status["unreadable_shards"] == 0 and status["total"] == 3
     assert "shard-000.csv was cut short" in (grid / "journal" / "notes.log").read_text()
+
+
+def test_regression_a_stray_quote_in_one_row_makes_that_line_bad_and_every_later_row_runs(project, reaper):
+    """A ``"`` typed into one cell opens a quoted cell that the CSV reader would run on to the end of the file,
+    swallowing every later row (and the merge would take them for deleted). Only that line is a bad row:
+    kept as the user left it and reported; every other row runs once."""
+    side = project / "executions.log"
+    grid = make_grid(project, _spec(side, 6, 0.0, 100))
+    shard = grid / "shards" / "shard-000.csv"
+    lines = shard.read_text().splitlines(keepends=True)
+    assert lines[2].endswith(",,,\n")
+    lines[2] = lines[2][: -len(",,,\n")] + ',"oops,,\n'  # the tester's sed '3s/,,,$/,"oops,,/'
+    bad = lines[2]
+    _save(shard, "".join(lines), "rename")
+    status = cli("status", "--grid", str(grid))
+    assert "shard-000.csv:3: unclosed quote" in status.stdout, status.stdout
+    worker = reaper(subprocess.Popen(worker_cmd(grid, "--no-linger"), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True))
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    got = rows(grid)
+    assert len(got) == 5 and {r["status"] for r in got.values()} == {"done"}, got
+    assert sorted(len(ran) for ran in by_row(executions(side)).values()) == [1] * 5
+    text = shard.read_text()
+    assert text.splitlines(keepends=True)[2] == bad and text.count("\n") == 7
