@@ -7,7 +7,9 @@ state a reader can ever have seen in the shard (and so every state a user can ha
     {"n": 7, "sha": "<sha1 of the shard text committed>", "t": 1764630000.1,
      "rows": [[cells...], ...], "gone": ["<row_id>", ...], "note": "what a reconciliation did"}
 
-``rows`` holds the full cells (the shard header's order) of each row the transaction changed or
+``seen`` (a merge's) maps the id of each row whose reset or parameter change it applied to the
+fingerprint of the user's row and the copy's age: that row is remembered as a state of the row, so the
+same copy saved again is a stale copy (:mod:`gridrunner.reconcile`). ``rows`` holds the full cells (the shard header's order) of each row the transaction changed or
 added, ``gone`` the row ids it removed. The first line is a snapshot: ``header`` and every row. ``n``
 numbers the lines; ``sha`` lets a transaction tell, by hashing the file it read, whether the shard is
 exactly what gridrunner last committed (the usual case) or was saved by someone else
@@ -216,6 +218,17 @@ class Journal:
                     current[2] = n
                 history.deleted = n
             state.latest.pop(rid, None)
+        for rid, (fp, start) in entry.get("seen", {}).items():
+            # A user's row that a merge applied (a reset, a parameter change): a state of the row since the
+            # copy it came from, so that the same copy saved again is recognised as stale.
+            history = state.history.get(rid)
+            if history is None:
+                continue
+            span = [fp, start, n]
+            if history.current() is not None:
+                history.states.insert(len(history.states) - 1, span)
+            else:
+                history.states.append(span)
         state.head_n = n
         state.head_sha = entry.get("sha")
 
@@ -271,7 +284,7 @@ def commit_entry(shard, sha: str) -> dict:
     p = shard.n_params
     records, errors, base = shard.records, shard.errors, shard.base
     changed = []
-    if isinstance(base, list) and len(base) == len(records) and not errors:
+    if isinstance(base, list) and len(base) == len(records) and not errors and getattr(shard, "merge", None) is None:
         for old, new in zip(base, records):
             if old != new:
                 if old[p] != new[p]:
@@ -301,6 +314,9 @@ def commit_entry(shard, sha: str) -> dict:
     note = getattr(shard, "note", "")
     if note:
         entry["note"] = note
+    merge = getattr(shard, "merge", None)
+    if merge is not None and merge.applied:
+        entry["seen"] = {rid: [fp, merge.age] for rid, fp in merge.applied.items()}
     return entry
 
 

@@ -16,7 +16,14 @@ The rules, for a shard file ``F`` that is not what gridrunner last committed, ag
   - a ``not_run`` row whose parameters changed becomes the new row (a new ``row_id``);
   - a row with no ``row_id``, or an unknown one, is an appended row;
   - any other change to a finished row (an edited metric), or any change to a running row, is not
-    applied: the result or the live claim is kept, and the change is reported.
+    applied: the result or the live claim is kept, and the change is reported. A row that is a committed
+    ``running`` state but for its status cell was running in the user's version: its change is a change
+    to a running row even when the row has finished since (a reset would run it again).
+* **Applied once.** The user's row of an applied reset or parameter change is kept in the journal as a
+  state of that row, begun at the copy's age (the journal's ``seen``). Saving the same copy again (the
+  editor's buffer, after the row was reset and ran again) finds that row equal to a state gridrunner
+  knows: a stale copy, the newer state wins, and the change is not applied a second time. Only the
+  user's own row is kept, so any other edit of that row is still a change.
 * **Deleted or never seen.** A row of ``L`` missing from ``F`` was deleted by the user if it existed
   when ``F``'s copy was taken, else the copy predates it and it is kept. The copy's age is the newest
   committed state that any of its rows shows. A running row deleted is deleted; its worker's result
@@ -36,6 +43,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -103,7 +111,11 @@ def looks_half_written(path, text: str, journal_rows: int) -> str | None:
     if len(records) <= 1 and journal_rows:
         return "it holds no rows (the journal holds %d)" % journal_rows
     if len(records) > 1 and len(records[-1]) < len(records[0]):
-        return f"its last line has {len(records[-1])} of {len(records[0])} fields"
+        # Unless the last line is whole on its own: then a stray quote further up ran on to the end (the
+        # parse makes that quote's line a bad row, :meth:`Shard.parse`), and nothing is being written.
+        last = next(csv.reader([text.splitlines()[-1]]), [])
+        if len(last) < len(records[0]):
+            return f"its last line has {len(records[-1])} of {len(records[0])} fields"
     return None
 
 
@@ -122,6 +134,11 @@ class Merge:
     refused: list = field(default_factory=list)  # "row X: why the change was not applied"
     deleted_running: list = field(default_factory=list)
     bad: int = 0
+    #: row id -> fingerprint of the user's row, for each reset and parameter change applied, and ``age``, the
+    #: copy's age: the journal keeps them as states of the row (:func:`commit_entry`), so a later save of
+    #: the same copy is a stale copy and never applies the change again.
+    applied: dict = field(default_factory=dict)
+    age: int = -1
 
     def changes(self) -> int:
         return self.added + self.deleted + self.reset + self.changed
@@ -288,6 +305,20 @@ def merge(path, user: list, errors: dict[int, str], current: dict[str, list[str]
         status_old = old[p + STATUS]
         status_new = cells[p + STATUS].strip().lower()
         params_changed = [same_value(c) for c in cells[:p]] != [same_value(c) for c in old[:p]]
+        # A row that is a committed ``running`` state but for its status cell was running in the version the
+        # user edited: a change to a running row, never applied, even if the row has finished since (a
+        # reset would run a finished row again).
+        running_since = None
+        if status_new != "running":
+            as_running = list(cells)
+            as_running[p + STATUS] = "running"
+            running_since = base.is_known_state(rid, fingerprint(as_running))
+        if running_since is not None and status_old != "running":
+            age = max(age, running_since)
+            place(old, rid)
+            report.refused.append(f"row {rid} was running in the version you edited: a change to a running row "
+                                  f"is not applied, and it is {status_old} now (edit it again to change it)")
+            continue
         if status_old in ("done", "failed") and status_new == "not_run":
             kept = list(old)
             _clear(kept, p)
@@ -298,8 +329,10 @@ def merge(path, user: list, errors: dict[int, str], current: dict[str, list[str]
                 continue
             place(kept, rid)
             report.reset += 1
+            report.applied[rid] = fingerprint(record)
         elif status_old == "not_run" and status_new == "not_run" and params_changed:
             fresh = list(cells)
+            fresh[:p] = [_typed_like(new_cell, old_cell) for new_cell, old_cell in zip(cells[:p], old[:p])]
             _clear(fresh, p)
             fresh[p] = ""
             fresh[p + ATTEMPTS] = "0"
@@ -311,6 +344,7 @@ def merge(path, user: list, errors: dict[int, str], current: dict[str, list[str]
                 continue
             place(fresh, fresh[p])
             report.changed += 1
+            report.applied[rid] = fingerprint(record)
         else:
             place(old, rid)
             if status_old == "running":
@@ -340,7 +374,34 @@ def merge(path, user: list, errors: dict[int, str], current: dict[str, list[str]
             report.restored += 1
     if kept_back:
         out, out_errors = _insert_in_order(out, out_errors, kept_back, current, p)
+    report.age = age
     return out, out_errors, report
+
+
+_PANDAS_WHOLE_FLOAT = re.compile(r"([+-]?\d+)\.0*")
+
+
+def _typed_like(new: str, old: str) -> str:
+    """The text of a parameter cell of a ``not_run`` row whose parameters the user changed, given the row's
+    committed cell ``old``: typed like it where the tool that saved the file changed only the spelling.
+
+    pandas rewrites every cell of a column, not only the one the user changed: booleans as ``True``, ints
+    of a column with empty cells as ``8.0``. Taken as written they would give the row other parameters
+    (the string ``"True"``, the float 8.0) and another ``row_id``, so the same configuration could run
+    twice. So a cell that means the same value as before keeps gridrunner's own text, a boolean cell stays
+    a boolean (``True``/``TRUE`` → ``true``) and an int cell stays an int (``9.0`` → ``9``). Bare ``True``
+    cannot mean the boolean everywhere (:func:`gridrunner.spec.decode_cell` keeps it a string): gridrunner
+    writes the string parameter ``"True"`` bare, so only the row's own committed cell tells which it is.
+    """
+    if same_value(new) == same_value(old):
+        return old
+    if old in ("true", "false") and new.strip().lower() in ("true", "false"):
+        return new.strip().lower()
+    if old.lstrip("+-").isdigit():
+        whole = _PANDAS_WHOLE_FLOAT.fullmatch(new.strip())
+        if whole is not None:
+            return str(int(whole.group(1)))
+    return new
 
 
 def _ids_of_changed(changes, p) -> list[str]:
@@ -449,8 +510,10 @@ def reconcile_file(path, text: str, journal, read_text) -> tuple[Shard, str]:
         return shard, ""
     user, errors = parse_user_file(path, text, state.header)
     p = state.row_id_column()
+    # A parameter changed under a row_id that the journal knows is the user's parameter change, or (a row
+    # gone since: that change applied already) a stale copy of it: the merge decides, not the row check.
     errors = {i: m for i, m in errors.items()
-              if not (m.startswith("row_id ") and "does not match its parameters" in m and user[i][p] in state.latest)}
+              if not (m.startswith("row_id ") and "does not match its parameters" in m and user[i][p] in state.history)}
     records, merged_errors, report = merge(path, user, errors, state.latest, state.header, journal_base(state))
     shard = Shard(path, state.header, records, merged_errors, list(range(2, len(records) + 2)))
     shard.base = {rid: list(cells) for rid, cells in state.latest.items()}  # never the records' own lists
@@ -462,9 +525,13 @@ def reconcile_file(path, text: str, journal, read_text) -> tuple[Shard, str]:
 
 def _merge_cut_file(path, text: str, state: JournalState, why: str) -> tuple[Shard, str]:
     """A file cut short long ago: merge what it holds, deleting nothing (its missing rows were cut, not
-    deleted); a partial last line is kept as a bad row, as the user left it. Raises the parse's own
-    ShardError if not even the header is whole."""
-    user, errors = parse_user_file(path, text, state.header)
+    deleted); a partial last line is kept as a bad row, as the user left it. An empty file (an in-place save
+    that died right after truncating it) is cut before its header: every row comes back from the journal.
+    Raises the parse's own ShardError if the header is there but not whole."""
+    if not text.strip():
+        user, errors = [], {}
+    else:
+        user, errors = parse_user_file(path, text, state.header)
     base = journal_base(state)
     base.knew = lambda rid, age: False
     records, merged_errors, report = merge(path, user, errors, state.latest, state.header, base)
@@ -472,6 +539,7 @@ def _merge_cut_file(path, text: str, state: JournalState, why: str) -> tuple[Sha
     shard = Shard(path, state.header, records, merged_errors, list(range(2, len(records) + 2)))
     shard.base = {rid: list(cells) for rid, cells in state.latest.items()}
     shard.dirty = True
+    shard.merge = report
     shard.note = (f"{path.name} was cut short ({why}) and has not changed for {SETTLED_S:g} s: "
                   + report.describe(path.name).split(": ", 1)[1])
     return shard, shard.note

@@ -227,6 +227,7 @@ def _rebuild(path: Path, journal: Journal, state) -> Rebuilt:
         records, errors, merged = merge(path, whole_part.records, whole_part.errors, state.latest, state.header,
                                         journal_base(state))
         shard = Shard(path, state.header, records, errors, list(range(2, len(records) + 2)))
+        shard.merge = merged  # its applied changes are journaled as seen (a later save of the copy is stale)
         note = merged.describe(path.name)
         _write(path, journal, state.header, shard, note)
         return Rebuilt(path.name, "merged", Counter(r[p + STATUS] for k, r in enumerate(records) if k not in errors),

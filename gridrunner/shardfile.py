@@ -86,6 +86,8 @@ class Shard:
 
     @classmethod
     def parse(cls, path: Path, text: str) -> "Shard":
+        # A byte order mark (Excel's "CSV UTF-8", vim's `:set bomb`) is no part of the first column's name.
+        text = text.removeprefix("\ufeff")
         if not text.strip():
             raise ShardError(path, "empty file: a shard needs at least its header line")
         reader = csv.reader(io.StringIO(text, newline=""))
@@ -100,23 +102,38 @@ class Shard:
         n = len(header)
         p = header.index("row_id")
         outcome_slice = slice(p + _NB, n)
+        offset = 0  # physical lines before the current reader's first (it restarts after a stray quote)
+        physical = None
         while True:
-            start = reader.line_num
+            start = offset + reader.line_num
             try:
                 fields = next(reader)
             except StopIteration:
                 break
             except csv.Error as err:
                 records.append([])
-                lines.append(reader.line_num)
+                lines.append(offset + reader.line_num)
                 errors[len(records) - 1] = f"unreadable line: {err}"
-                spans[len(records) - 1] = (start, reader.line_num)
+                spans[len(records) - 1] = (start, offset + reader.line_num)
                 continue
             if not fields:
                 continue
             index = len(records)
+            line = offset + reader.line_num
+            if line - start > 1 and len(fields) != n:
+                # A stray quote opened a cell that ran on over the lines after it (a record of many lines and
+                # the wrong number of fields): only its first line is the bad row. The rows after it are
+                # read on their own, so they are neither lost nor merged as deleted.
+                physical = physical or io.StringIO(text, newline="").readlines()
+                offset = start + 1
+                reader = csv.reader(io.StringIO("".join(physical[offset:]), newline=""))
+                records.append(next(csv.reader([physical[start]]), []))
+                lines.append(start + 1)
+                errors[index] = ("unclosed quote: a '\"' opens a cell that runs past the end of the line (quote "
+                                 "the cell whole, or remove the quote)")
+                spans[index] = (start, start + 1)
+                continue
             records.append(fields)
-            line = reader.line_num
             lines.append(line)
             message = cls._check(fields, n, p, outcome_slice, header)
             if message is None:
@@ -131,7 +148,7 @@ class Shard:
         if spans:
             # A bad row is written back exactly as the user left it: its fields re-quoted by the csv module
             # would change its text, and an unreadable line has no fields at all.
-            physical = io.StringIO(text, newline="").readlines()  # the lines the reader counted
+            physical = physical or io.StringIO(text, newline="").readlines()  # the lines the reader counted
             for index, (start, end) in spans.items():
                 records[index] = _BadRecord(records[index], "".join(physical[start:end]))
         return cls(path, header, records, errors, lines)
@@ -159,7 +176,10 @@ class Shard:
             return f"unknown status {status!r} (valid: {', '.join(STATUSES)})"
         attempts = fields[p + ATTEMPTS]
         if attempts and not attempts.isdigit():
-            return f"attempts must be a whole number, got {attempts!r}"
+            whole = _whole_number(attempts)
+            if whole is None:
+                return f"attempts must be a whole number, got {attempts!r}"
+            fields[p + ATTEMPTS] = whole  # pandas writes a column with empty cells as floats: 1.0 means 1
         runtime = fields[p + RUNTIME]
         if runtime and not _is_number(runtime):
             return f"runtime_s must be a number, got {runtime!r}"
@@ -244,6 +264,17 @@ class Shard:
             else:
                 out.write(raw if raw.endswith(("\n", "\r")) else raw + "\n")
         return out.getvalue()
+
+
+def _whole_number(text: str) -> str | None:
+    """``text`` as the digits of the whole number >= 0 that it means (``1.0``, ``2e0``), else None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    if not (value >= 0 and value.is_integer()):  # NaN and infinities fail too
+        return None
+    return str(int(value))
 
 
 def _is_number(text: str) -> bool:

@@ -384,16 +384,26 @@ class GridStore:
                             message)
 
     def record(self, claim: Claim, result: Result) -> bool:
-        """Write a result for ``claim``. False (and nothing written) if the row is no longer ours."""
+        """Write a result for ``claim``. False (and nothing written) if the row is no longer ours.
+
+        A shard that cannot be merged now, because it looks half-written or because a hand edit made it
+        unusable (its header deleted, a column added or removed, the file removed), still gets the
+        result: in its journal, as for a half-written file. The worker goes on with other shards, and
+        the row never runs again: the next transaction on the file once it is fixed, or ``recover``,
+        finds the result there."""
         try:
             with _telling_what_was_lost((claim, result)), self.transaction(claim.path) as shard:
                 return self._record(shard, claim, result)
         except ShardHalfWritten:
             return self._record_in_journal(claim, result)
+        except ShardError as err:
+            return self._record_in_journal(claim, result, why=f"is unusable ({err.message})")
 
-    def _record_in_journal(self, claim: Claim, result: Result) -> bool:
-        """The shard looks half-written (an in-place save in progress): record the result in the journal
-        only. The next transaction that finds the file whole merges it in; ``recover`` rebuilds the file."""
+    def _record_in_journal(self, claim: Claim, result: Result, why: str = "looks half-written (an in-place save "
+                                                                          "in progress?)") -> bool:
+        """The shard cannot be written now (an in-place save in progress, or a hand edit that broke it):
+        record the result in the journal only. The next transaction that finds the file whole merges it
+        in; ``recover`` rebuilds the file."""
         path = claim.path
         with ShardLock(str(path) + ".lock", stale_s=self.lock_stale_s):
             journal = self.journal(path)
@@ -406,9 +416,8 @@ class GridStore:
                 return False
             journal.append({"sha": None, "rows": [shard.records[0]]})
         self._written.pop(path, None)
-        log.warning("%s looks half-written (an in-place save in progress?): the result of row %s is kept in its "
-                    "journal and merged into the file once it is whole (`gridrunner recover` rebuilds it)",
-                    path.name, claim.row_id)
+        log.warning("%s %s: the result of row %s is kept in its journal and merged into the file once it is "
+                    "whole (`gridrunner recover` rebuilds it)", path.name, why, claim.row_id)
         return True
 
     @staticmethod

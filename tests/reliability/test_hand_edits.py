@@ -396,3 +396,236 @@ def test_regression_recover_starts_a_garbled_journal_again_from_its_whole_shard(
     assert (result.returncode, result.stdout.splitlines()) == (
         0, [f"shard-00{k}.csv: the file was missing; rebuilt from the journal: 3 rows (3 done)" for k in range(2)])
     assert rows(grid) == before
+
+
+# ---------------------------------------------------------------------------- regressions: found by a tester
+
+def _pandas_with_index(path: Path) -> None:
+    import pandas as pd
+
+    pd.read_csv(path, keep_default_na=False, dtype=str).to_csv(path)  # the index becomes a first, unnamed column
+
+
+@pytest.mark.parametrize("breakage", ["header deleted", "column removed", "pandas index", "file removed"])
+def test_regression_a_worker_whose_running_rows_shard_becomes_unusable_records_the_result_and_goes_on(
+        project, reaper, breakage):
+    """A hand edit that makes the shard of the row a worker runs unusable: the row's result goes into the
+    journal, the worker runs the other shards' rows and exits 0, and once the user puts the file back the
+    row is done without running again (a row of 0.8 s keeps no outbox, so only the journal can save it)."""
+    side = project / "executions.log"
+    grid = make_grid(project, _spec(side, 6, 0.8, 3))
+    shard = grid / "shards" / "shard-000.csv"
+    worker = reaper(subprocess.Popen(worker_cmd(grid, "--shard", "0", "--no-linger"), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True))
+    assert wait_until(lambda: len(executions(side)) >= 1, 60)
+    text = shard.read_text()
+    (running,) = [r for r in _parse(text)[1:] if r[2] == "running"]
+    if breakage == "header deleted":
+        _save(shard, text.split("\n", 1)[1], "rename")
+    elif breakage == "column removed":
+        _save(shard, _render([r[:-1] for r in _parse(text)]), "rename")
+    elif breakage == "pandas index":
+        _pandas_with_index(shard)
+    else:
+        shard.unlink()
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    assert f"the result of row {running[1]} is kept in its journal" in err
+    assert {r["status"] for r in rows(grid, skip=("shard-000.csv",)).values()} == {"done"}
+    if breakage == "file removed":
+        assert cli("recover", "--grid", str(grid)).returncode == 0
+    else:
+        _save(shard, text, "rename")  # the user puts the file back as it was
+    final = cli("work", "--grid", str(grid), "--quiet", "--no-linger")
+    assert final.returncode == 0, final.stderr
+    got = rows(grid)
+    assert len(got) == 6 and {r["status"] for r in got.values()} == {"done"}, got
+    runs = by_row(executions(side))
+    assert sorted(len(ran) for ran in runs.values()) == [1] * 6, runs
+    assert got[running[1]]["token"] == repr(float(runs[running[1]][0].token))
+
+
+def test_regression_a_row_appended_with_pandas_whose_attempts_become_floats_keeps_the_running_row(project, reaper):
+    """``pd.concat`` of one new row writes ``attempts`` as ``1.0``/``0.0`` (the new row's cell is empty): the
+    same values, so the running row keeps its claim and records its result, and the new row runs."""
+    import pandas as pd
+
+    side = project / "executions.log"
+    grid = make_grid(project, _spec(side, 3, 1.5, 100))
+    shard = grid / "shards" / "shard-000.csv"
+    worker = reaper(subprocess.Popen(worker_cmd(grid, "--no-linger"), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True))
+    assert wait_until(lambda: len(executions(side)) >= 1, 60)
+    frame = pd.read_csv(shard)
+    frame = pd.concat([frame, pd.DataFrame([{"i": 99, "status": "not_run"}])], ignore_index=True)
+    frame.to_csv(shard, index=False)
+    assert ",running,1.0," in shard.read_text()
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    assert "attempts must be a whole number" not in err
+    got = rows(grid)
+    assert len(got) == 4 and {r["status"] for r in got.values()} == {"done"}, got
+    assert row_id_of({"i": 99}) in got
+    runs = by_row(executions(side))
+    assert sorted(len(ran) for ran in runs.values()) == [1] * 4, runs
+    assert list(grid.glob("rows/*/stale-result-*")) == []
+
+
+def test_regression_a_shard_saved_with_a_byte_order_mark_is_merged_as_the_same_columns(project, reaper):
+    """Excel's "CSV UTF-8" and vim's ``:set bomb`` start the file with a BOM: it is no part of the first
+    column's name, so the save merges (its appended row runs) and ``status`` reads every row."""
+    side = project / "executions.log"
+    grid = make_grid(project, _spec(side, 4, 0.5, 100))
+    shard = grid / "shards" / "shard-000.csv"
+    status = cli("status", "--grid", str(grid), "--json")
+    _save(shard, "\ufeff" + shard.read_text() + "77,,not_run,0,,,,,,,\n", "rename")
+    saved = cli("status", "--grid", str(grid), "--json")
+    assert saved.returncode == 0 and json.loads(saved.stdout)["total"] == json.loads(status.stdout)["total"] + 1
+    assert json.loads(saved.stdout)["unreadable_shards"] == 0, saved.stdout
+    worker = reaper(subprocess.Popen(worker_cmd(grid, "--no-linger"), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True))
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0 and "missing column" not in err, err
+    got = rows(grid)
+    assert len(got) == 5 and {r["status"] for r in got.values()} == {"done"}, got
+    assert row_id_of({"i": 77}) in got
+    assert not shard.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert sorted(len(ran) for ran in by_row(executions(side)).values()) == [1] * 5
+
+
+def test_regression_parameters_changed_with_pandas_keep_the_types_of_the_cells_pandas_only_respelled(project, reaper):
+    """pandas writes every boolean as ``True``/``False`` and the ints of a column with an empty cell as
+    ``8.0``. A not_run row whose parameters the user changed in pandas gets exactly the typed values they
+    meant: booleans stay booleans and ints stay ints, so its row_id is the configuration's own."""
+    import pandas as pd
+
+    side = project / "executions.log"
+    spec = _spec(side, 0, 0.0, 100)
+    spec["grid"] = [{"i": [0, 1, 2], "flag": [False], "depth": [8]}, {"i": [10], "flag": [True]}]
+    grid = make_grid(project, spec)
+    shard = grid / "shards" / "shard-000.csv"
+    frame = pd.read_csv(shard)
+    first, second = frame.index[frame["i"] == 0][0], frame.index[frame["i"] == 1][0]
+    frame.loc[first, "i"] = 5  # its flag and depth only respelled: False, 8.0
+    frame.loc[second, ["flag", "depth"]] = [True, 9]  # written True, 9.0
+    frame.to_csv(shard, index=False)
+    text = shard.read_text()
+    assert "5,False,8.0," in text and "1,True,9.0," in text
+    worker = reaper(subprocess.Popen(worker_cmd(grid, "--no-linger"), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True))
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    got = rows(grid)
+    expected = {row_id_of(params) for params in ({"i": 5, "flag": False, "depth": 8}, {"i": 1, "flag": True, "depth": 9},
+                                                  {"i": 2, "flag": False, "depth": 8}, {"i": 10, "flag": True})}
+    assert set(got) == expected, got
+    assert {r["status"] for r in got.values()} == {"done"}
+    assert {(r["i"], r["flag"], r["depth"]) for r in got.values()} == {
+        ("5", "false", "8"), ("1", "true", "9"), ("2", "false", "8"), ("10", "true", "")}
+    assert sorted(len(ran) for ran in by_row(executions(side)).values()) == [1] * 4
+
+
+def test_regression_a_running_row_set_to_not_run_in_a_copy_saved_after_it_finished_does_not_run_again(project, reaper):
+    """The user's buffer has a running row set to not_run; the row finishes before the save. That is a change
+    to a running row (the version the user edited), so it is not applied: the finished row never runs again."""
+    side = project / "executions.log"
+    grid = make_grid(project, _spec(side, 3, 1.5, 100))
+    shard = grid / "shards" / "shard-000.csv"
+    worker = reaper(subprocess.Popen(worker_cmd(grid, "--no-steal", "--no-linger"), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True))
+    assert wait_until(lambda: len(executions(side)) >= 1, 60)
+    records = _parse(shard.read_text())
+    (row,) = [r for r in records[1:] if r[2] == "running"]
+    row[2] = "not_run"  # what the user types into the running row of their buffer
+    assert wait_until(lambda: rows(grid)[row[1]]["status"] == "done", 60)
+    _save(shard, _render(records), "rename")
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    got = rows(grid)
+    assert {r["status"] for r in got.values()} == {"done"}, got
+    runs = by_row(executions(side))
+    assert len(runs[row[1]]) == 1, "the finished row ran again"
+    assert got[row[1]]["token"] == repr(float(runs[row[1]][0].token))
+    notes = (grid / "journal" / "notes.log").read_text()
+    assert f"row {row[1]} was running in the version you edited: a change to a running row is not applied" in notes
+    assert "applied 1 reset" not in notes
+
+
+def test_regression_saving_the_same_buffer_twice_applies_its_reset_once(project, reaper):
+    """An editor's buffer resets a done row and is saved; the row runs again. The same buffer, with one row
+    appended, saved again: the reset was applied already, so the row does not run a third time (and the
+    appended row runs)."""
+    side = project / "executions.log"
+    grid = make_grid(project, _spec(side, 4, 0.6, 100))
+    shard = grid / "shards" / "shard-000.csv"
+    worker = reaper(subprocess.Popen(worker_cmd(grid, "--no-steal", "--no-linger"), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True))
+    assert wait_until(lambda: "done" in {r["status"] for r in rows(grid).values()}, 60)
+    buffer = _parse(shard.read_text())
+    (row,) = [r for r in buffer[1:] if r[2] == "done"][:1]
+    row[2] = "not_run"
+    _save(shard, _render(buffer), "rename")
+    rid = row[1]
+    assert wait_until(lambda: len([r for r in executions(side).values() if r.row_id == rid and r.finished]) == 2
+                      and rows(grid)[rid]["status"] == "done", 60), "the first save's reset was not applied"
+    buffer.append(["50", "", "not_run", "0", "", "", "", "", "", "", ""])
+    _save(shard, _render(buffer), "rename")
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    final = cli("work", "--grid", str(grid), "--quiet", "--no-linger")  # in case the worker left before the save
+    assert final.returncode == 0, final.stderr
+    got = rows(grid)
+    assert len(got) == 5 and {r["status"] for r in got.values()} == {"done"}, got
+    runs = by_row(executions(side))
+    assert len(runs[rid]) == 2, f"the reset was applied {len(runs[rid]) - 1} times"
+    assert len(runs[row_id_of({"i": 50})]) == 1
+    assert got[rid]["token"] == repr(float(runs[rid][-1].token))
+
+
+@pytest.mark.parametrize("content", ["", "\n"])
+def test_regression_a_shard_truncated_to_nothing_that_stays_so_is_merged_and_its_rows_run(project, reaper, content):
+    """An in-place save that died right after truncating the shard (0 bytes, or a lone line end) is a file cut
+    before its header: once it has stayed so for 5 s it is merged deleting nothing, as a header-only file is,
+    and its rows come back from the journal and run."""
+    side = project / "executions.log"
+    grid = make_grid(project, _spec(side, 3, 0.0, 100))
+    shard = grid / "shards" / "shard-000.csv"
+    shard.write_text(content)
+    old = time.time() - 10
+    os.utime(shard, (old, old))  # cut 10 s ago: no save in progress
+    worker = reaper(subprocess.Popen(worker_cmd(grid, "--no-linger"), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True))
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    assert "empty file" not in err
+    got = rows(grid)
+    assert len(got) == 3 and {r["status"] for r in got.values()} == {"done"}, got
+    assert sorted(len(ran) for ran in by_row(executions(side)).values()) == [1] * 3
+    status = json.loads(cli("status", "--grid", str(grid), "--json").stdout)
+    assert status["finished"] and status["unreadable_shards"] == 0 and status["total"] == 3
+    assert "shard-000.csv was cut short" in (grid / "journal" / "notes.log").read_text()
+
+
+def test_regression_a_stray_quote_in_one_row_makes_that_line_bad_and_every_later_row_runs(project, reaper):
+    """A ``"`` typed into one cell opens a quoted cell that the CSV reader would run on to the end of the file,
+    swallowing every later row (and the merge would take them for deleted). Only that line is a bad row:
+    kept as the user left it and reported; every other row runs once."""
+    side = project / "executions.log"
+    grid = make_grid(project, _spec(side, 6, 0.0, 100))
+    shard = grid / "shards" / "shard-000.csv"
+    lines = shard.read_text().splitlines(keepends=True)
+    assert lines[2].endswith(",,,\n")
+    lines[2] = lines[2][: -len(",,,\n")] + ',"oops,,\n'  # the tester's sed '3s/,,,$/,"oops,,/'
+    bad = lines[2]
+    _save(shard, "".join(lines), "rename")
+    status = cli("status", "--grid", str(grid))
+    assert "shard-000.csv:3: unclosed quote" in status.stdout, status.stdout
+    worker = reaper(subprocess.Popen(worker_cmd(grid, "--no-linger"), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True))
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    got = rows(grid)
+    assert len(got) == 5 and {r["status"] for r in got.values()} == {"done"}, got
+    assert sorted(len(ran) for ran in by_row(executions(side)).values()) == [1] * 5
+    text = shard.read_text()
+    assert text.splitlines(keepends=True)[2] == bad and text.count("\n") == 7
