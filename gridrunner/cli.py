@@ -2,13 +2,18 @@
 
 A user's mistake (:class:`gridrunner.GridError`) prints one ``Error: ...`` line and exits 1; click's
 usage errors exit 2; anything else is a bug: its traceback is saved to a log file whose path is
-printed, and the exit code is 3.
+printed, and the exit code is 3. A reader that closed its end of stdout's pipe (``| head -1``) ends
+the command silently with 141, as a shell reports a tool that SIGPIPE killed. SIGPIPE itself stays
+ignored, as Python sets it: a worker must never die in the middle of a shard transaction.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
+import select
 import sys
 import tempfile
 import time
@@ -21,14 +26,24 @@ from gridrunner.errors import GridError
 
 RUNS_HELP = "Parent directory of grid directories (default: ./runs)."
 GRID_HELP = "Grid directory to act on (default: the grid made most recently under --runs)."
+#: The exit status of a command whose stdout's reader went away: 128 + SIGPIPE, what a shell reports.
+CLOSED_PIPE_EXIT = 141
 
 
 class _Group(click.Group):
     """Turns GridError into a one-line error and an unexpected exception into a saved traceback."""
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        _STD_FILES.update({fd: _identity(fd) for fd in (1, 2)})
+        with _exit_on_closed_pipe():  # `gridrunner --help | head -1`: the group's own help is written here
+            return super().make_context(info_name, args, parent=parent, **extra)
+
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with _exit_on_closed_pipe():
+                result = super().invoke(ctx)
+                sys.stdout.flush()  # what is still buffered meets a closed pipe here, not at the interpreter's exit
+            return result
         except GridError as err:
             raise click.ClickException(str(err)) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt, SystemExit):
@@ -38,6 +53,70 @@ class _Group(click.Group):
             click.echo(f"Error: unexpected {type(err).__name__}: {err}. This is a bug in gridrunner; "
                        f"the traceback is in {path}", err=True)
             ctx.exit(3)
+
+
+@contextlib.contextmanager
+def _exit_on_closed_pipe():
+    """Ends the command with :data:`CLOSED_PIPE_EXIT`, silently, when stdout's (or stderr's) reader has gone.
+
+    The BrokenPipeError may come wrapped: rich's console turns it into ``SystemExit(1)`` raised while
+    handling it. Only a pipe of stdout or stderr whose reader is gone counts: a broken pipe of gridrunner's
+    own (the worker's spawner) stays a bug. The closed stream is pointed at /dev/null, so the interpreter's
+    last flush of what is still buffered does not fail again."""
+    try:
+        yield
+    except BaseException as err:
+        closed = _closed_std_pipes() if _from_closed_pipe(err) else []
+        if not closed:
+            raise
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in closed:
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        raise click.exceptions.Exit(CLOSED_PIPE_EXIT) from None
+
+
+def _from_closed_pipe(err: BaseException) -> bool:
+    """Whether ``err`` is, or was raised while handling, a write to a pipe whose reader closed it."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno == errno.EPIPE:
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
+#: What file descriptors 1 and 2 were when the command started: (device, inode), or None where closed.
+_STD_FILES: dict[int, tuple | None] = {}
+
+
+def _identity(file: int | str) -> tuple | None:
+    """(device, inode) of an open file descriptor or a path; None if there is none."""
+    try:
+        st = os.stat(file)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _closed_std_pipes() -> list[int]:
+    """stdout's and stderr's file descriptors (1, 2) that are pipes whose reader has gone: poll says POLLERR,
+    or rich's console already pointed the descriptor at /dev/null after its write failed (it was something
+    else when the command started)."""
+    devnull = _identity(os.devnull)
+    closed = []
+    for fd in (1, 2):
+        now = _identity(fd)
+        if now is None:
+            continue
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        if any(events & select.POLLERR for _, events in poller.poll(0)):
+            closed.append(fd)
+        elif now == devnull and _STD_FILES.get(fd, devnull) != devnull:
+            closed.append(fd)
+    return closed
 
 
 def _save_crash_log() -> str:
