@@ -130,6 +130,55 @@ def _save_crash_log() -> str:
     return str(path)
 
 
+class _Finite(click.FloatRange):
+    """click's FloatRange from ``low``, that also refuses nan, inf and anything above ``high`` (default
+    :data:`gridrunner.spec.MAX_DURATION_S`): FloatRange lets nan through (it compares false with every bound),
+    and a sleep, a lease or a deadline of nan or inf overflows, or never comes, far from the option that set it."""
+
+    def __init__(self, low: float, unit: str, high: float | None = None):
+        super().__init__(min=low)
+        self.unit = unit
+        self.high = high
+
+    def convert(self, value, param, ctx):
+        from gridrunner.spec import MAX_DURATION_S
+
+        number = super().convert(value, param, ctx)
+        high = MAX_DURATION_S if self.high is None else self.high
+        if not number <= high:  # false for nan as well
+            self.fail(f"{value} is not a finite number of {self.unit} up to {high:g}.", param, ctx)
+        return number
+
+
+class _OptionalValueCommand(click.Command):
+    """``--watch -1`` is reported as a bad value of --watch. click gives an option with an optional value the
+    next word only when that does not look like an option (even as ``--watch=-1``), and would report -1 as an
+    unknown option; a negative number after such an option is checked by the option's type instead."""
+
+    def parse_args(self, ctx, args):
+        for param in self.params:
+            if not getattr(param, "_flag_needs_value", False):
+                continue
+            for word, value in zip(args, args[1:] + [None]):
+                if word == "--":
+                    break
+                if "=" in word and word.split("=", 1)[0] in param.opts:
+                    value = word.split("=", 1)[1]
+                elif word not in param.opts:
+                    continue
+                if value is not None and value.startswith("-") and _is_number(value):
+                    param.type.convert(value, param, ctx)  # raises a usage error that names the option
+        return super().parse_args(ctx, args)
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
+
+
 def _grid_options(func):
     func = click.option("--runs", "runs_dir", default="runs", show_default=True, help=RUNS_HELP,
                         type=click.Path(file_okay=False))(func)
@@ -191,7 +240,7 @@ def make(spec, runs_dir, dry_run):
               help="Start on this shard, then help the others (default: the first).")
 @click.option("--steal/--no-steal", default=True, show_default=True,
               help="After the home shard, claim rows from the other shards.")
-@click.option("--lease", "lease_s", type=click.FloatRange(min=0.1), default=None,
+@click.option("--lease", "lease_s", type=_Finite(0.1, "seconds"), default=None,
               help="Seconds without a heartbeat before a running row counts as abandoned (default: the spec's lease_s).")
 @click.option("--inline", is_flag=True,
               help="Run tasks inside this process (debugging) instead of a fresh child process per row.")
@@ -199,7 +248,7 @@ def make(spec, runs_dir, dry_run):
               help="When nothing is claimable, wait while other workers still run rows, to take over if they die "
                    "(in Slurm array tasks workers exit instead while the grid's watcher is on duty).")
 @click.option("--max-rows", type=click.IntRange(min=1), default=None, help="Stop after this many rows.")
-@click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=60.0, show_default=True,
+@click.option("--grace", "grace_s", type=_Finite(0, "seconds"), default=60.0, show_default=True,
               help="Seconds a stopping row gets to checkpoint before it is killed.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and the final summary.")
 def work(grid, runs_dir, shard, steal, lease_s, inline, linger, max_rows, grace_s, quiet):
@@ -236,10 +285,10 @@ def _scheduler_dead_jobs(grid_dir):
     return dead_jobs
 
 
-@main.command()
+@main.command(cls=_OptionalValueCommand)
 @_grid_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead (its schema is in the README).")
-@click.option("--watch", "watch_s", type=click.FloatRange(min=0.1), is_flag=False, flag_value=2.0, default=None,
+@click.option("--watch", "watch_s", type=_Finite(0.1, "seconds"), is_flag=False, flag_value=2.0, default=None,
               metavar="[SECONDS]", help="Look again every SECONDS (default 2) until the grid is finished; "
                                         "Ctrl-C stops. With --json: one document per line.")
 def status(grid, runs_dir, as_json, watch_s):
@@ -330,7 +379,7 @@ def split(grid, runs_dir, shard, into):
 @click.option("--time", "time_min", type=click.IntRange(min=1), default=None, help="Time limit per task, minutes.")
 @click.option("--gpus", type=click.IntRange(min=0), default=None, help="GPUs per task.")
 @click.option("--cpus", type=click.IntRange(min=1), default=None, help="CPUs per task.")
-@click.option("--mem", "mem_gb", type=click.FloatRange(min=0.1), default=None, help="Memory per task, GB.")
+@click.option("--mem", "mem_gb", type=_Finite(0.1, "GB", high=1e6), default=None, help="Memory per task, GB.")
 @click.option("--account", default=None, help="Slurm account.")
 @click.option("--max-requeues", type=click.IntRange(min=0), default=None,
               help="Requeues per task after a time limit or preemption (default 3).")

@@ -144,6 +144,39 @@ def test_regression_a_watch_whose_reader_takes_one_line_ends_with_141(project):
     assert not (project / "cache").exists()
 
 
+# --------------------------------------------------------------------------- durations that never come
+
+@pytest.mark.parametrize("args, message", [
+    (["status", "--watch", "nan"], "Invalid value for '--watch': nan is not a finite number of seconds up to 1e+09."),
+    (["status", "--watch", "inf"], "Invalid value for '--watch': inf is not a finite number of seconds up to 1e+09."),
+    (["status", "--watch", "-1"], "Invalid value for '--watch': -1.0 is not in the range x>=0.1."),
+    (["status", "--watch=-1"], "Invalid value for '--watch': -1.0 is not in the range x>=0.1."),
+    (["work", "--lease", "inf"], "Invalid value for '--lease': inf is not a finite number of seconds up to 1e+09."),
+    (["work", "--lease", "1e308"], "Invalid value for '--lease': 1e308 is not a finite number of seconds up to 1e+09."),
+    (["work", "--lease", "nan"], "Invalid value for '--lease': nan is not a finite number of seconds up to 1e+09."),
+    (["work", "--grace", "nan"], "Invalid value for '--grace': nan is not a finite number of seconds up to 1e+09."),
+    (["submit", "--mem", "inf"], "Invalid value for '--mem': inf is not a finite number of GB up to 1e+06."),
+])
+def test_regression_non_finite_or_huge_durations_are_usage_errors_that_name_the_option(project, args, message):
+    # was: status --watch nan/inf crashed (ValueError in sleep, OverflowError), --lease inf killed the heartbeat
+    # thread, and --watch -1 said "No such option '-1'"
+    invoke("make", "demo.yaml")
+    before = snapshot(project)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines()[-1] == f"Error: {message}"
+    assert snapshot(project) == before
+
+
+def test_regression_a_spec_lease_of_inf_is_refused_by_make(project):
+    # was: accepted, then every worker's heartbeat thread died with OverflowError (timestamp out of range)
+    write_spec(project, SPEC + "lease_s: .inf\n", "inf")
+    result = CliRunner().invoke(main, ["make", "inf.yaml"])
+    assert (result.exit_code, result.output) == (
+        1, "Error: inf.yaml:7, at key lease_s: expected at most 1e+09 seconds (about 32 years), got inf\n")
+    assert not (project / "runs").exists()
+
+
 def test_a_broken_pipe_of_gridrunners_own_is_still_a_bug(project, monkeypatch):
     # stdout and stderr are fine: the pipe that broke is an internal one (the worker's spawner), so exit 3
     import gridrunner.grid
