@@ -2,6 +2,7 @@
 `Error:` line and exit 1 where no model can be fitted; never exit 3. The first three are the grids that
 crashed it (issue 12)."""
 import pandas as pd
+import pytest
 
 from cli_runs import analyse, check_contract, make_and_run
 
@@ -139,3 +140,37 @@ def test_parameters_named_like_analysis_columns_or_formula_functions_are_analyse
     assert {"C(param_state)[T.b]", "param_failed", "C(param_subgrid)[T.true]", "C(C)[T.y]", "np"} <= set(model.index)
     assert model.loc["C(C)[T.y]", "estimate"] > 0.9
     assert "The parameter `state` is shown as `param_state`" in (analysed.report_dir / "report.md").read_text()
+
+
+# --------------------------------------------------------------------------- what --metric and --formula may name
+
+@pytest.fixture(scope="module")
+def xloss_grid(tmp_path_factory):
+    """12 done rows of x ∈ {0, 0.5, 1} × loss ∈ {l1, ssim} × 2 seeds; x = 0 has no logarithm."""
+    return make_and_run(tmp_path_factory.mktemp("xloss"), {**SYNTHETIC, "name": "xloss", "repeat": 2,
+                                                           "grid": {"x": [0.0, 0.5, 1.0], "loss": ["l1", "ssim"]}})
+
+
+def _one_error_line(grid, *args):
+    before = sorted(p for p in grid.rglob("*"))
+    analysed = analyse(grid, *args)
+    assert analysed.exit_code == 1, analysed.output
+    lines = analysed.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), analysed.output
+    assert sorted(p for p in grid.rglob("*")) == before and not analysed.report_dir.exists()
+    return lines[0]
+
+
+@pytest.mark.parametrize("metric, message", [
+    ("loss", "'loss' is a parameter, not an outcome"),
+    ("x", "'x' is a parameter, not an outcome"),
+    ("status", "'status' is not an outcome"),
+    ("worker", "'worker' is not an outcome"),
+    ("row_id", "'row_id' is not an outcome"),
+    ("error", "'error' is not an outcome"),
+    ("shard", "'shard' is not an outcome"),
+    ("nosuch", "unknown metric 'nosuch'"),
+])
+def test_regression_a_metric_that_is_a_column_but_not_an_outcome_is_one_error_line(xloss_grid, metric, message):
+    # was: exit 3, "unexpected ValueError: zero-size array to reduction operation maximum" (statsmodels)
+    assert _one_error_line(xloss_grid, "--metric", metric) == f"Error: {message} (outcomes: score, aux)"
