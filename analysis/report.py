@@ -33,6 +33,7 @@ from gridrunner.analysis.rows import (
     benchmark_value,
     counts_sentence,
     label_rows,
+    outcomes_of,
     params_of,
     resolve_goal,
     resolve_metric,
@@ -169,6 +170,9 @@ def build_report(
     df = label_rows(df, failure)
     rule = df.attrs.get("failure")
     response = _response(formula) if formula else None
+    if response in df.columns and response not in outcomes_of(df):
+        raise GridError(f"the formula {formula!r} models {response!r}, which is not an outcome "
+                        f"(outcomes: {', '.join(outcomes_of(df)) or 'none'})")
     metric = resolve_metric(df, metric or (response if response in df.columns else None))
     goal = resolve_goal(df, metric, goal)
     grid = df.attrs.get("grid") or out_dir.parent.name
