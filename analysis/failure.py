@@ -26,7 +26,7 @@ import statsmodels.api as sm
 import statsmodels.formula.api as smf
 from scipy import special, stats
 
-from gridrunner.analysis.fit import Fit, baselines_of, coefficient_table, result_table
+from gridrunner.analysis.fit import Fit, baselines_of, check_design, coefficient_table, result_table
 from gridrunner.analysis.outcome import robust_cov_type
 from gridrunner.analysis.rows import FAILED, REPLICATE_PARAMS, dropped_reasons, ensure_labelled, params_of
 from gridrunner.analysis.tables import level_labels
@@ -72,9 +72,12 @@ def failure_model(df: pd.DataFrame, failure: str | None = None, formula: str | N
         params = [p for p in params_of(df) if re.search(rf"\b{re.escape(p)}\b", formula.split("~", 1)[-1])]
         model_formula, frame = formula, data
     try:
-        y, x = patsy.dmatrices(model_formula, frame, return_type="dataframe", NA_action="drop")
+        with np.errstate(all="ignore"):  # np.log(0) and the like: check_design names the term
+            y, x = patsy.dmatrices(model_formula, frame, return_type="dataframe", NA_action="drop")
     except (patsy.PatsyError, NameError, SyntaxError, TypeError, ValueError, KeyError, AttributeError) as err:
         raise GridError(f"the failure formula {fit.formula!r} does not fit the grid's columns: {err}") from None
+    if formula is not None:
+        check_design(formula, y, x, "failure formula")
     if len(y) <= x.shape[1]:
         fit.reason = f"{len(y)} finished rows for {x.shape[1]} coefficients"
         fit.notes.append(f"too few rows: {fit.reason}; no model fitted")

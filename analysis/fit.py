@@ -9,6 +9,7 @@ import pandas as pd
 from scipy import stats
 
 from gridrunner.analysis.rows import usage_sentence
+from gridrunner.errors import GridError
 
 #: The columns of every coefficient table, in this order (``outcome_model.csv`` and ``failure_model.csv``).
 COLUMNS = ["term", "estimate", "ci_low", "ci_high", "p_value"]
@@ -53,6 +54,30 @@ class Fit:
         if self.fitted:
             lines.append(self.table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         return "\n".join(line for line in lines if line)
+
+
+def check_design(formula: str, y: pd.DataFrame, x: pd.DataFrame, what: str = "formula") -> None:
+    """Raise a GridError that names a user's ``formula`` where its design (patsy's ``dmatrices``, rows with
+    NaN dropped) is one no model can be fitted on: a response that is not one number, no term on the right
+    of ``~`` (``y ~ 0``), or a value a transform made infinite (``np.log`` of 0, a division by 0), where
+    statsmodels would fail deep inside the fit."""
+    response = formula.split("~", 1)[0].strip()
+    if any(info.type == "categorical" for info in y.design_info.factor_infos.values()):
+        raise GridError(f"the {what} {formula!r} cannot be fitted: its response {response} is not a number")
+    if y.shape[1] != 1:
+        raise GridError(f"the {what} {formula!r} cannot be fitted: its response {response} is {y.shape[1]} "
+                        f"columns ({', '.join(y.columns)}); model one outcome at a time")
+    if x.shape[1] == 0:
+        raise GridError(f"the {what} {formula!r} has no terms to fit: its right-hand side removes the intercept "
+                        f"and adds no term (add one, as in '{response} ~ 1 + x')")
+    names = list(y.columns) + list(x.columns)
+    values = np.column_stack([y.to_numpy(dtype=float), x.to_numpy(dtype=float)])
+    infinite = ~np.isfinite(values)
+    if infinite.any():
+        columns = [name for name, column in zip(names, infinite.T) if column.any()]
+        raise GridError(f"the {what} {formula!r} cannot be fitted: {', '.join(columns)} is infinite in "
+                        f"{int(infinite.any(axis=1).sum())} of {len(values)} rows (a transform outside its domain, "
+                        f"such as np.log of 0 or a division by 0)")
 
 
 def empty_table() -> pd.DataFrame:

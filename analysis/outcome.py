@@ -13,7 +13,7 @@ import patsy
 import statsmodels.formula.api as smf
 from statsmodels.stats.anova import anova_lm
 
-from gridrunner.analysis.fit import Fit, baselines_of, result_table
+from gridrunner.analysis.fit import Fit, baselines_of, check_design, result_table
 from gridrunner.analysis.rows import FAILED, STATE, dropped_reasons, ensure_labelled, resolve_metric
 from gridrunner.analysis.terms import choose_terms, formula_notes, unit_columns
 from gridrunner.errors import GridError
@@ -49,10 +49,7 @@ def outcome_model(df: pd.DataFrame, metric: str | None = None, failure: str | No
         display = terms.display
         model = smf.ols(terms.internal_formula, terms.frame(data))
     else:
-        try:
-            model = smf.ols(fit.formula, data)
-        except (patsy.PatsyError, NameError, SyntaxError, TypeError, ValueError, KeyError, AttributeError) as err:
-            raise GridError(f"the formula {fit.formula!r} does not fit the grid's columns: {err}") from None
+        model = user_model(fit.formula, data)
     missing = len(data) - int(model.nobs)
     if missing:
         fit.used -= missing
@@ -86,11 +83,28 @@ def outcome_model(df: pd.DataFrame, metric: str | None = None, failure: str | No
     return fit
 
 
+def user_model(formula: str, data: pd.DataFrame):
+    """The OLS model of a user's ``formula`` over ``data``, or a GridError that names the formula and why
+    it cannot be fitted: a name or a function it does not know, or a design :func:`check_design` refuses."""
+    with np.errstate(all="ignore"):  # np.log(0) and the like warn; check_design says which term it was
+        try:
+            y, x = patsy.dmatrices(formula, data, return_type="dataframe", NA_action="drop")
+            check_design(formula, y, x)
+            return smf.ols(formula, data)
+        except (patsy.PatsyError, NameError, SyntaxError, TypeError, ValueError, KeyError, AttributeError) as err:
+            why = str(err).splitlines()[0] if str(err) else type(err).__name__  # patsy adds lines with a caret
+            raise GridError(f"the formula {formula!r} does not fit the grid's columns: {why}") from None
+
+
 def response_of(formula: str) -> str:
     """The left-hand side of a formula (``m_ssim`` in ``m_ssim ~ C(loss)``)."""
     if "~" not in formula:
         raise GridError(f"a formula needs a response and '~', as in 'm_ssim ~ C(loss) + depth'; got {formula!r}")
-    return formula.split("~", 1)[0].strip()
+    response = formula.split("~", 1)[0].strip()
+    if not response:
+        raise GridError(f"the formula {formula!r} has no response: name the outcome to model left of '~', as in "
+                        f"'m_ssim ~ C(loss) + depth'")
+    return response
 
 
 def robust_cov_type(model, notes: list[str]) -> str:

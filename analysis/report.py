@@ -12,8 +12,10 @@
 from __future__ import annotations
 
 import html
-import textwrap
+import os
 import platform
+import textwrap
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -33,6 +35,7 @@ from gridrunner.analysis.rows import (
     benchmark_value,
     counts_sentence,
     label_rows,
+    outcomes_of,
     params_of,
     resolve_goal,
     resolve_metric,
@@ -40,6 +43,7 @@ from gridrunner.analysis.rows import (
     state_counts,
 )
 from gridrunner.analysis.tables import level_summary, runtime_by_level, top_configurations
+from gridrunner.atomic import why_failed
 from gridrunner.errors import GridError
 
 PACKAGES = ["gridrunner", "numpy", "pandas", "scipy", "statsmodels", "patsy", "scikit-learn", "matplotlib"]
@@ -166,9 +170,13 @@ def build_report(
     by (default: the one whose levels differ most in failure rate).
     """
     out_dir = Path(out_dir)
+    _check_writable(out_dir)  # before the models: minutes of fitting must not end in a report that cannot be written
     df = label_rows(df, failure)
     rule = df.attrs.get("failure")
     response = _response(formula) if formula else None
+    if response in df.columns and response not in outcomes_of(df):
+        raise GridError(f"the formula {formula!r} models {response!r}, which is not an outcome "
+                        f"(outcomes: {', '.join(outcomes_of(df)) or 'none'})")
     metric = resolve_metric(df, metric or (response if response in df.columns else None))
     goal = resolve_goal(df, metric, goal)
     grid = df.attrs.get("grid") or out_dir.parent.name
@@ -179,7 +187,8 @@ def build_report(
             f"{df.attrs.get('grid_dir') or grid}: no model can be fitted: outcome model: "
             f"{outcome.reason or 'not fitted'}; failure model: {failure_fit.reason or 'not fitted'}"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with _writing(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
     budgets = budget_table(df, metric, goal)
     report = Report(
         grid=grid,
@@ -203,14 +212,38 @@ def build_report(
     )
     rates = failure_rates(df)
     sections = _sections(df, report, rates, split_by)
-    for section in sections:
-        for caption, table in section.tables:
-            path = out_dir / f"{_slug(caption)}.csv"
-            table.to_csv(path, index=False)
-            report.files.append(path)
-    report.files.append(_write(out_dir / "report.md", _markdown(report, sections)))
-    report.files.append(_write(out_dir / "index.html", _html(report, sections)))
+    markdown, page = _markdown(report, sections), _html(report, sections)
+    with _writing(out_dir):
+        for section in sections:
+            for caption, table in section.tables:
+                path = out_dir / f"{_slug(caption)}.csv"
+                table.to_csv(path, index=False)
+                report.files.append(path)
+        report.files.append(_write(out_dir / "report.md", markdown))
+        report.files.append(_write(out_dir / "index.html", page))
     return report
+
+
+def _check_writable(out_dir: Path) -> None:
+    """A GridError that names ``out_dir`` where the report cannot go: the nearest folder that exists on its
+    way is a file, or cannot be written. :func:`_writing` catches what this look cannot foresee."""
+    place = out_dir
+    while not os.path.lexists(place) and place != place.parent:
+        place = place.parent
+    if os.path.lexists(place) and not place.is_dir():
+        raise GridError(f"{out_dir}: cannot write the report there: {place} is not a directory (pass --out DIR)")
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise GridError(f"{out_dir}: cannot write the report there: {place} is not writable (pass --out DIR)")
+
+
+@contextmanager
+def _writing(out_dir: Path):
+    """Turns a failed write of the report's files into one GridError that names ``out_dir`` and why."""
+    try:
+        yield
+    except OSError as err:
+        raise GridError(f"{out_dir}: cannot write the report ({why_failed(err)}); pass --out DIR for another "
+                        f"place") from None
 
 
 def _response(formula: str) -> str:
@@ -219,7 +252,8 @@ def _response(formula: str) -> str:
 
 def _save(fig, out_dir: Path, name: str, report: Report) -> str:
     path = out_dir / f"{name}.png"
-    fig.savefig(path, dpi=100)
+    with _writing(out_dir):
+        fig.savefig(path, dpi=100)
     report.files.append(path)
     return path.name
 

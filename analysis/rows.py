@@ -52,7 +52,9 @@ def outcomes_of(df: pd.DataFrame) -> list[str]:
 
 
 def resolve_metric(df: pd.DataFrame, metric: str | None = None) -> str:
-    """The metric to analyse: ``metric``, else the spec's ``metric``, else ``attrs["metric"]``, else the first outcome."""
+    """The metric to analyse: ``metric``, else the spec's ``metric``, else ``attrs["metric"]``, else the first outcome.
+
+    It must be one of the outcomes; a GridError says so otherwise."""
     outcomes = outcomes_of(df)
     spec = df.attrs.get("spec") or {}
     spec_metric = spec.get("metric") if isinstance(spec, dict) else None
@@ -61,8 +63,14 @@ def resolve_metric(df: pd.DataFrame, metric: str | None = None) -> str:
     metric = metric or spec_metric or df.attrs.get("metric") or (outcomes[0] if outcomes else None)
     if metric is None:
         raise GridError("the grid has no outcome columns yet, so there is no metric to analyse")
-    if metric not in df.columns:
-        raise GridError(f"unknown metric {metric!r} (outcomes: {', '.join(outcomes) or 'none'})")
+    if metric not in outcomes:  # only outcomes are metrics: a parameter or a bookkeeping column is no result to model
+        if metric in df.attrs.get("params", []):
+            what = f"{metric!r} is a parameter, not an outcome"
+        elif metric in df.columns:
+            what = f"{metric!r} is not an outcome"
+        else:
+            what = f"unknown metric {metric!r}"
+        raise GridError(f"{what} (outcomes: {', '.join(outcomes) or 'none'})")
     return metric
 
 

@@ -2,13 +2,18 @@
 
 A user's mistake (:class:`gridrunner.GridError`) prints one ``Error: ...`` line and exits 1; click's
 usage errors exit 2; anything else is a bug: its traceback is saved to a log file whose path is
-printed, and the exit code is 3.
+printed, and the exit code is 3. A reader that closed its end of stdout's pipe (``| head -1``) ends
+the command silently with 141, as a shell reports a tool that SIGPIPE killed. SIGPIPE itself stays
+ignored, as Python sets it: a worker must never die in the middle of a shard transaction.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
+import select
 import sys
 import tempfile
 import time
@@ -21,14 +26,24 @@ from gridrunner.errors import GridError
 
 RUNS_HELP = "Parent directory of grid directories (default: ./runs)."
 GRID_HELP = "Grid directory to act on (default: the grid made most recently under --runs)."
+#: The exit status of a command whose stdout's reader went away: 128 + SIGPIPE, what a shell reports.
+CLOSED_PIPE_EXIT = 141
 
 
 class _Group(click.Group):
     """Turns GridError into a one-line error and an unexpected exception into a saved traceback."""
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        _STD_FILES.update({fd: _identity(fd) for fd in (1, 2)})
+        with _exit_on_closed_pipe():  # `gridrunner --help | head -1`: the group's own help is written here
+            return super().make_context(info_name, args, parent=parent, **extra)
+
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with _exit_on_closed_pipe():
+                result = super().invoke(ctx)
+                sys.stdout.flush()  # what is still buffered meets a closed pipe here, not at the interpreter's exit
+            return result
         except GridError as err:
             raise click.ClickException(str(err)) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt, SystemExit):
@@ -40,6 +55,70 @@ class _Group(click.Group):
             ctx.exit(3)
 
 
+@contextlib.contextmanager
+def _exit_on_closed_pipe():
+    """Ends the command with :data:`CLOSED_PIPE_EXIT`, silently, when stdout's (or stderr's) reader has gone.
+
+    The BrokenPipeError may come wrapped: rich's console turns it into ``SystemExit(1)`` raised while
+    handling it. Only a pipe of stdout or stderr whose reader is gone counts: a broken pipe of gridrunner's
+    own (the worker's spawner) stays a bug. The closed stream is pointed at /dev/null, so the interpreter's
+    last flush of what is still buffered does not fail again."""
+    try:
+        yield
+    except BaseException as err:
+        closed = _closed_std_pipes() if _from_closed_pipe(err) else []
+        if not closed:
+            raise
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in closed:
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        raise click.exceptions.Exit(CLOSED_PIPE_EXIT) from None
+
+
+def _from_closed_pipe(err: BaseException) -> bool:
+    """Whether ``err`` is, or was raised while handling, a write to a pipe whose reader closed it."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno == errno.EPIPE:
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
+#: What file descriptors 1 and 2 were when the command started: (device, inode), or None where closed.
+_STD_FILES: dict[int, tuple | None] = {}
+
+
+def _identity(file: int | str) -> tuple | None:
+    """(device, inode) of an open file descriptor or a path; None if there is none."""
+    try:
+        st = os.stat(file)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _closed_std_pipes() -> list[int]:
+    """stdout's and stderr's file descriptors (1, 2) that are pipes whose reader has gone: poll says POLLERR,
+    or rich's console already pointed the descriptor at /dev/null after its write failed (it was something
+    else when the command started)."""
+    devnull = _identity(os.devnull)
+    closed = []
+    for fd in (1, 2):
+        now = _identity(fd)
+        if now is None:
+            continue
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        if any(events & select.POLLERR for _, events in poller.poll(0)):
+            closed.append(fd)
+        elif now == devnull and _STD_FILES.get(fd, devnull) != devnull:
+            closed.append(fd)
+    return closed
+
+
 def _save_crash_log() -> str:
     directory = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gridrunner"
     try:
@@ -49,6 +128,55 @@ def _save_crash_log() -> str:
     path = directory / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     path.write_text(f"gridrunner {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}", encoding="utf-8")
     return str(path)
+
+
+class _Finite(click.FloatRange):
+    """click's FloatRange from ``low``, that also refuses nan, inf and anything above ``high`` (default
+    :data:`gridrunner.spec.MAX_DURATION_S`): FloatRange lets nan through (it compares false with every bound),
+    and a sleep, a lease or a deadline of nan or inf overflows, or never comes, far from the option that set it."""
+
+    def __init__(self, low: float, unit: str, high: float | None = None):
+        super().__init__(min=low)
+        self.unit = unit
+        self.high = high
+
+    def convert(self, value, param, ctx):
+        from gridrunner.spec import MAX_DURATION_S
+
+        number = super().convert(value, param, ctx)
+        high = MAX_DURATION_S if self.high is None else self.high
+        if not number <= high:  # false for nan as well
+            self.fail(f"{value} is not a finite number of {self.unit} up to {high:g}.", param, ctx)
+        return number
+
+
+class _OptionalValueCommand(click.Command):
+    """``--watch -1`` is reported as a bad value of --watch. click gives an option with an optional value the
+    next word only when that does not look like an option (even as ``--watch=-1``), and would report -1 as an
+    unknown option; a negative number after such an option is checked by the option's type instead."""
+
+    def parse_args(self, ctx, args):
+        for param in self.params:
+            if not getattr(param, "_flag_needs_value", False):
+                continue
+            for word, value in zip(args, args[1:] + [None]):
+                if word == "--":
+                    break
+                if "=" in word and word.split("=", 1)[0] in param.opts:
+                    value = word.split("=", 1)[1]
+                elif word not in param.opts:
+                    continue
+                if value is not None and value.startswith("-") and _is_number(value):
+                    param.type.convert(value, param, ctx)  # raises a usage error that names the option
+        return super().parse_args(ctx, args)
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
 
 
 def _grid_options(func):
@@ -112,7 +240,7 @@ def make(spec, runs_dir, dry_run):
               help="Start on this shard, then help the others (default: the first).")
 @click.option("--steal/--no-steal", default=True, show_default=True,
               help="After the home shard, claim rows from the other shards.")
-@click.option("--lease", "lease_s", type=click.FloatRange(min=0.1), default=None,
+@click.option("--lease", "lease_s", type=_Finite(0.1, "seconds"), default=None,
               help="Seconds without a heartbeat before a running row counts as abandoned (default: the spec's lease_s).")
 @click.option("--inline", is_flag=True,
               help="Run tasks inside this process (debugging) instead of a fresh child process per row.")
@@ -120,7 +248,7 @@ def make(spec, runs_dir, dry_run):
               help="When nothing is claimable, wait while other workers still run rows, to take over if they die "
                    "(in Slurm array tasks workers exit instead while the grid's watcher is on duty).")
 @click.option("--max-rows", type=click.IntRange(min=1), default=None, help="Stop after this many rows.")
-@click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=60.0, show_default=True,
+@click.option("--grace", "grace_s", type=_Finite(0, "seconds"), default=60.0, show_default=True,
               help="Seconds a stopping row gets to checkpoint before it is killed.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and the final summary.")
 def work(grid, runs_dir, shard, steal, lease_s, inline, linger, max_rows, grace_s, quiet):
@@ -157,10 +285,10 @@ def _scheduler_dead_jobs(grid_dir):
     return dead_jobs
 
 
-@main.command()
+@main.command(cls=_OptionalValueCommand)
 @_grid_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead (its schema is in the README).")
-@click.option("--watch", "watch_s", type=click.FloatRange(min=0.1), is_flag=False, flag_value=2.0, default=None,
+@click.option("--watch", "watch_s", type=_Finite(0.1, "seconds"), is_flag=False, flag_value=2.0, default=None,
               metavar="[SECONDS]", help="Look again every SECONDS (default 2) until the grid is finished; "
                                         "Ctrl-C stops. With --json: one document per line.")
 def status(grid, runs_dir, as_json, watch_s):
@@ -261,7 +389,7 @@ def split(grid, runs_dir, shard, into):
 @click.option("--time", "time_min", type=click.IntRange(min=1), default=None, help="Time limit per task, minutes.")
 @click.option("--gpus", type=click.IntRange(min=0), default=None, help="GPUs per task.")
 @click.option("--cpus", type=click.IntRange(min=1), default=None, help="CPUs per task.")
-@click.option("--mem", "mem_gb", type=click.FloatRange(min=0.1), default=None, help="Memory per task, GB.")
+@click.option("--mem", "mem_gb", type=_Finite(0.1, "GB", high=1e6), default=None, help="Memory per task, GB.")
 @click.option("--account", default=None, help="Slurm account.")
 @click.option("--max-requeues", type=click.IntRange(min=0), default=None,
               help="Requeues per task after a time limit or preemption (default 3).")

@@ -43,7 +43,15 @@ def editor_command(command: str | None) -> list[str]:
     text = command or os.environ.get("VISUAL") or os.environ.get("EDITOR")
     if not text:
         raise GridError("no editor: set $VISUAL or $EDITOR, or pass --command 'CMD' (the file's path is added)")
-    return shlex.split(text)
+    try:
+        argv = shlex.split(text)
+    except ValueError as err:  # an unclosed quote
+        raise GridError(f"the editor command {text!r} cannot be split into words as a shell would ({err}); "
+                        f"quote it as you would in a shell") from None
+    if not argv:
+        raise GridError(f"the editor command {text!r} is empty: name an editor (set $VISUAL or $EDITOR, or pass "
+                        f"--command 'CMD')")
+    return argv
 
 
 def edit_shard(grid_dir: Path, index: int, command: str | None = None) -> EditResult:
@@ -65,12 +73,20 @@ def edit_shard(grid_dir: Path, index: int, command: str | None = None) -> EditRe
     except FileNotFoundError:
         shutil.rmtree(workdir, ignore_errors=True)
         raise GridError(f"editor not found: {argv[0]!r} (set $VISUAL or $EDITOR, or pass --command)") from None
+    except OSError as err:  # not executable, a directory: the editor never started
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise GridError(f"cannot run the editor {argv[0]!r} ({err.strerror or err}); {path.name} is unchanged "
+                        f"(set $VISUAL or $EDITOR, or pass --command)") from None
     if code != 0:
         shutil.rmtree(workdir, ignore_errors=True)
         raise GridError(f"the editor ({' '.join(argv)}) exited with status {code}; {path.name} is unchanged")
     try:
         edited = copy.read_text(encoding="utf-8")
-    except (FileNotFoundError, UnicodeDecodeError) as err:
+    except FileNotFoundError:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise GridError(f"the editor ({' '.join(argv)}) deleted the file it was given; {path.name} is "
+                        f"unchanged") from None
+    except UnicodeDecodeError as err:  # the user's version is kept for them to fix
         raise GridError(f"{copy}: cannot read the edited file ({err}); {path.name} is unchanged") from None
     if edited == opened_text:
         shutil.rmtree(workdir, ignore_errors=True)

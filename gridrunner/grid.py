@@ -100,11 +100,11 @@ def make(spec_path: str | Path, runs_dir: str | Path = DEFAULT_RUNS, dry_run: bo
         yaml.safe_dump(resolved, sort_keys=False, default_flow_style=None, width=110)
     if not is_grid:
         # A new grid: build it in a staging directory and rename it into place, so a crash leaves nothing.
-        grid_dir.parent.mkdir(parents=True, exist_ok=True)
+        _make_runs_dir(grid_dir.parent)
         staging = grid_dir.with_name(f".{grid_dir.name}.making-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
-        (staging / SHARD_DIR).mkdir(parents=True)
         try:
+            (staging / SHARD_DIR).mkdir(parents=True)
             report.shards = write_shards(staging / SHARD_DIR, header, rows, spec.max_len, first, fsync=False)
             _check_not_empty(spec, spec_path, report)
             write_atomic(staging / SOURCE_FILE, source_text, fsync=False)
@@ -208,6 +208,21 @@ def _columns(header: list[str]) -> str:
     """A shard header's parameter and outcome columns, as ``a, b; value`` (the bookkeeping left out)."""
     p = header.index("row_id") if "row_id" in header else len(header)
     return f"{', '.join(header[:p])}; {', '.join(header[p + len(BOOK_COLUMNS):])}"
+
+
+def _make_runs_dir(runs_dir: Path) -> None:
+    """Create ``runs_dir`` (``--runs``) where it is missing; a GridError that names it and why where it cannot
+    be created (a read-only parent, a file in its way, no such filesystem)."""
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        place = next((p for p in [runs_dir, *runs_dir.parents] if os.path.lexists(p)), None)
+        if place is not None and not place.is_dir():
+            why = f"{place} is not a directory"
+        else:
+            why = why_failed(err)
+        raise GridError(f"cannot create the runs directory {runs_dir} ({why}); nothing was written; choose "
+                        f"another --runs DIR") from None
 
 
 def _check_not_empty(spec: Spec, spec_path: Path, report: MakeReport) -> None:

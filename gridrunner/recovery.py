@@ -34,15 +34,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gridrunner.atomic import why_failed, write_atomic
+from gridrunner.atomic import StoreWriteError, why_failed, write_atomic
 from gridrunner.errors import GridError, ShardError
 from gridrunner.grid import read_resolved, saved_spec
 from gridrunner.journal import Journal, append_note, commit_entry, text_sha
-from gridrunner.lock import ShardLock
 from gridrunner.reconcile import ShardHalfWritten, fingerprint, journal_base, looks_half_written, merge
 from gridrunner.shardfile import STATUS, Shard, shard_index, shard_name
 from gridrunner.spec import expand
-from gridrunner.store import GridStore
+from gridrunner.store import GridStore, take_lock
 
 
 @dataclass
@@ -86,8 +85,11 @@ def recover_grid(grid_dir: Path, lock_stale_s: float = 60.0) -> list[Rebuilt]:
     report = []
     for path in store.journaled_shards():
         journal = Journal(path, fingerprint)
-        with ShardLock(str(path) + ".lock", stale_s=lock_stale_s):
+        lock = take_lock(path, lock_stale_s)
+        try:
             report.append(_recover_one(path, journal))
+        finally:
+            lock.release()
     report += _untraced(store, report)
     return sorted(report, key=lambda r: (not r.shard, shard_index(Path(r.shard)) if r.shard else 0))
 
@@ -265,8 +267,12 @@ def _write(path: Path, journal: Journal, header, records, note: str) -> None:
     state = journal.read_state()
     shard.base = {rid: list(cells) for rid, cells in state.latest.items()} if state is not None else {}
     shard.note = note
-    journal.append(commit_entry(shard, text_sha(text)))
-    write_atomic(path, text)
+    try:
+        journal.append(commit_entry(shard, text_sha(text)))
+        write_atomic(path, text)
+    except OSError as err:  # the journal keeps every committed row: recover again once the grid is writable
+        raise StoreWriteError(f"{path}: cannot write the rebuilt shard ({why_failed(err)}); its journal keeps "
+                              f"every committed row, so run `gridrunner recover` again once it can be written") from err
     append_note(path.parent, note)
 
 

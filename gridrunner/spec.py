@@ -58,6 +58,10 @@ DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 DEFAULT_MAX_LEN = 100
 DEFAULT_LEASE_S = 60.0
 DEFAULT_MAX_ATTEMPTS = 3
+#: The longest duration gridrunner accepts, in seconds (about 32 years), in a spec or an option: a longer
+#: one, or inf or nan, is a typo, and would overflow the clock or the sleep it is added to far from here.
+MAX_DURATION_S = 1e9
+MAX_MINUTES = MAX_DURATION_S / 60
 ROW_ID_LENGTH = 12
 _RESERVED = set(BOOK_COLUMNS)
 _SCALARS = (bool, int, float, str, type(None))
@@ -250,6 +254,9 @@ class Spec:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 return None, (f"RuleError: row_time_limit_min {limit!r} is {value!r} for this row; expected a "
                               f"positive number of minutes")
+            if value > MAX_MINUTES:  # a wait that long overflows the watchdog's clock
+                return None, (f"RuleError: row_time_limit_min {limit!r} is {value!r} for this row; expected at "
+                              f"most {MAX_MINUTES:.0f} minutes")
             return float(value), None
 
         return minutes
@@ -339,6 +346,8 @@ class _Validator:
         lease_s = data.get("lease_s", DEFAULT_LEASE_S)
         if isinstance(lease_s, bool) or not isinstance(lease_s, (int, float)) or not lease_s > 0:
             self.fail(("lease_s",), f"expected a positive number of seconds, got {lease_s!r}")
+        if not lease_s <= MAX_DURATION_S:
+            self.fail(("lease_s",), f"expected at most {MAX_DURATION_S:g} seconds (about 32 years), got {lease_s!r}")
 
         spec = Spec(
             name=name, task=task, subgrids=subgrids, outcomes=outcomes, fixed=dict(fixed), repeat=repeat,
@@ -394,6 +403,8 @@ class _Validator:
         hang = data.get("hang_after_min")
         if hang is not None and (isinstance(hang, bool) or not isinstance(hang, (int, float)) or not 0 < hang < math.inf):
             self.fail(("hang_after_min",), f"expected a positive number of minutes, got {hang!r}")
+        if hang is not None and hang > MAX_MINUTES:
+            self.fail(("hang_after_min",), f"expected at most {MAX_MINUTES:.0f} minutes (about 32 years), got {hang!r}")
         spec.hang_after_min = None if hang is None else float(hang)
         limit = data.get("row_time_limit_min")
         if isinstance(limit, str):
@@ -405,6 +416,9 @@ class _Validator:
                                     or not 0 < limit < math.inf):
             self.fail(("row_time_limit_min",), f"expected a positive number of minutes or a rule over the "
                                                f"parameters such as '2 * depth', got {limit!r}")
+        elif limit is not None and limit > MAX_MINUTES:
+            self.fail(("row_time_limit_min",), f"expected at most {MAX_MINUTES:.0f} minutes (about 32 years), "
+                                               f"got {limit!r}")
         spec.row_time_limit_min = limit if isinstance(limit, str) or limit is None else float(limit)
 
     # ---- pieces
@@ -600,8 +614,11 @@ class _Validator:
             if key == "partition":
                 if not isinstance(value, str):
                     self.fail(("resources", key), f"expected a partition name, got {value!r}")
-            elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 self.fail(("resources", key), f"expected a non-negative number, got {value!r}")
+            elif key == "time_min" and value > MAX_MINUTES:
+                self.fail(("resources", key), f"expected at most {MAX_MINUTES:.0f} minutes (about 32 years), "
+                                              f"got {value!r}")
         return dict(resources)
 
 

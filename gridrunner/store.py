@@ -120,6 +120,18 @@ class ClaimScan:
     half_written: bool = False  # the file looks half-written (a save in progress): look again soon
 
 
+def take_lock(path: Path, stale_s: float) -> ShardLock:
+    """The lock of shard ``path``, acquired. A lock file that cannot be created (a read-only grid, a full disk)
+    is a StoreWriteError that names the shard and why: the shard was not touched."""
+    lock = ShardLock(str(path) + ".lock", stale_s=stale_s)
+    try:
+        lock.acquire()
+    except OSError as err:
+        raise StoreWriteError(f"{path}: cannot create the shard's lock file ({why_failed(err)}); the shard keeps "
+                              f"its previous content") from err
+    return lock
+
+
 class GridStore:
     """All shard I/O of one grid directory."""
 
@@ -270,12 +282,7 @@ class GridStore:
     @contextmanager
     def transaction(self, path: Path) -> Iterator[Shard]:
         """Lock ``path``, yield it parsed; if the body changed it (``shard.dirty``), write it back atomically."""
-        lock = ShardLock(str(path) + ".lock", stale_s=self.lock_stale_s)
-        try:
-            lock.acquire()
-        except OSError as err:
-            raise StoreWriteError(f"{path}: cannot create the shard's lock file ({why_failed(err)}); the shard keeps "
-                                  f"its previous content") from err
+        lock = take_lock(path, self.lock_stale_s)
         if lock.broke_stale:
             remove_orphaned_temps(path)
             remove_orphaned_breaks(path.parent, path.name, self.lock_stale_s)

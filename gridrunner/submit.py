@@ -39,6 +39,7 @@ import yaml
 from gridrunner import packing
 from gridrunner.errors import GridError, ProfileError
 from gridrunner.grid import read_resolved, saved_spec
+from gridrunner.spec import MAX_DURATION_S
 from gridrunner.store import GridStore, now_iso, pid_alive
 from gridrunner.worker import Liveness, make_worker_id
 
@@ -66,6 +67,8 @@ PROFILE_KEYS = {
                "(no watcher: workers linger to take over dead workers' rows)",
 }
 WATCHER_KEYS = ("time_min", "mem_gb", "partition", "setup", "slurm")
+#: The largest lease (seconds) and memory (GB, as `submit --mem` takes) a profile may set.
+MAX_SETTING = {"lease_s": MAX_DURATION_S, "mem_gb": 1e6}
 SPEC_RESOURCES = {"time_min": "time_min", "gpus": "gpus", "cpus": "cpus", "mem_gb": "mem_gb", "partition": "partition"}
 DEFAULTS = {"executor": "auto", "time_min": 60, "signal_delay_s": 120, "max_requeues": 3}
 # Slurm states in which an array task's worker can no longer be running (PENDING: it was requeued,
@@ -127,8 +130,8 @@ def validate_profile(data, source: str) -> dict:
             raise ProfileError(f"{source}: rows_per_gpu must be a whole number >= 1, got {value!r}")
         if key == "watcher":
             _validate_watcher(value, source)
-        if key in ("mem_gb", "lease_s") and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-            raise ProfileError(f"{source}: {key} must be a positive number, got {value!r}")
+        if key in ("mem_gb", "lease_s") and not _is_positive(value, MAX_SETTING[key]):
+            raise ProfileError(f"{source}: {key} must be a positive number up to {MAX_SETTING[key]:g}, got {value!r}")
     return dict(data)
 
 
@@ -143,12 +146,19 @@ def _validate_watcher(value, source: str) -> None:
             raise ProfileError(f"{source}: unknown key {key!r} under watcher (valid keys: {', '.join(WATCHER_KEYS)})")
         if key == "time_min" and (isinstance(item, bool) or not isinstance(item, int) or item < 1):
             raise ProfileError(f"{source}: watcher.time_min must be a whole number >= 1, got {item!r}")
-        if key == "mem_gb" and (isinstance(item, bool) or not isinstance(item, (int, float)) or item <= 0):
-            raise ProfileError(f"{source}: watcher.mem_gb must be a positive number, got {item!r}")
+        if key == "mem_gb" and not _is_positive(item, MAX_SETTING[key]):
+            raise ProfileError(f"{source}: watcher.mem_gb must be a positive number up to {MAX_SETTING[key]:g}, "
+                               f"got {item!r}")
         if key == "setup" and not (isinstance(item, list) and all(isinstance(v, str) for v in item)):
             raise ProfileError(f"{source}: watcher.setup must be a list of shell lines")
         if key == "slurm" and not isinstance(item, dict):
             raise ProfileError(f"{source}: watcher.slurm must be a mapping of sbatch options")
+
+
+def _is_positive(value, high: float) -> bool:
+    """A number above 0 and at most ``high``: a bool, inf and nan are not (a lease of inf overflows the
+    heartbeat's clock)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value <= high
 
 
 def resolve_settings(profile: dict, resources: dict, flags: dict) -> dict:

@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from gridrunner import outbox
+from gridrunner.atomic import why_failed
 from gridrunner.context import Context, seed_from_row_id
 from gridrunner.errors import ExprError, GridError
 from gridrunner.grid import read_resolved, saved_spec
@@ -123,19 +124,28 @@ class Heartbeat:
         self.interval = max(lease_s / 4.0, 0.05)
         self.info = {"worker": worker, "host": HOST, "pid": os.getpid(), "lease_s": lease_s, "job": current_job_id()}
         self._stop = threading.Event()
+        self._written = False
         self._thread = threading.Thread(target=self._beat, name="gridrunner-heartbeat", daemon=True)
 
     def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.info) + "\n", encoding="utf-8")
+        """Write the heartbeat file and start beating; a GridError if the file cannot be written (a read-only
+        grid, a full disk): the worker has claimed nothing yet, and without a heartbeat it must not."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.info) + "\n", encoding="utf-8")
+        except OSError as err:
+            raise GridError(f"{self.path.parent}: cannot write this worker's heartbeat file ({why_failed(err)}); "
+                            f"no row was claimed") from None
+        self._written = True
         self._thread.start()
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                os.utime(self.path)
-            except FileNotFoundError:
-                self.path.write_text(json.dumps(self.info) + "\n", encoding="utf-8")
+                try:
+                    os.utime(self.path)
+                except FileNotFoundError:
+                    self.path.write_text(json.dumps(self.info) + "\n", encoding="utf-8")
             except OSError as err:  # a full or flaky disk must not kill the worker; the lease decides
                 log.warning("heartbeat %s: %s", self.path, err)
 
@@ -143,6 +153,8 @@ class Heartbeat:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+        if not self._written:
+            return  # start failed: there is no file of ours to remove
         try:
             self.path.unlink()
         except FileNotFoundError:

@@ -1,4 +1,6 @@
 """The command line: help everywhere, one-line errors with exit codes, and each command end to end."""
+import json
+import os
 import subprocess
 import sys
 
@@ -118,3 +120,86 @@ def test_an_unexpected_error_saves_its_traceback(project, monkeypatch):
     assert "Error: unexpected ZeroDivisionError: boom. This is a bug in gridrunner; the traceback is in" in result.output
     (log,) = (project / "cache" / "gridrunner").glob("crash-*.log")
     assert "ZeroDivisionError: boom" in log.read_text()
+
+
+# --------------------------------------------------------------------------- a reader that closes the pipe early
+
+def _gridrunner(project, *args, **kwargs):
+    """The real command in a fresh process, from ``project``, its crash logs (if any) under project/cache."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(project / "cache")}
+    return subprocess.Popen([sys.executable, "-m", "gridrunner.cli", *args], cwd=project, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+@pytest.mark.parametrize("args", [
+    ["status", "--json"], ["status"], ["--help"], ["status", "--help"], ["make", "demo.yaml", "--dry-run"],
+    ["reset", "--dry-run"], ["recover"],
+])
+def test_regression_a_closed_stdout_pipe_ends_the_command_with_141_silently(project, args):
+    # was: exit 3, "unexpected BrokenPipeError" (status --json, reset, recover, make, a command's --help), or
+    # exit 1 with no message (text status, the group's --help)
+    invoke("make", "demo.yaml")  # an unfinished grid
+    before = snapshot(project)
+    proc = _gridrunner(project, *args)
+    proc.stdout.close()  # as `| true` does: the reader is gone before the first write
+    stderr = proc.stderr.read().decode()
+    assert (proc.wait(timeout=60), stderr) == (141, "")
+    assert snapshot(project) == before  # no crash log either
+
+
+def test_regression_a_watch_whose_reader_takes_one_line_ends_with_141(project):
+    # `gridrunner status --json --watch | head -1` on an unfinished grid: the second document meets the closed pipe
+    invoke("make", "demo.yaml")
+    proc = _gridrunner(project, "status", "--json", "--watch", "0.1")
+    assert json.loads(proc.stdout.readline())["finished"] is False
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert (proc.wait(timeout=60), stderr) == (141, "")
+    assert not (project / "cache").exists()
+
+
+# --------------------------------------------------------------------------- durations that never come
+
+@pytest.mark.parametrize("args, message", [
+    (["status", "--watch", "nan"], "Invalid value for '--watch': nan is not a finite number of seconds up to 1e+09."),
+    (["status", "--watch", "inf"], "Invalid value for '--watch': inf is not a finite number of seconds up to 1e+09."),
+    (["status", "--watch", "-1"], "Invalid value for '--watch': -1.0 is not in the range x>=0.1."),
+    (["status", "--watch=-1"], "Invalid value for '--watch': -1.0 is not in the range x>=0.1."),
+    (["work", "--lease", "inf"], "Invalid value for '--lease': inf is not a finite number of seconds up to 1e+09."),
+    (["work", "--lease", "1e308"], "Invalid value for '--lease': 1e308 is not a finite number of seconds up to 1e+09."),
+    (["work", "--lease", "nan"], "Invalid value for '--lease': nan is not a finite number of seconds up to 1e+09."),
+    (["work", "--grace", "nan"], "Invalid value for '--grace': nan is not a finite number of seconds up to 1e+09."),
+    (["submit", "--mem", "inf"], "Invalid value for '--mem': inf is not a finite number of GB up to 1e+06."),
+])
+def test_regression_non_finite_or_huge_durations_are_usage_errors_that_name_the_option(project, args, message):
+    # was: status --watch nan/inf crashed (ValueError in sleep, OverflowError), --lease inf killed the heartbeat
+    # thread, and --watch -1 said "No such option '-1'"
+    invoke("make", "demo.yaml")
+    before = snapshot(project)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines()[-1] == f"Error: {message}"
+    assert snapshot(project) == before
+
+
+def test_regression_a_spec_lease_of_inf_is_refused_by_make(project):
+    # was: accepted, then every worker's heartbeat thread died with OverflowError (timestamp out of range)
+    write_spec(project, SPEC + "lease_s: .inf\n", "inf")
+    result = CliRunner().invoke(main, ["make", "inf.yaml"])
+    assert (result.exit_code, result.output) == (
+        1, "Error: inf.yaml:7, at key lease_s: expected at most 1e+09 seconds (about 32 years), got inf\n")
+    assert not (project / "runs").exists()
+
+
+def test_a_broken_pipe_of_gridrunners_own_is_still_a_bug(project, monkeypatch):
+    # stdout and stderr are fine: the pipe that broke is an internal one (the worker's spawner), so exit 3
+    import gridrunner.grid
+
+    def broken(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(gridrunner.grid, "make", broken)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(project / "cache"))
+    result = CliRunner().invoke(main, ["make", "demo.yaml"])
+    assert result.exit_code == 3
+    assert "Error: unexpected BrokenPipeError: [Errno 32] Broken pipe. This is a bug in gridrunner" in result.output

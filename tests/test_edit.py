@@ -124,3 +124,32 @@ def test_edit_without_an_editor_says_how_to_name_one(grid, monkeypatch):
     assert result.output == "Error: no editor: set $VISUAL or $EDITOR, or pass --command 'CMD' (the file's path is " \
                             "added)\n"
 
+
+
+@pytest.mark.parametrize("command, message", [
+    ('vim "', "Error: the editor command 'vim \"' cannot be split into words as a shell would (No closing "
+              "quotation); quote it as you would in a shell\n"),
+    (" ", "Error: the editor command ' ' is empty: name an editor (set $VISUAL or $EDITOR, or pass --command "
+          "'CMD')\n"),
+    ("./notes.yaml", "Error: cannot run the editor './notes.yaml' (Permission denied); shard-000.csv is unchanged "
+                     "(set $VISUAL or $EDITOR, or pass --command)\n"),
+    ("{tmp}", "Error: cannot run the editor '{tmp}' (Permission denied); shard-000.csv is unchanged (set $VISUAL or "
+              "$EDITOR, or pass --command)\n"),
+    ("rm", "Error: the editor (rm) deleted the file it was given; shard-000.csv is unchanged\n"),
+])
+def test_regression_an_editor_command_that_cannot_run_is_one_error_line_and_leaves_no_copy(grid, tmp_path, monkeypatch,
+                                                                                            command, message):
+    # was: exit 3 with "ValueError: No closing quotation" (shlex), an attempt to execute the shard's copy (' '),
+    # "PermissionError" (a file that is not executable, a directory); the editor that deleted the file left its
+    # /tmp/gridrunner-edit-* directory behind
+    (grid.parent.parent / "notes.yaml").write_text("not a program\n")  # in the working directory, not executable
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(temp))
+    shard = grid / "shards" / "shard-000.csv"
+    before = shard.read_bytes()
+    command, message = command.format(tmp=tmp_path), message.format(tmp=tmp_path)
+    result = _edit(grid, command)
+    assert (result.exit_code, result.output) == (1, message)
+    assert shard.read_bytes() == before
+    assert list(temp.iterdir()) == []

@@ -208,3 +208,38 @@ def test_task_as_a_module_of_tasks_or_any_importable_module(tmp_path, monkeypatc
     (tmp_path / "mytrain.py").write_text("def fit(params, ctx):\n    return {'value': 1.0}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert validate({**BASE, "task": "mytrain:fit", "grid": {"x": [1]}}).task == "mytrain:fit"
+
+
+@pytest.mark.parametrize("text, message", [
+    (GOOD + "lease_s: .inf\n", "g.yaml:4, at key lease_s: expected at most 1e+09 seconds (about 32 years), got inf"),
+    (GOOD + "lease_s: .nan\n", "g.yaml:4, at key lease_s: expected a positive number of seconds, got nan"),
+    (GOOD + "lease_s: 1.0e+308\n",
+     "g.yaml:4, at key lease_s: expected at most 1e+09 seconds (about 32 years), got 1e+308"),
+    (GOOD + "hang_after_min: .nan\n", "g.yaml:4, at key hang_after_min: expected a positive number of minutes, got nan"),
+    (GOOD + "hang_after_min: 1.0e+300\n",
+     "g.yaml:4, at key hang_after_min: expected at most 16666667 minutes (about 32 years), got 1e+300"),
+    (GOOD + "row_time_limit_min: .inf\n", "g.yaml:4, at key row_time_limit_min: expected a positive number of "
+                                          "minutes or a rule over the parameters such as '2 * depth', got inf"),
+    (GOOD + "row_time_limit_min: 1.0e+200\n",
+     "g.yaml:4, at key row_time_limit_min: expected at most 16666667 minutes (about 32 years), got 1e+200"),
+    (GOOD + "resources: {time_min: .inf}\n", "g.yaml:4, at key resources.time_min: expected a non-negative number, got inf"),
+    (GOOD + "resources: {mem_gb: .nan}\n", "g.yaml:4, at key resources.mem_gb: expected a non-negative number, got nan"),
+    (GOOD + "resources: {time_min: 1.0e+12}\n",
+     "g.yaml:4, at key resources.time_min: expected at most 16666667 minutes (about 32 years), got 1000000000000.0"),
+])
+def test_regression_non_finite_or_huge_durations_in_a_spec_are_refused(tmp_path, monkeypatch, text, message):
+    # was: accepted; a lease of inf then killed every worker's heartbeat thread (OverflowError), and a time
+    # limit of inf or 1e200 minutes overflowed the clocks it is added to
+    monkeypatch.chdir(tmp_path)
+    write_spec(tmp_path, text)
+    with pytest.raises(SpecError) as info:
+        load_spec("g.yaml")
+    assert str(info.value) == message
+
+
+def test_regression_a_time_limit_rule_too_large_for_a_row_is_that_rows_rule_error():
+    # was: 1e300 minutes for a row was accepted, and the watchdog's wait on it overflowed
+    limit = spec_of({"depth": [1]}, row_time_limit_min="depth * 1e300").time_limit()
+    assert limit({"depth": 1}) == (None, "RuleError: row_time_limit_min 'depth * 1e300' is 1e+300 for this row; "
+                                         "expected at most 16666667 minutes")
+    assert limit({"depth": 1e-299}) == (pytest.approx(10.0), None)

@@ -2,6 +2,7 @@
 `Error:` line and exit 1 where no model can be fitted; never exit 3. The first three are the grids that
 crashed it (issue 12)."""
 import pandas as pd
+import pytest
 
 from cli_runs import analyse, check_contract, make_and_run
 
@@ -139,3 +140,68 @@ def test_parameters_named_like_analysis_columns_or_formula_functions_are_analyse
     assert {"C(param_state)[T.b]", "param_failed", "C(param_subgrid)[T.true]", "C(C)[T.y]", "np"} <= set(model.index)
     assert model.loc["C(C)[T.y]", "estimate"] > 0.9
     assert "The parameter `state` is shown as `param_state`" in (analysed.report_dir / "report.md").read_text()
+
+
+# --------------------------------------------------------------------------- what --metric and --formula may name
+
+@pytest.fixture(scope="module")
+def xloss_grid(tmp_path_factory):
+    """12 done rows of x ∈ {0, 0.5, 1} × loss ∈ {l1, ssim} × 2 seeds; x = 0 has no logarithm."""
+    return make_and_run(tmp_path_factory.mktemp("xloss"), {**SYNTHETIC, "name": "xloss", "repeat": 2,
+                                                           "grid": {"x": [0.0, 0.5, 1.0], "loss": ["l1", "ssim"]}})
+
+
+def _one_error_line(grid, *args):
+    before = sorted(p for p in grid.rglob("*"))
+    analysed = analyse(grid, *args)
+    assert analysed.exit_code == 1, analysed.output
+    lines = analysed.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), analysed.output
+    assert sorted(p for p in grid.rglob("*")) == before and not analysed.report_dir.exists()
+    return lines[0]
+
+
+@pytest.mark.parametrize("metric, message", [
+    ("loss", "'loss' is a parameter, not an outcome"),
+    ("x", "'x' is a parameter, not an outcome"),
+    ("status", "'status' is not an outcome"),
+    ("worker", "'worker' is not an outcome"),
+    ("row_id", "'row_id' is not an outcome"),
+    ("error", "'error' is not an outcome"),
+    ("shard", "'shard' is not an outcome"),
+    ("nosuch", "unknown metric 'nosuch'"),
+])
+def test_regression_a_metric_that_is_a_column_but_not_an_outcome_is_one_error_line(xloss_grid, metric, message):
+    # was: exit 3, "unexpected ValueError: zero-size array to reduction operation maximum" (statsmodels)
+    assert _one_error_line(xloss_grid, "--metric", metric) == f"Error: {message} (outcomes: score, aux)"
+
+
+@pytest.mark.parametrize("formula, message", [
+    ("score ~ np.log(x)", "the formula 'score ~ np.log(x)' cannot be fitted: np.log(x) is infinite in 4 of 12 rows "
+                          "(a transform outside its domain, such as np.log of 0 or a division by 0)"),
+    ("np.log(x) ~ C(loss)", "the formula 'np.log(x) ~ C(loss)' cannot be fitted: np.log(x) is infinite in 4 of 12 "
+                            "rows (a transform outside its domain, such as np.log of 0 or a division by 0)"),
+    ("score ~ 0", "the formula 'score ~ 0' has no terms to fit: its right-hand side removes the intercept and adds "
+                  "no term (add one, as in 'score ~ 1 + x')"),
+    ("score ~ -1", "the formula 'score ~ -1' has no terms to fit: its right-hand side removes the intercept and adds "
+                   "no term (add one, as in 'score ~ 1 + x')"),
+    ("~ x", "the formula '~ x' has no response: name the outcome to model left of '~', as in "
+            "'m_ssim ~ C(loss) + depth'"),
+    ("status ~ x", "the formula 'status ~ x' models 'status', which is not an outcome (outcomes: score, aux)"),
+    ("np.exp(aux) + loss ~ x", "the formula 'np.exp(aux) + loss ~ x' cannot be fitted: its response np.exp(aux) + "
+                               "loss is not a number"),
+    ("score + aux ~ x", "the formula 'score + aux ~ x' cannot be fitted: its response score + aux is 2 columns "
+                        "(score, aux); model one outcome at a time"),
+    ("score ~ nosuch", "the formula 'score ~ nosuch' does not fit the grid's columns: Error evaluating factor: "
+                       "NameError: name 'nosuch' is not defined"),
+])
+def test_regression_a_formula_that_parses_but_cannot_be_fitted_is_one_error_line(xloss_grid, formula, message):
+    # was: exit 3 with "LinAlgError: SVD did not converge" (np.log of 0), "ValueError: zero-size array" (no
+    # terms); "'str' object has no attribute 'ndim'" for no response
+    assert _one_error_line(xloss_grid, "--formula", formula) == f"Error: {message}"
+
+
+def test_a_formula_with_a_transform_defined_on_every_row_still_fits(xloss_grid, tmp_path):
+    analysed = analyse(xloss_grid, "--formula", "score ~ np.log(x + 1) + C(loss)", "--out", str(tmp_path / "r"))
+    assert analysed.exit_code == 0, analysed.output
+    assert "np.log(x + 1)" in pd.read_csv(tmp_path / "r" / "outcome_model.csv")["term"].tolist()

@@ -125,3 +125,17 @@ def test_interactions_of_parameters_with_many_levels():
     status = np.where(rng.random(p.size) < 0.3, "failed", "done")
     table = failure_interactions(make_frame({"p": p.ravel(), "q": q.ravel()}, status=status))
     assert len(table) == 1 and np.isfinite(table["p_value"]).all()
+
+
+@pytest.mark.parametrize("formula, message", [
+    ("failed ~ np.log(x)", "the failure formula 'failed ~ np.log(x)' cannot be fitted: np.log(x) is infinite in "),
+    ("failed ~ 0", "the failure formula 'failed ~ 0' has no terms to fit"),
+])
+def test_regression_a_failure_formula_that_cannot_be_fitted_is_a_user_error(formula, message):
+    # was: "ValueError: array must not contain infs or NaNs" (np.log of x = 0), "IndexError: index 0 is out of
+    # bounds" (no terms)
+    from gridrunner.errors import GridError
+
+    with pytest.raises(GridError) as info:
+        failure_model(planted_grid(), formula=formula)
+    assert str(info.value).startswith(message)
