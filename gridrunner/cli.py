@@ -24,7 +24,7 @@ import click
 
 from gridrunner.errors import GridError
 
-RUNS_HELP = "Parent directory of grid directories (default: ./runs)."
+RUNS_HELP = "Parent directory of grid directories."
 GRID_HELP = "Grid directory to act on (default: the grid made most recently under --runs)."
 #: The exit status of a command whose stdout's reader went away: 128 + SIGPIPE, what a shell reports.
 CLOSED_PIPE_EXIT = 141
@@ -325,8 +325,15 @@ def reset(grid, runs_dir, statuses, rows, where, dry_run):
     """
     from gridrunner.grid import reset_rows
 
-    n = reset_rows(_find(grid, runs_dir), statuses=statuses, rows=rows, where=where, dry_run=dry_run)
-    click.echo(f"{'would reset' if dry_run else 'reset'} {n} row(s)")
+    passed_over: dict = {}
+    n = reset_rows(_find(grid, runs_dir), statuses=statuses, rows=rows, where=where, dry_run=dry_run,
+                   passed_over=passed_over)
+    note = ""
+    if passed_over:
+        by_status = sorted(set(passed_over.values()))
+        note = (f"; left {len(passed_over)} row(s) given by --row as they are, for their status "
+                f"({', '.join(by_status)}): add {' '.join(f'--status {s}' for s in by_status)} to reset them")
+    click.echo(f"{'would reset' if dry_run else 'reset'} {n} row(s){note}")
 
 
 @main.command()
@@ -433,7 +440,13 @@ def _wait_with_progress(grid_dir, submission) -> None:
             progress.update(task, total=status.total, completed=counts["done"] + counts["failed"],
                             detail=f"{counts['failed']} failed, {counts['running']} running")
 
-        submission.wait(grid_dir, on_progress=show)
+        try:
+            submission.wait(grid_dir, on_progress=show)
+        except KeyboardInterrupt:  # Ctrl-C stops the waiting, not the workers: they run detached
+            progress.stop()
+            click.echo(f"stopped waiting; the workers go on (`gridrunner status` shows them, "
+                       f"`gridrunner cancel` stops them)", err=True)
+            raise SystemExit(130) from None
     from gridrunner.status import grid_status, make_console, render
 
     render(grid_status(grid_dir), make_console())

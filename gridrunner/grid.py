@@ -332,8 +332,11 @@ def find_grid(grid: str | Path | None = None, runs_dir: str | Path = DEFAULT_RUN
     return max(candidates, key=lambda p: (p / SPEC_FILE).stat().st_mtime)
 
 
-def reset_rows(grid_dir: str | Path, statuses=(), rows=(), where: str | None = None, dry_run: bool = False) -> int:
-    """Reset the selected rows to ``not_run``; see ``gridrunner reset --help`` for the selection rules."""
+def reset_rows(grid_dir: str | Path, statuses=(), rows=(), where: str | None = None, dry_run: bool = False,
+               passed_over: dict | None = None) -> int:
+    """Reset the selected rows to ``not_run``; see ``gridrunner reset --help`` for the selection rules.
+    ``passed_over``, if given, is filled with the rows named by id that were left as they are because of
+    their status (row id → status), so the caller can say which ``--status`` would take them."""
     spec = saved_spec(grid_dir)
     rule = None
     if where is not None:
@@ -354,6 +357,8 @@ def reset_rows(grid_dir: str | Path, statuses=(), rows=(), where: str | None = N
             return False
         status = fields[p + STATUS]
         if status not in allowed:
+            if wanted and passed_over is not None:
+                passed_over[row_id] = status
             return False
         if rule is not None:
             values = {**shard.row_params(i), **shard.row_outcomes(i), "status": status,

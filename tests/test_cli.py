@@ -98,6 +98,25 @@ def test_regression_a_rule_that_is_not_a_condition_is_refused_and_changes_nothin
     assert snapshot(project) == before
 
 
+def test_regression_reset_of_a_row_its_status_leaves_out_says_which_status_takes_it(project):
+    """`reset --row <id of a done row> --status failed` said "reset 0 row(s)" and nothing more."""
+    invoke("make", "demo.yaml")
+    invoke("work", "--quiet")
+    import csv
+
+    with open(project / "runs" / "demo" / "shards" / "shard-000.csv", newline="") as fh:
+        row_id = next(csv.DictReader(fh))["row_id"]
+    result = invoke("reset", "--row", row_id, "--status", "failed")
+    assert result.output == ("reset 0 row(s); left 1 row(s) given by --row as they are, for their status (done): "
+                             "add --status done to reset them\n")
+    assert invoke("reset", "--row", row_id).output == "reset 1 row(s)\n"
+
+
+def test_regression_the_runs_default_is_shown_once_in_help(project):
+    out = invoke("status", "--help").output
+    assert "(default: ./runs)" not in out and out.count("[default: runs]") == 1
+
+
 def test_reset_of_an_unknown_row_changes_nothing(project):
     invoke("make", "demo.yaml")
     invoke("work", "--quiet")
