@@ -230,6 +230,8 @@ def make(spec, runs_dir, dry_run):
     from gridrunner.grid import make as make_grid
 
     report = make_grid(spec, runs_dir, dry_run=dry_run)
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}", err=True)
     for line in report.lines():
         click.echo(line)
 

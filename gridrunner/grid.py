@@ -42,6 +42,7 @@ class MakeReport:
     shards: list = field(default_factory=list)  # shard files written now
     dry_run: bool = False
     restored: str = ""  # how spec.yaml, missing or unreadable, was (or would be) restored
+    warnings: list = field(default_factory=list)  # about the spec's text (gridrunner.spec.Spec.warnings)
 
     def lines(self) -> list[str]:
         verb = "would write" if self.dry_run else "wrote"
@@ -63,7 +64,7 @@ def make(spec_path: str | Path, runs_dir: str | Path = DEFAULT_RUNS, dry_run: bo
     spec_path = Path(spec_path)
     spec = load_spec(spec_path)
     grid_dir = Path(runs_dir) / spec.name
-    report = MakeReport(grid_dir, dry_run=dry_run)
+    report = MakeReport(grid_dir, dry_run=dry_run, warnings=list(spec.warnings))
     resolved = spec.resolved()
     resolved["project_dir"] = str(Path.cwd().resolve())
     resolved["source"] = str(spec_path.resolve())

@@ -35,6 +35,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -121,7 +122,9 @@ class _Loader(yaml.SafeLoader):
     """Safe YAML (no tags that run code) that refuses duplicate keys."""
 
 
-def _read_yaml(path: Path) -> tuple[Any, dict]:
+def _read_yaml(path: Path) -> tuple[Any, dict, list]:
+    """The spec's data, the line of every key path, and warnings about values the user likely meant
+    otherwise."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -134,7 +137,8 @@ def _read_yaml(path: Path) -> tuple[Any, dict]:
         if node is None:
             raise SpecError(path, None, "the spec is empty; it needs at least `task`, `grid` and `outcomes`")
         lines: dict[tuple, int] = {}
-        _walk(node, (), lines, path, [MAX_YAML_VALUES])
+        notes: list[str] = []
+        _walk(node, (), lines, path, [MAX_YAML_VALUES], notes)
         data = loader.construct_document(node)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
@@ -143,7 +147,7 @@ def _read_yaml(path: Path) -> tuple[Any, dict]:
         raise SpecError(path, None, f"invalid YAML: {problem}", line) from None
     finally:
         loader.dispose()
-    return data, lines
+    return data, lines, notes
 
 
 #: A spec may hold at most this many YAML values, counting each use of an alias anew. Aliases of aliases
@@ -152,13 +156,36 @@ def _read_yaml(path: Path) -> tuple[Any, dict]:
 MAX_YAML_VALUES = 1_000_000
 
 
-def _walk(node, keypath: tuple, lines: dict, path: Path, budget: list) -> None:
+#: Numbers in YAML 1.2 and in Python that YAML 1.1 reads as strings: an exponent without a dot in the
+#: mantissa or without a sign (``1e-3``, ``5E+4``, ``1.5e3``). A grid of such "numbers" would compare,
+#: cost and model as strings, silently.
+_YAML11_MISSED_FLOAT = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _yaml11_spelling(text: str) -> str:
+    """``1e-3`` as YAML 1.1 reads it as a number: ``1.0e-3``."""
+    mantissa, _, exponent = text.lower().partition("e")
+    if "." not in mantissa:
+        mantissa += ".0"
+    if exponent[:1] not in "+-":
+        exponent = "+" + exponent
+    return f"{mantissa}e{exponent}"
+
+
+def _walk(node, keypath: tuple, lines: dict, path: Path, budget: list, notes: list) -> None:
     budget[0] -= 1
     if budget[0] < 0:
         raise SpecError(path, _dotted(keypath[:1]) or None, f"the spec holds more than {MAX_YAML_VALUES:,} values "
                                                             f"(aliases of aliases?); write it out with fewer nested "
                                                             f"aliases", lines.get(keypath[:1]))
     lines[keypath] = node.start_mark.line + 1
+    if isinstance(node, yaml.ScalarNode) and node.style is None and node.tag == "tag:yaml.org,2002:str" \
+            and _YAML11_MISSED_FLOAT.match(node.value):
+        # A warning, not an error: PyYAML's own safe_dump writes the string "1e-3" so, unquoted.
+        where = f"{path}:{node.start_mark.line + 1}, at key {_dotted(keypath)}"
+        notes.append(f"{where}: {node.value} is read as the string {node.value!r}: YAML 1.1, which PyYAML "
+                     f"follows, needs a dot and a signed exponent in a number; write {float(node.value)!r} or "
+                     f"{_yaml11_spelling(node.value)} for the number, or {node.value!r} in quotes to keep the string")
     if isinstance(node, yaml.MappingNode):
         seen: dict = {}
         for key_node, value_node in node.value:
@@ -167,10 +194,10 @@ def _walk(node, keypath: tuple, lines: dict, path: Path, budget: list) -> None:
                 raise SpecError(path, _dotted(keypath + (key,)),
                                 f"duplicate key {key!r} (first at line {seen[key]})", key_node.start_mark.line + 1)
             seen[key] = key_node.start_mark.line + 1
-            _walk(value_node, keypath + (key,), lines, path, budget)
+            _walk(value_node, keypath + (key,), lines, path, budget, notes)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _walk(item, keypath + (i,), lines, path, budget)
+            _walk(item, keypath + (i,), lines, path, budget, notes)
 
 
 def _dotted(keypath: tuple) -> str:
@@ -206,6 +233,7 @@ class Spec:
     raw: dict = field(default_factory=dict)
     path: str | None = None
     prune: list = field(default_factory=list)  # rule texts (gridrunner.prune)
+    warnings: list = field(default_factory=list)  # about the spec file's text: values likely meant otherwise
     hang_after_min: float | None = None
     row_time_limit_min: float | str | None = None
 
@@ -296,8 +324,10 @@ class Spec:
 def load_spec(path: str | Path, check_task: bool = True) -> Spec:
     """Read and validate a spec file. Raises :class:`SpecError` naming the file, key and line."""
     path = Path(path)
-    data, lines = _read_yaml(path)
-    return validate(data, path=path, lines=lines, check_task=check_task)
+    data, lines, notes = _read_yaml(path)
+    spec = validate(data, path=path, lines=lines, check_task=check_task)
+    spec.warnings = notes
+    return spec
 
 
 def validate(data: Any, path: str | Path | None = None, lines: dict | None = None, check_task: bool = True) -> Spec:

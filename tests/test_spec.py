@@ -243,3 +243,22 @@ def test_regression_a_time_limit_rule_too_large_for_a_row_is_that_rows_rule_erro
     assert limit({"depth": 1}) == (None, "RuleError: row_time_limit_min 'depth * 1e300' is 1e+300 for this row; "
                                          "expected at most 16666667 minutes")
     assert limit({"depth": 1e-299}) == (pytest.approx(10.0), None)
+
+
+def test_regression_make_warns_of_a_number_that_yaml_reads_as_a_string(tmp_path, monkeypatch):
+    """`lr: [1.0e-4, 1e-3]` made '1e-3' a string parameter, silently: `lr > 0.005` then excluded nothing and a
+    cost over lr was None. make says so on stderr, with the spellings that mean the number; a quoted '1e-3'
+    is a string on purpose and gets no warning."""
+    from click.testing import CliRunner
+
+    from gridrunner.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    write_spec(tmp_path, "task: gridrunner.tasks.toy:noop\ngrid: {x: [1, 2], lr: [1.0e-4, 1e-3], tag: ['5e2']}\n"
+                         "outcomes: [value]\n")
+    result = CliRunner().invoke(main, ["make", "g.yaml", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ("warning: g.yaml:2, at key grid.lr[1]: 1e-3 is read as the string '1e-3': YAML 1.1, "
+                             "which PyYAML follows, needs a dot and a signed exponent in a number; write 0.001 or "
+                             "1.0e-3 for the number, or '1e-3' in quotes to keep the string\n")
+    assert result.stdout.startswith("runs/g: 4 rows in the spec")
