@@ -322,19 +322,25 @@ class GridStore:
         """
         scan = ClaimScan()
         try:
-            return self._claim(path, worker, is_stale, max_attempts, finish, scan)
+            recorded, scan, behind = self._claim(path, worker, is_stale, max_attempts, finish, scan)
         except ShardHalfWritten:
             if finish is None:
                 raise
             scan.half_written = True  # a save in progress: the worker looks again soon
             return self._record_in_journal(*finish), scan
+        if behind is not None:
+            recorded = self._record_in_journal(*finish, why=behind, then=_ONCE_FIXED)
+        return recorded, scan
 
     def _claim(self, path, worker, is_stale, max_attempts, finish, scan):
         recorded = None
+        behind = None
         with _telling_what_was_lost(finish), self.transaction(path) as shard:
             self._report_bad_rows(shard)
             if finish is not None:
                 recorded = self._record(shard, *finish)
+                if not recorded:
+                    behind = _behind_bad_row(shard, finish[0].row_id)
             p = shard.n_params
             for i in shard.valid():
                 fields = shard.records[i]
@@ -371,7 +377,7 @@ class GridStore:
                 scan.claim = Claim(path, fields[p], shard.row_params(i), attempt, worker, started_at,
                                    previous=previous)
                 break
-        return recorded, scan
+        return recorded, scan, behind
 
     def _report_bad_rows(self, shard: Shard) -> None:
         """Warn once per process about each row of ``shard`` that breaks the CSV contract (a hand edit):
@@ -390,20 +396,27 @@ class GridStore:
         unusable (its header deleted, a column added or removed, the file removed), still gets the
         result: in its journal, as for a half-written file. The worker goes on with other shards, and
         the row never runs again: the next transaction on the file once it is fixed, or ``recover``,
-        finds the result there."""
+        finds the result there. So does a row whose line a hand edit made a bad row (a typo in one of its
+        cells): the line cannot hold the result, and a bad line is no deletion."""
         try:
             with _telling_what_was_lost((claim, result)), self.transaction(claim.path) as shard:
-                return self._record(shard, claim, result)
+                if self._record(shard, claim, result):
+                    return True
+                behind = _behind_bad_row(shard, claim.row_id)
         except ShardHalfWritten:
             return self._record_in_journal(claim, result)
         except ShardError as err:
             return self._record_in_journal(claim, result, why=f"is unusable ({err.message})")
+        return behind is not None and self._record_in_journal(claim, result, why=behind, then=_ONCE_FIXED)
 
     def _record_in_journal(self, claim: Claim, result: Result, why: str = "looks half-written (an in-place save "
-                                                                          "in progress?)") -> bool:
-        """The shard cannot be written now (an in-place save in progress, or a hand edit that broke it):
-        record the result in the journal only. The next transaction that finds the file whole merges it
-        in; ``recover`` rebuilds the file."""
+                                                                          "in progress?)",
+                           then: str = "merged into the file once it is whole") -> bool:
+        """The shard cannot be written now (an in-place save in progress, or a hand edit that broke it), or
+        cannot hold the result (the row's line is a bad row): record the result in the journal only, if
+        the journal's latest state of the row is still this claim (a row the user deleted is gone from
+        it). The next transaction that finds the file whole, or the row's line fixed, merges it in (the
+        fixed line is a stale copy of the claim, and the result is newer); ``recover`` rebuilds the file."""
         path = claim.path
         with ShardLock(str(path) + ".lock", stale_s=self.lock_stale_s):
             journal = self.journal(path)
@@ -416,8 +429,8 @@ class GridStore:
                 return False
             journal.append({"sha": None, "rows": [shard.records[0]]})
         self._written.pop(path, None)
-        log.warning("%s %s: the result of row %s is kept in its journal and merged into the file once it is "
-                    "whole (`gridrunner recover` rebuilds it)", path.name, why, claim.row_id)
+        log.warning("%s %s: the result of row %s is kept in its journal and %s (`gridrunner recover` rebuilds "
+                    "it)", path.name, why, claim.row_id, then)
         return True
 
     @staticmethod
@@ -520,6 +533,26 @@ class GridStore:
             for fields in shard.records:
                 ids[fields[p]] = shard.path
         return ids
+
+
+#: How :meth:`GridStore._record_in_journal` ends its warning for a row behind a bad row.
+_ONCE_FIXED = "written to the file once its line is fixed"
+
+
+def _behind_bad_row(shard: Shard, row_id: str) -> str | None:
+    """Why a row that ``shard`` holds no valid line for may still be there: a bad row (a hand edit that
+    broke the row's line, such as a typo in its ``attempts`` cell) that the merge does not take for a
+    deletion (:func:`gridrunner.reconcile.merge` keeps every row hidden behind a bad row). None when the
+    shard has no bad row: the row was deleted. The journal decides which rows are hidden, so the caller
+    records the result there only if the journal still holds the row as this claim."""
+    if not shard.errors or shard.find(row_id) is not None:
+        return None
+    p = shard.n_params
+    for i, message in sorted(shard.errors.items()):
+        record = shard.records[i]
+        if len(record) > p and record[p] == row_id:
+            return f"holds row {row_id} only as a bad row (line {shard.lines[i]}: {message})"
+    return f"holds no valid line for row {row_id}, and has bad rows (one may be its line)"
 
 
 @contextmanager

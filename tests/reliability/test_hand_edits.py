@@ -629,3 +629,41 @@ def test_regression_a_stray_quote_in_one_row_makes_that_line_bad_and_every_later
     assert sorted(len(ran) for ran in by_row(executions(side)).values()) == [1] * 5
     text = shard.read_text()
     assert text.splitlines(keepends=True)[2] == bad and text.count("\n") == 7
+
+
+def test_regression_a_typo_in_a_running_rows_cell_keeps_its_claim_and_its_result_and_the_row_runs_once(
+        project, reaper):
+    """The tester's ``sed`` sets a running row's ``attempts`` to ``x`` and puts it back a few seconds later, after
+    the row ended. The bad line is not a deletion: the worker records the result in the journal (the line
+    cannot hold it), keeps nothing aside, and once the typo is fixed the row is done with that result and
+    does not run again."""
+    side = project / "executions.log"
+    grid = make_grid(project, _spec(side, 3, 1.5, 100))
+    shard = grid / "shards" / "shard-000.csv"
+    worker = reaper(subprocess.Popen(worker_cmd(grid, "--no-steal", "--no-linger"), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True))
+    assert wait_until(lambda: len(executions(side)) >= 1, 60)
+    (rid,) = [r[1] for r in _parse(shard.read_text())[1:] if r[2] == "running"]
+    text = shard.read_text()
+    assert f",{rid},running,1," in text
+    _save(shard, text.replace(f",{rid},running,1,", f",{rid},running,x,"), "rename")  # sed -i: a rename
+    # The row ends while its line is bad; the worker records it and goes on with the next row.
+    assert wait_until(lambda: len(executions(side)) >= 2, 60)
+    time.sleep(0.5)
+    text = shard.read_text()
+    assert f",{rid},running,x," in text, "the bad row was not kept as the user left it"
+    _save(shard, text.replace(f",{rid},running,x,", f",{rid},running,1,"), "rename")  # the typo fixed
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    final = cli("work", "--grid", str(grid), "--quiet", "--no-linger")  # in case the worker left before the fix
+    assert final.returncode == 0, final.stderr
+    got = rows(grid)
+    assert len(got) == 3 and {r["status"] for r in got.values()} == {"done"}, got
+    runs = by_row(executions(side))
+    assert sorted(len(ran) for ran in runs.values()) == [1] * 3, runs
+    assert got[rid]["token"] == repr(float(runs[rid][0].token))
+    assert got[rid]["attempts"] == "1"
+    assert list(grid.glob("rows/*/stale-result-*")) == []
+    assert "deleted from the shard by hand" not in err
+    assert f"holds row {rid} only as a bad row" in err and "written to the file once its line is fixed" in err, err
+
