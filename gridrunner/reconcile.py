@@ -457,7 +457,7 @@ def summary_counts(records, errors, p) -> Counter:
 
 
 __all__ = ["BOOK_COLUMNS", "Base", "Merge", "ShardHalfWritten", "fingerprint", "journal_base", "looks_half_written",
-           "merge", "opened_base", "parse_user_file", "same_value", "summary_counts"]
+           "merge", "merge_text", "merged_view", "opened_base", "parse_user_file", "same_value", "summary_counts"]
 
 
 #: How long a transaction waits for a file that looks half-written to become whole.
@@ -508,6 +508,14 @@ def reconcile_file(path, text: str, journal, read_text) -> tuple[Shard, str]:
         shard = Shard.parse(path, text)
         shard.base = [r[:] for r in shard.records]
         return shard, ""
+    shard = merge_text(path, text, state)
+    return shard, shard.note
+
+
+def merge_text(path, text: str, state: JournalState) -> Shard:
+    """The merge of a whole file ``text`` (not what gridrunner last committed) with the journal ``state``:
+    the merged shard, dirty, with ``note`` and ``merge`` saying what was done. Reads and writes nothing, so
+    readers use it too (:func:`merged_view`). Raises :class:`ShardError` for a header that is unusable."""
     user, errors = parse_user_file(path, text, state.header)
     p = state.row_id_column()
     # A parameter changed under a row_id that the journal knows is the user's parameter change, or (a row
@@ -520,7 +528,26 @@ def reconcile_file(path, text: str, journal, read_text) -> tuple[Shard, str]:
     shard.dirty = True
     shard.note = report.describe(path.name)
     shard.merge = report
-    return shard, shard.note
+    return shard
+
+
+def merged_view(path, text: str, journal) -> Shard | None:
+    """For readers (``status``, ``gridrunner.load``; no lock, nothing written): the rows as the next
+    transaction will merge ``text``, a file saved by hand since gridrunner last wrote it, so that a stale
+    copy saved over newer results is not shown as the grid's state. None when the file looks half-written
+    or the journal is unreadable: the caller shows the file as it is (``status`` names it).
+
+    Without the lock, a transaction may commit between the read of the file and that of the journal:
+    the file read is then a version gridrunner committed, a stale copy of the newer journal, whose merge is
+    the newer state. So the view is always one the journal vouches for."""
+    state = journal.read_state()
+    if state is None or looks_half_written(path, text, len(state.latest)):
+        return None
+    shard = merge_text(path, text, state)
+    shard.dirty = False
+    # A bad row is reported at its line in the file as it is, not where the merge would write it.
+    shard.lines = [getattr(record, "line", None) or line for line, record in zip(shard.lines, shard.records)]
+    return shard
 
 
 def _merge_cut_file(path, text: str, state: JournalState, why: str) -> tuple[Shard, str]:
@@ -574,6 +601,7 @@ def hand_edit_report(store, last: int = 5) -> list[str]:
         if why:
             lines.append(f"{path.name} looks half-written ({why}): workers wait; `gridrunner recover` rebuilds it")
         else:
-            lines.append(f"{path.name} was saved by hand since gridrunner last wrote it: the next worker, `edit` or "
-                         f"`recover` merges it")
+            lines.append(f"{path.name} was saved by hand since gridrunner last wrote it and is not merged yet: its "
+                         f"counts above are what the merge will make of it (the newer state of each row the journal "
+                         f"knows); the next worker, `edit` or `recover` merges it")
     return lines

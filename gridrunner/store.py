@@ -46,7 +46,7 @@ from gridrunner.journal import JOURNAL_DIR, Journal, append_note, commit_entry, 
 from gridrunner.lock import BROKEN, HOST, ShardLock, pid_alive, remove_orphaned_breaks
 from gridrunner.shardfile import (_NB, ATTEMPTS, ERROR, FINISHED, ROW_ID, RUNTIME, SHARD_GLOB, STARTED, STATUS,
                                   WORKER, Shard, header_for, now_iso, parse_iso, safe_cell, shard_index, shard_name)
-from gridrunner.reconcile import ShardHalfWritten, fingerprint, reconcile_file
+from gridrunner.reconcile import ShardHalfWritten, fingerprint, merged_view, reconcile_file
 from gridrunner.spec import canonical_json
 
 __all__ = [  # re-exported from the modules above, for `from gridrunner.store import X`
@@ -132,6 +132,7 @@ class GridStore:
         self._journals: dict[Path, Journal] = {}
         self._read_stat: dict[Path, tuple] = {}  # path -> (ino, size, mtime_ns) of the file as last read
         self._reported: set[tuple[Path, int, str]] = set()  # bad rows already reported by claim()
+        self._views: dict[Path, tuple] = {}  # path -> ((text sha, journal head), merged view or None): view()
 
     # ---- files
 
@@ -170,6 +171,39 @@ class GridStore:
             _, header, records, _sha = written
             return Shard(path, header, [r[:] for r in records], {}, list(range(2, len(records) + 2)))
         return Shard.parse(path, text)
+
+    def view(self, path: Path) -> Shard:
+        """For readers that report the grid's state (``status``, ``gridrunner.load``; no lock, nothing written):
+        the shard as the next transaction will see it. A file saved by hand since gridrunner last wrote it
+        (a stale copy saved over newer results, say) is merged with the journal in memory
+        (:func:`gridrunner.reconcile.merged_view`), and the shard's ``unmerged`` is True; one that looks
+        half-written is shown as it is. The merge is computed only for a file that differs from the
+        journal's head, and once per version of the file and of the journal (``status --watch`` looks
+        every few seconds): an unchanged shard costs one hash of its text."""
+        text = self._read_text(path)
+        written = self._written.get(path)
+        head = self.journal(path).head()  # a cached tail read
+        if written is not None and written[0] == text and head is not None and head[1] == written[3]:
+            return self.read(path)
+        sha = text_sha(text)
+        if head is None or head[1] == sha:
+            return Shard.parse(path, text)
+        key = (sha, head)
+        cached = self._views.get(path)
+        if cached is None or cached[0] != key:
+            merged = merged_view(path, text, self.journal(path))
+            if merged is not None:
+                merged.unmerged = True
+            cached = self._views[path] = (key, merged)
+            if len(self._views) > 64:
+                del self._views[next(iter(self._views))]
+        merged = cached[1]
+        if merged is None:
+            return Shard.parse(path, text)
+        shard = Shard(path, merged.header, [r if i in merged.errors else list(r) for i, r in enumerate(merged.records)],
+                      dict(merged.errors), list(merged.lines))
+        shard.note, shard.unmerged = merged.note, True
+        return shard
 
     def _read_text(self, path: Path) -> str:
         start = time.monotonic()

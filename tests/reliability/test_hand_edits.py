@@ -667,3 +667,36 @@ def test_regression_a_typo_in_a_running_rows_cell_keeps_its_claim_and_its_result
     assert "deleted from the shard by hand" not in err
     assert f"holds row {rid} only as a bad row" in err and "written to the file once its line is fixed" in err, err
 
+
+def test_regression_status_and_load_show_a_stale_copy_saved_over_a_finished_grid_as_the_merge_will_make_it(project):
+    """A copy taken before the run, saved back over the finished grid while no worker is left: ``status`` and
+    ``gridrunner.load`` count the recorded results (the merge, computed without writing), say that the file
+    awaits a merge, and change no file; the next worker merges it and runs nothing again."""
+    import gridrunner
+    from gridrunner.analysis.rows import counts_sentence
+
+    side = project / "executions.log"
+    grid = make_grid(project, _spec(side, 6, 0.0, 3))
+    shards = sorted((grid / "shards").glob("shard-*.csv"))
+    stale = shards[0].read_text()
+    assert cli("work", "--grid", str(grid), "--quiet", "--no-linger").returncode == 0
+    assert len(executions(side)) == 6
+    _save(shards[0], stale, "rename")  # the editor's buffer, saved after the grid finished
+    before = {p: p.read_bytes() for p in sorted(grid.rglob("*")) if p.is_file()}
+    status = json.loads(cli("status", "--grid", str(grid), "--json").stdout)
+    assert status["finished"] and status["counts"]["done"] == 6 and status["counts"]["not_run"] == 0, status
+    assert status["unmerged_shards"] == 1 and [s["unmerged"] for s in status["shards"]] == [True, False]
+    text = cli("status", "--grid", str(grid)).stdout
+    assert "6/6 finished" in text and "ETA done" in text, text
+    assert "shard-000.csv was saved by hand since gridrunner last wrote it and is not merged yet" in text, text
+    df = gridrunner.load(grid)
+    assert list(df["status"]) == ["done"] * 6 and df.attrs["unmerged"] == ["shard-000.csv"]
+    assert df["token"].notna().all()
+    assert "shard-000.csv was saved by hand and not merged yet" in counts_sentence(df)
+    after = {p: p.read_bytes() for p in sorted(grid.rglob("*")) if p.is_file()}
+    assert after == before, "a reader wrote a file"
+    assert cli("work", "--grid", str(grid), "--quiet", "--no-linger").returncode == 0
+    assert len(executions(side)) == 6, "a finished row ran again"
+    assert {r["status"] for r in rows(grid).values()} == {"done"}
+    status = json.loads(cli("status", "--grid", str(grid), "--json").stdout)
+    assert status["unmerged_shards"] == 0 and status["counts"]["done"] == 6
