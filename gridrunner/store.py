@@ -248,10 +248,38 @@ class GridStore:
                 journal.snapshot(shard.header, [shard.records[i] for i in shard.valid()], sha)
             return shard
         shard, note = reconcile_file(path, text, journal, self._read_text)
+        merge = getattr(shard, "merge", None)
+        if merge is not None:
+            self._keep_aside(shard, merge.deleted_finished)
         if note:
             log.warning("%s", note)
             append_note(self.shard_dir, note)
         return shard
+
+    def _keep_aside(self, shard: Shard, deleted: dict[str, list[str]]) -> None:
+        """Before the merge that deletes them is committed: keep the result of each row the user deleted that
+        finished after their copy was taken (it was running there; its worker recorded it while the save
+        waited to be merged) as ``rows/<id>/stale-result-<worker>.json``, as a deleted running row's worker
+        keeps its own (:meth:`gridrunner.worker.Worker._note`)."""
+        import json
+
+        p = shard.n_params
+        for rid, cells in deleted.items():
+            worker = cells[p + WORKER]
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in worker)
+            metrics = {}
+            for name, cell in zip(shard.outcomes, cells[p + _NB:]):
+                try:
+                    metrics[name] = float(cell) if cell else None
+                except ValueError:
+                    metrics[name] = None
+            runtime = cells[p + RUNTIME]
+            row_dir = self.row_dir(rid)
+            row_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(row_dir / f"stale-result-{safe}.json", json.dumps(
+                {"worker": worker, "attempt": int(cells[p + ATTEMPTS] or 0), "status": cells[p + STATUS],
+                 "metrics": metrics, "error": cells[p + ERROR], "runtime_s": float(runtime) if runtime else None},
+                indent=1))
 
     def _unchanged_since_read(self, path: Path) -> bool:
         try:
@@ -357,11 +385,11 @@ class GridStore:
         scan = ClaimScan()
         try:
             recorded, scan, behind = self._claim(path, worker, is_stale, max_attempts, finish, scan)
-        except ShardHalfWritten:
+        except ShardHalfWritten as err:
             if finish is None:
                 raise
             scan.half_written = True  # a save in progress: the worker looks again soon
-            return self._record_in_journal(*finish), scan
+            return self._record_in_journal(*finish, **_why(err)), scan
         if behind is not None:
             recorded = self._record_in_journal(*finish, why=behind, then=_ONCE_FIXED)
         return recorded, scan
@@ -437,8 +465,8 @@ class GridStore:
                 if self._record(shard, claim, result):
                     return True
                 behind = _behind_bad_row(shard, claim.row_id)
-        except ShardHalfWritten:
-            return self._record_in_journal(claim, result)
+        except ShardHalfWritten as err:
+            return self._record_in_journal(claim, result, **_why(err))
         except ShardError as err:
             return self._record_in_journal(claim, result, why=f"is unusable ({err.message})")
         return behind is not None and self._record_in_journal(claim, result, why=behind, then=_ONCE_FIXED)
@@ -567,6 +595,10 @@ class GridStore:
             for fields in shard.records:
                 ids[fields[p]] = shard.path
         return ids
+
+
+def _why(err: ShardHalfWritten) -> dict:
+    return {"why": err.short} if err.short else {}
 
 
 #: How :meth:`GridStore._record_in_journal` ends its warning for a row behind a bad row.
