@@ -236,7 +236,14 @@ def counts_sentence(df: pd.DataFrame, failure: str | None = None) -> str:
     """``"504 rows: 412 done, 0 failed by exception, 79 failed by rule, 3 running, 10 not run."``"""
     table = state_counts(df, failure)
     parts = ", ".join(f"{rows} {word}" for word, rows in zip(table["state"], table["rows"]))
-    return f"{len(df)} rows: {parts}."
+    unmerged = df.attrs.get("unmerged") or []
+    note = ""
+    if unmerged:  # gridrunner.load shows such a shard as the merge will make it, not as the file says
+        names = ", ".join(unmerged[:3]) + (", ..." if len(unmerged) > 3 else "")
+        note = (f" {names} {'was' if len(unmerged) == 1 else 'were'} saved by hand and not merged yet: "
+                f"{'its' if len(unmerged) == 1 else 'their'} rows are as the next worker's merge will make them "
+                f"(the newer state of each row the journal knows).")
+    return f"{len(df)} rows: {parts}.{note}"
 
 
 def dropped_reasons(df: pd.DataFrame, keep: pd.Series, reasons: dict[str, pd.Series]) -> dict[str, int]:

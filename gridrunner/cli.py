@@ -296,12 +296,14 @@ def _scheduler_dead_jobs(grid_dir):
 def status(grid, runs_dir, as_json, watch_s):
     """Progress per shard, counts by status, running rows with age and worker, stale claims and an ETA."""
     from gridrunner.status import current_status, make_console, render, to_json, watch
+    from gridrunner.store import GridStore
 
     grid_dir = _find(grid, runs_dir)
     console = make_console()
     if watch_s is not None:
         try:
-            watch(lambda: current_status(grid_dir), console, watch_s, as_json=as_json)
+            store = GridStore(grid_dir)  # kept across looks: a hand save not merged yet is merged once
+            watch(lambda: current_status(grid_dir, store), console, watch_s, as_json=as_json)
         except KeyboardInterrupt:  # the usual way to stop watching, not an error
             pass
         return

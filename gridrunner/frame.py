@@ -5,7 +5,9 @@ categorical labels such as ``"[100, 100]"``), the bookkeeping columns (``status`
 ``attempts`` integer, ``runtime_s`` float, ``started_at``/``finished_at`` UTC datetimes) and the
 outcomes (float; an empty or non-numeric cell is NaN). ``df.attrs`` carries ``grid``, ``grid_dir``,
 ``params``, ``outcomes``, ``failure``, ``metric`` (the first outcome), ``spec`` and ``bad_rows``
-(``[(shard, line, message)]`` for rows that were skipped because they break the contract).
+(``[(shard, line, message)]`` for rows that were skipped because they break the contract) and
+``unmerged`` (the shards saved by hand that no worker has merged yet: their rows are as the merge will
+make them, computed without writing, so a stale copy saved over newer results never hides them).
 """
 from __future__ import annotations
 
@@ -28,12 +30,15 @@ def load(grid_dir: str | Path | None = None):
     bad_rows = []
     params: list[str] = []
     outcomes: list[str] = list(spec.get("outcomes") or [])
+    unmerged = []
     for path in store.shard_paths():
         try:
-            shard = store.read(path)
+            shard = store.view(path)
         except ShardError as err:
             bad_rows.append((path.name, None, err.message))
             continue
+        if shard.unmerged:
+            unmerged.append(path.name)
         bad_rows += [(path.name, line, message) for line, message in shard.bad_rows()]
         params += [name for name in shard.params if name not in params]
         outcomes += [name for name in shard.outcomes if name not in outcomes]
@@ -65,6 +70,7 @@ def load(grid_dir: str | Path | None = None):
         "metric": outcomes[0] if outcomes else None,
         "spec": spec,
         "bad_rows": bad_rows,
+        "unmerged": unmerged,
     })
     return df
 

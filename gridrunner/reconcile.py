@@ -28,6 +28,10 @@ The rules, for a shard file ``F`` that is not what gridrunner last committed, ag
   when ``F``'s copy was taken, else the copy predates it and it is kept. The copy's age is the newest
   committed state that any of its rows shows. A running row deleted is deleted; its worker's result
   is then kept aside (``rows/<id>/stale-result-*.json``) and reported, never written back.
+* **Cut at a line end.** A whole file whose deletions include the last committed row may be an in-place
+  rewrite paused between two lines: it is not merged until it has not changed for ``SETTLED_S``
+  (:func:`_cut_at_a_line_end`). A deleted row that finished after the copy was taken (it was running
+  there) keeps its result aside, as a deleted running row's worker does.
 * **Not whole.** A file that looks half-written (no final newline, a last line with too few fields, an
   empty or header-only file while the journal holds rows, unreadable bytes) is never merged or
   written over: the caller waits for it to become whole, and ``gridrunner recover`` rebuilds it.
@@ -44,6 +48,7 @@ import io
 import json
 import os
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -92,8 +97,9 @@ def fingerprint(cells: list[str]) -> str:
 class ShardHalfWritten(GridError):
     """The file looks half-written (an in-place save caught in the middle): never merged or written over."""
 
-    def __init__(self, path, message: str):
+    def __init__(self, path, message: str, short: str | None = None):
         self.path = path
+        self.short = short  # what the file looks like, for the warning of a result kept in the journal
         super().__init__(f"{Path(path).name} {message}")
 
 
@@ -133,6 +139,10 @@ class Merge:
     restored_why: str = ""
     refused: list = field(default_factory=list)  # "row X: why the change was not applied"
     deleted_running: list = field(default_factory=list)
+    deleted_ids: list = field(default_factory=list)  # every row the merge deletes
+    #: row id -> cells of each deleted row that finished after the copy was taken (the copy showed it running
+    #: or not run): its result is kept aside, as a deleted running row's worker keeps its own
+    deleted_finished: dict = field(default_factory=dict)
     bad: int = 0
     #: row id -> fingerprint of the user's row, for each reset and parameter change applied, and ``age``, the
     #: copy's age: the journal keeps them as states of the row (:func:`commit_entry`), so a later save of
@@ -159,6 +169,10 @@ class Merge:
         if self.deleted_running:
             parts.append(f"deleted running row{'s' * (len(self.deleted_running) != 1)} "
                          f"{', '.join(self.deleted_running[:5])} (its worker's result will be kept aside)")
+        if self.deleted_finished:
+            parts.append(f"deleted {len(self.deleted_finished)} row{'s' * (len(self.deleted_finished) != 1)} that "
+                         f"finished after the copy was taken ({', '.join(list(self.deleted_finished)[:5])}: "
+                         f"{'its result is' if len(self.deleted_finished) == 1 else 'their results are'} kept aside)")
         if self.refused:
             parts.append(f"did not apply {len(self.refused)} change{'s' * (len(self.refused) != 1)} ("
                          + "; ".join(self.refused[:3]) + ("; ..." if len(self.refused) > 3 else "") + ")")
@@ -367,8 +381,11 @@ def merge(path, user: list, errors: dict[int, str], current: dict[str, list[str]
             continue
         if base.knew(rid, age):
             report.deleted += 1
+            report.deleted_ids.append(rid)
             if cells[p + STATUS] == "running":
                 report.deleted_running.append(rid)
+            elif cells[p + STATUS] in ("done", "failed") and (base.is_known_state(rid, fingerprint(cells)) or 0) > age:
+                report.deleted_finished[rid] = list(cells)
         else:
             kept_back.append(rid)
             report.restored += 1
@@ -457,7 +474,7 @@ def summary_counts(records, errors, p) -> Counter:
 
 
 __all__ = ["BOOK_COLUMNS", "Base", "Merge", "ShardHalfWritten", "fingerprint", "journal_base", "looks_half_written",
-           "merge", "opened_base", "parse_user_file", "same_value", "summary_counts"]
+           "merge", "merge_text", "merged_view", "opened_base", "parse_user_file", "same_value", "summary_counts"]
 
 
 #: How long a transaction waits for a file that looks half-written to become whole.
@@ -466,6 +483,7 @@ HALF_WRITTEN_WAIT_S = 1.0
 STEADY_S = 0.05
 #: A file that looks half-written but has not changed for this long is no save in progress: it was cut
 #: short for good (a crashed editor, a full disk). Its whole rows are merged and the rows it lost are kept.
+#: A whole file that lacks the last committed row is merged only once it is this old, too (:func:`_cut_at_a_line_end`).
 SETTLED_S = 5.0
 
 
@@ -475,8 +493,6 @@ def reconcile_file(path, text: str, journal, read_text) -> tuple[Shard, str]:
     Returns the merged shard (dirty: the caller writes it back) and the sentence that says what was done.
     Raises :class:`ShardHalfWritten` (nothing written) for a file that stays half-written, and
     :class:`ShardError` for one whose header is unusable."""
-    import time
-
     state = journal.read_state()
     if state is None:
         raise ShardError(path, "the shard's journal is unreadable; run `gridrunner recover`")
@@ -508,6 +524,42 @@ def reconcile_file(path, text: str, journal, read_text) -> tuple[Shard, str]:
         shard = Shard.parse(path, text)
         shard.base = [r[:] for r in shard.records]
         return shard, ""
+    shard = merge_text(path, text, state)
+    young = _cut_at_a_line_end(path, shard.merge, state)
+    if young is not None:
+        raise ShardHalfWritten(path, young, "ends before its last rows and changed less than "
+                                            f"{SETTLED_S:g} s ago (an in-place rewrite paused at a line end?)")
+    return shard, shard.note
+
+
+def _cut_at_a_line_end(path, report: "Merge", state: JournalState) -> str | None:
+    """Why a whole file whose merge deletes rows may still be an in-place rewrite paused at a line end (an
+    editor or a script that truncates the file and writes it in pieces), or None.
+
+    By its content alone such a file is a deletion of every row after the pause, and a merge would
+    rename its result over the file that the writer still has open, losing the writer's remaining
+    lines. So a save whose deletions include the last committed row (the rows a pause cuts off are the
+    file's last ones) changed less than :data:`SETTLED_S` ago is not merged yet: the transaction is
+    refused as for a half-written file (results go into the journal, workers look again in a second).
+    A deletion of the last rows is applied once the file has not changed for that long; any other
+    deletion at once. A writer that pauses longer than that at a line end is merged as a deletion."""
+    if not report.deleted_ids or not state.latest or next(reversed(state.latest)) not in report.deleted_ids:
+        return None
+    try:
+        age_s = time.time() - os.stat(path).st_mtime
+    except FileNotFoundError:
+        return None
+    if age_s >= SETTLED_S:
+        return None
+    return (f"ends before its last rows ({report.deleted} of the journal's rows are missing) and changed "
+            f"{max(age_s, 0):.1f} s ago: an in-place rewrite may still be writing the rest, so it is not merged or "
+            f"written over until it has not changed for {SETTLED_S:g} s; then the missing rows are deleted")
+
+
+def merge_text(path, text: str, state: JournalState) -> Shard:
+    """The merge of a whole file ``text`` (not what gridrunner last committed) with the journal ``state``:
+    the merged shard, dirty, with ``note`` and ``merge`` saying what was done. Reads and writes nothing, so
+    readers use it too (:func:`merged_view`). Raises :class:`ShardError` for a header that is unusable."""
     user, errors = parse_user_file(path, text, state.header)
     p = state.row_id_column()
     # A parameter changed under a row_id that the journal knows is the user's parameter change, or (a row
@@ -520,7 +572,26 @@ def reconcile_file(path, text: str, journal, read_text) -> tuple[Shard, str]:
     shard.dirty = True
     shard.note = report.describe(path.name)
     shard.merge = report
-    return shard, shard.note
+    return shard
+
+
+def merged_view(path, text: str, journal) -> Shard | None:
+    """For readers (``status``, ``gridrunner.load``; no lock, nothing written): the rows as the next
+    transaction will merge ``text``, a file saved by hand since gridrunner last wrote it, so that a stale
+    copy saved over newer results is not shown as the grid's state. None when the file looks half-written
+    or the journal is unreadable: the caller shows the file as it is (``status`` names it).
+
+    Without the lock, a transaction may commit between the read of the file and that of the journal:
+    the file read is then a version gridrunner committed, a stale copy of the newer journal, whose merge is
+    the newer state. So the view is always one the journal vouches for."""
+    state = journal.read_state()
+    if state is None or looks_half_written(path, text, len(state.latest)):
+        return None
+    shard = merge_text(path, text, state)
+    shard.dirty = False
+    # A bad row is reported at its line in the file as it is, not where the merge would write it.
+    shard.lines = [getattr(record, "line", None) or line for line, record in zip(shard.lines, shard.records)]
+    return shard
 
 
 def _merge_cut_file(path, text: str, state: JournalState, why: str) -> tuple[Shard, str]:
@@ -574,6 +645,7 @@ def hand_edit_report(store, last: int = 5) -> list[str]:
         if why:
             lines.append(f"{path.name} looks half-written ({why}): workers wait; `gridrunner recover` rebuilds it")
         else:
-            lines.append(f"{path.name} was saved by hand since gridrunner last wrote it: the next worker, `edit` or "
-                         f"`recover` merges it")
+            lines.append(f"{path.name} was saved by hand since gridrunner last wrote it and is not merged yet: its "
+                         f"counts above are what the merge will make of it (the newer state of each row the journal "
+                         f"knows); the next worker, `edit` or `recover` merges it")
     return lines

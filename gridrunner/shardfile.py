@@ -58,11 +58,13 @@ _VERIFIED: dict = {}  # (row_id, param cells) -> None: rows whose id was checked
 
 
 class _BadRecord(list):
-    """The fields of a row that breaks the CSV contract, and ``raw``, its text in the file, written back as is."""
+    """The fields of a row that breaks the CSV contract, ``raw``, its text in the file, written back as is,
+    and ``line``, where it starts in the file it was read from (None for one a merge found bad)."""
 
-    def __init__(self, fields: list[str], raw: str):
+    def __init__(self, fields: list[str], raw: str, line: int | None = None):
         super().__init__(fields)
         self.raw = raw
+        self.line = line
 
 
 class Shard:
@@ -81,6 +83,7 @@ class Shard:
         self.dirty = False
         self.note = ""  # what a reconciliation did, for the journal
         self.base = None  # the committed rows this parse started from (a list by index, or a dict by id)
+        self.unmerged = False  # a reader's merged view of a file saved by hand: GridStore.view
 
     # ---- parsing
 
@@ -150,7 +153,7 @@ class Shard:
             # would change its text, and an unreadable line has no fields at all.
             physical = physical or io.StringIO(text, newline="").readlines()  # the lines the reader counted
             for index, (start, end) in spans.items():
-                records[index] = _BadRecord(records[index], "".join(physical[start:end]))
+                records[index] = _BadRecord(records[index], "".join(physical[start:end]), lines[index])
         return cls(path, header, records, errors, lines)
 
     @staticmethod

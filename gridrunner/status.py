@@ -39,6 +39,7 @@ class ShardStatus:
     counts: Counter = field(default_factory=Counter)
     bad: list = field(default_factory=list)  # (line, message)
     error: str | None = None  # the whole shard is unreadable
+    unmerged: bool = False  # saved by hand and not merged yet: the counts are the merge's (GridStore.view)
 
     @property
     def total(self) -> int:
@@ -109,10 +110,14 @@ def stopped_counts(status: GridStatus) -> dict[str, int]:
     return {name: status.errors.get(kind, 0) for kind, name in STOPPED_KINDS.items()}
 
 
-def grid_status(grid_dir: str | Path) -> GridStatus:
+def grid_status(grid_dir: str | Path, store: GridStore | None = None) -> GridStatus:
+    """The grid's state as the journal vouches for it: a shard saved by hand that no transaction has merged
+    yet is counted as the merge will make it (:meth:`GridStore.view`, computed without writing), so a stale
+    copy saved over newer results never shows them as not run. ``store``: one kept across looks (``--watch``)
+    merges each such version once."""
     grid_dir = Path(grid_dir)
     spec = saved_spec(grid_dir)
-    store = GridStore(grid_dir)
+    store = store or GridStore(grid_dir)
     judge = Liveness(grid_dir, spec.lease_s, me=make_worker_id(pid=0))
     status = GridStatus(grid_dir, spec.name)
     seen: dict[str, str] = {}
@@ -122,11 +127,12 @@ def grid_status(grid_dir: str | Path) -> GridStatus:
         entry = ShardStatus(path)
         status.shards.append(entry)
         try:
-            shard = store.read(path)
+            shard = store.view(path)
         except (ShardError, FileNotFoundError) as err:
             entry.error = str(err)
             continue
         entry.bad = shard.bad_rows()
+        entry.unmerged = shard.unmerged
         p = shard.n_params
         for i in shard.valid():
             fields = shard.records[i]
@@ -151,11 +157,11 @@ def grid_status(grid_dir: str | Path) -> GridStatus:
     return status
 
 
-def current_status(grid_dir: str | Path) -> GridStatus:
+def current_status(grid_dir: str | Path, store: GridStore | None = None) -> GridStatus:
     """The grid's status with its jobs (from the scheduler, if it ran on Slurm): what ``status`` shows."""
     from gridrunner.submit import job_states
 
-    status = grid_status(grid_dir)
+    status = grid_status(grid_dir, store)
     status.jobs = job_states(Path(grid_dir))
     return status
 
@@ -188,7 +194,7 @@ def to_json(status: GridStatus, now: float | None = None) -> dict:
                        "finished": finished, "progress": finished / shard.total if shard.total else 1.0,
                        "counts": counts_of(c), "bad_rows": [{"line": line, "message": message}
                                                             for line, message in shard.bad],
-                       "error": shard.error})
+                       "error": shard.error, "unmerged": shard.unmerged})
     finished = counts["done"] + counts["failed"]
     return {
         "schema": JSON_SCHEMA_VERSION,
@@ -202,6 +208,7 @@ def to_json(status: GridStatus, now: float | None = None) -> dict:
         "counts": counts_of(counts),
         "bad_rows": sum(len(shard.bad) for shard in status.shards),
         "unreadable_shards": sum(1 for shard in status.shards if shard.error),
+        "unmerged_shards": sum(1 for shard in status.shards if shard.unmerged),
         "shards": shards,
         "running": [running_row(row) for row in sorted(status.running, key=lambda r: -(r.age_s or 0))],
         "stale": [running_row(row) for row in status.stale],

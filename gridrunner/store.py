@@ -46,7 +46,7 @@ from gridrunner.journal import JOURNAL_DIR, Journal, append_note, commit_entry, 
 from gridrunner.lock import BROKEN, HOST, ShardLock, pid_alive, remove_orphaned_breaks
 from gridrunner.shardfile import (_NB, ATTEMPTS, ERROR, FINISHED, ROW_ID, RUNTIME, SHARD_GLOB, STARTED, STATUS,
                                   WORKER, Shard, header_for, now_iso, parse_iso, safe_cell, shard_index, shard_name)
-from gridrunner.reconcile import ShardHalfWritten, fingerprint, reconcile_file
+from gridrunner.reconcile import ShardHalfWritten, fingerprint, merged_view, reconcile_file
 from gridrunner.spec import canonical_json
 
 __all__ = [  # re-exported from the modules above, for `from gridrunner.store import X`
@@ -144,6 +144,7 @@ class GridStore:
         self._journals: dict[Path, Journal] = {}
         self._read_stat: dict[Path, tuple] = {}  # path -> (ino, size, mtime_ns) of the file as last read
         self._reported: set[tuple[Path, int, str]] = set()  # bad rows already reported by claim()
+        self._views: dict[Path, tuple] = {}  # path -> ((text sha, journal head), merged view or None): view()
 
     # ---- files
 
@@ -182,6 +183,39 @@ class GridStore:
             _, header, records, _sha = written
             return Shard(path, header, [r[:] for r in records], {}, list(range(2, len(records) + 2)))
         return Shard.parse(path, text)
+
+    def view(self, path: Path) -> Shard:
+        """For readers that report the grid's state (``status``, ``gridrunner.load``; no lock, nothing written):
+        the shard as the next transaction will see it. A file saved by hand since gridrunner last wrote it
+        (a stale copy saved over newer results, say) is merged with the journal in memory
+        (:func:`gridrunner.reconcile.merged_view`), and the shard's ``unmerged`` is True; one that looks
+        half-written is shown as it is. The merge is computed only for a file that differs from the
+        journal's head, and once per version of the file and of the journal (``status --watch`` looks
+        every few seconds): an unchanged shard costs one hash of its text."""
+        text = self._read_text(path)
+        written = self._written.get(path)
+        head = self.journal(path).head()  # a cached tail read
+        if written is not None and written[0] == text and head is not None and head[1] == written[3]:
+            return self.read(path)
+        sha = text_sha(text)
+        if head is None or head[1] == sha:
+            return Shard.parse(path, text)
+        key = (sha, head)
+        cached = self._views.get(path)
+        if cached is None or cached[0] != key:
+            merged = merged_view(path, text, self.journal(path))
+            if merged is not None:
+                merged.unmerged = True
+            cached = self._views[path] = (key, merged)
+            if len(self._views) > 64:
+                del self._views[next(iter(self._views))]
+        merged = cached[1]
+        if merged is None:
+            return Shard.parse(path, text)
+        shard = Shard(path, merged.header, [r if i in merged.errors else list(r) for i, r in enumerate(merged.records)],
+                      dict(merged.errors), list(merged.lines))
+        shard.note, shard.unmerged = merged.note, True
+        return shard
 
     def _read_text(self, path: Path) -> str:
         start = time.monotonic()
@@ -226,10 +260,38 @@ class GridStore:
                 journal.snapshot(shard.header, [shard.records[i] for i in shard.valid()], sha)
             return shard
         shard, note = reconcile_file(path, text, journal, self._read_text)
+        merge = getattr(shard, "merge", None)
+        if merge is not None:
+            self._keep_aside(shard, merge.deleted_finished)
         if note:
             log.warning("%s", note)
             append_note(self.shard_dir, note)
         return shard
+
+    def _keep_aside(self, shard: Shard, deleted: dict[str, list[str]]) -> None:
+        """Before the merge that deletes them is committed: keep the result of each row the user deleted that
+        finished after their copy was taken (it was running there; its worker recorded it while the save
+        waited to be merged) as ``rows/<id>/stale-result-<worker>.json``, as a deleted running row's worker
+        keeps its own (:meth:`gridrunner.worker.Worker._note`)."""
+        import json
+
+        p = shard.n_params
+        for rid, cells in deleted.items():
+            worker = cells[p + WORKER]
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in worker)
+            metrics = {}
+            for name, cell in zip(shard.outcomes, cells[p + _NB:]):
+                try:
+                    metrics[name] = float(cell) if cell else None
+                except ValueError:
+                    metrics[name] = None
+            runtime = cells[p + RUNTIME]
+            row_dir = self.row_dir(rid)
+            row_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(row_dir / f"stale-result-{safe}.json", json.dumps(
+                {"worker": worker, "attempt": int(cells[p + ATTEMPTS] or 0), "status": cells[p + STATUS],
+                 "metrics": metrics, "error": cells[p + ERROR], "runtime_s": float(runtime) if runtime else None},
+                indent=1))
 
     def _unchanged_since_read(self, path: Path) -> bool:
         try:
@@ -329,19 +391,25 @@ class GridStore:
         """
         scan = ClaimScan()
         try:
-            return self._claim(path, worker, is_stale, max_attempts, finish, scan)
-        except ShardHalfWritten:
+            recorded, scan, behind = self._claim(path, worker, is_stale, max_attempts, finish, scan)
+        except ShardHalfWritten as err:
             if finish is None:
                 raise
             scan.half_written = True  # a save in progress: the worker looks again soon
-            return self._record_in_journal(*finish), scan
+            return self._record_in_journal(*finish, **_why(err)), scan
+        if behind is not None:
+            recorded = self._record_in_journal(*finish, why=behind, then=_ONCE_FIXED)
+        return recorded, scan
 
     def _claim(self, path, worker, is_stale, max_attempts, finish, scan):
         recorded = None
+        behind = None
         with _telling_what_was_lost(finish), self.transaction(path) as shard:
             self._report_bad_rows(shard)
             if finish is not None:
                 recorded = self._record(shard, *finish)
+                if not recorded:
+                    behind = _behind_bad_row(shard, finish[0].row_id)
             p = shard.n_params
             for i in shard.valid():
                 fields = shard.records[i]
@@ -378,7 +446,7 @@ class GridStore:
                 scan.claim = Claim(path, fields[p], shard.row_params(i), attempt, worker, started_at,
                                    previous=previous)
                 break
-        return recorded, scan
+        return recorded, scan, behind
 
     def _report_bad_rows(self, shard: Shard) -> None:
         """Warn once per process about each row of ``shard`` that breaks the CSV contract (a hand edit):
@@ -397,20 +465,27 @@ class GridStore:
         unusable (its header deleted, a column added or removed, the file removed), still gets the
         result: in its journal, as for a half-written file. The worker goes on with other shards, and
         the row never runs again: the next transaction on the file once it is fixed, or ``recover``,
-        finds the result there."""
+        finds the result there. So does a row whose line a hand edit made a bad row (a typo in one of its
+        cells): the line cannot hold the result, and a bad line is no deletion."""
         try:
             with _telling_what_was_lost((claim, result)), self.transaction(claim.path) as shard:
-                return self._record(shard, claim, result)
-        except ShardHalfWritten:
-            return self._record_in_journal(claim, result)
+                if self._record(shard, claim, result):
+                    return True
+                behind = _behind_bad_row(shard, claim.row_id)
+        except ShardHalfWritten as err:
+            return self._record_in_journal(claim, result, **_why(err))
         except ShardError as err:
             return self._record_in_journal(claim, result, why=f"is unusable ({err.message})")
+        return behind is not None and self._record_in_journal(claim, result, why=behind, then=_ONCE_FIXED)
 
     def _record_in_journal(self, claim: Claim, result: Result, why: str = "looks half-written (an in-place save "
-                                                                          "in progress?)") -> bool:
-        """The shard cannot be written now (an in-place save in progress, or a hand edit that broke it):
-        record the result in the journal only. The next transaction that finds the file whole merges it
-        in; ``recover`` rebuilds the file."""
+                                                                          "in progress?)",
+                           then: str = "merged into the file once it is whole") -> bool:
+        """The shard cannot be written now (an in-place save in progress, or a hand edit that broke it), or
+        cannot hold the result (the row's line is a bad row): record the result in the journal only, if
+        the journal's latest state of the row is still this claim (a row the user deleted is gone from
+        it). The next transaction that finds the file whole, or the row's line fixed, merges it in (the
+        fixed line is a stale copy of the claim, and the result is newer); ``recover`` rebuilds the file."""
         path = claim.path
         with ShardLock(str(path) + ".lock", stale_s=self.lock_stale_s):
             journal = self.journal(path)
@@ -423,8 +498,8 @@ class GridStore:
                 return False
             journal.append({"sha": None, "rows": [shard.records[0]]})
         self._written.pop(path, None)
-        log.warning("%s %s: the result of row %s is kept in its journal and merged into the file once it is "
-                    "whole (`gridrunner recover` rebuilds it)", path.name, why, claim.row_id)
+        log.warning("%s %s: the result of row %s is kept in its journal and %s (`gridrunner recover` rebuilds "
+                    "it)", path.name, why, claim.row_id, then)
         return True
 
     @staticmethod
@@ -527,6 +602,30 @@ class GridStore:
             for fields in shard.records:
                 ids[fields[p]] = shard.path
         return ids
+
+
+def _why(err: ShardHalfWritten) -> dict:
+    return {"why": err.short} if err.short else {}
+
+
+#: How :meth:`GridStore._record_in_journal` ends its warning for a row behind a bad row.
+_ONCE_FIXED = "written to the file once its line is fixed"
+
+
+def _behind_bad_row(shard: Shard, row_id: str) -> str | None:
+    """Why a row that ``shard`` holds no valid line for may still be there: a bad row (a hand edit that
+    broke the row's line, such as a typo in its ``attempts`` cell) that the merge does not take for a
+    deletion (:func:`gridrunner.reconcile.merge` keeps every row hidden behind a bad row). None when the
+    shard has no bad row: the row was deleted. The journal decides which rows are hidden, so the caller
+    records the result there only if the journal still holds the row as this claim."""
+    if not shard.errors or shard.find(row_id) is not None:
+        return None
+    p = shard.n_params
+    for i, message in sorted(shard.errors.items()):
+        record = shard.records[i]
+        if len(record) > p and record[p] == row_id:
+            return f"holds row {row_id} only as a bad row (line {shard.lines[i]}: {message})"
+    return f"holds no valid line for row {row_id}, and has bad rows (one may be its line)"
 
 
 @contextmanager

@@ -629,3 +629,140 @@ def test_regression_a_stray_quote_in_one_row_makes_that_line_bad_and_every_later
     assert sorted(len(ran) for ran in by_row(executions(side)).values()) == [1] * 5
     text = shard.read_text()
     assert text.splitlines(keepends=True)[2] == bad and text.count("\n") == 7
+
+
+def test_regression_a_typo_in_a_running_rows_cell_keeps_its_claim_and_its_result_and_the_row_runs_once(
+        project, reaper):
+    """The tester's ``sed`` sets a running row's ``attempts`` to ``x`` and puts it back a few seconds later, after
+    the row ended. The bad line is not a deletion: the worker records the result in the journal (the line
+    cannot hold it), keeps nothing aside, and once the typo is fixed the row is done with that result and
+    does not run again."""
+    side = project / "executions.log"
+    grid = make_grid(project, _spec(side, 3, 1.5, 100))
+    shard = grid / "shards" / "shard-000.csv"
+    worker = reaper(subprocess.Popen(worker_cmd(grid, "--no-steal", "--no-linger"), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True))
+    assert wait_until(lambda: len(executions(side)) >= 1, 60)
+    (rid,) = [r[1] for r in _parse(shard.read_text())[1:] if r[2] == "running"]
+    text = shard.read_text()
+    assert f",{rid},running,1," in text
+    _save(shard, text.replace(f",{rid},running,1,", f",{rid},running,x,"), "rename")  # sed -i: a rename
+    # The row ends while its line is bad; the worker records it and goes on with the next row.
+    assert wait_until(lambda: len(executions(side)) >= 2, 60)
+    time.sleep(0.5)
+    text = shard.read_text()
+    assert f",{rid},running,x," in text, "the bad row was not kept as the user left it"
+    _save(shard, text.replace(f",{rid},running,x,", f",{rid},running,1,"), "rename")  # the typo fixed
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    final = cli("work", "--grid", str(grid), "--quiet", "--no-linger")  # in case the worker left before the fix
+    assert final.returncode == 0, final.stderr
+    got = rows(grid)
+    assert len(got) == 3 and {r["status"] for r in got.values()} == {"done"}, got
+    runs = by_row(executions(side))
+    assert sorted(len(ran) for ran in runs.values()) == [1] * 3, runs
+    assert got[rid]["token"] == repr(float(runs[rid][0].token))
+    assert got[rid]["attempts"] == "1"
+    assert list(grid.glob("rows/*/stale-result-*")) == []
+    assert "deleted from the shard by hand" not in err
+    assert f"holds row {rid} only as a bad row" in err and "written to the file once its line is fixed" in err, err
+
+
+def test_regression_status_and_load_show_a_stale_copy_saved_over_a_finished_grid_as_the_merge_will_make_it(project):
+    """A copy taken before the run, saved back over the finished grid while no worker is left: ``status`` and
+    ``gridrunner.load`` count the recorded results (the merge, computed without writing), say that the file
+    awaits a merge, and change no file; the next worker merges it and runs nothing again."""
+    import gridrunner
+    from gridrunner.analysis.rows import counts_sentence
+
+    side = project / "executions.log"
+    grid = make_grid(project, _spec(side, 6, 0.0, 3))
+    shards = sorted((grid / "shards").glob("shard-*.csv"))
+    stale = shards[0].read_text()
+    assert cli("work", "--grid", str(grid), "--quiet", "--no-linger").returncode == 0
+    assert len(executions(side)) == 6
+    _save(shards[0], stale, "rename")  # the editor's buffer, saved after the grid finished
+    before = {p: p.read_bytes() for p in sorted(grid.rglob("*")) if p.is_file()}
+    status = json.loads(cli("status", "--grid", str(grid), "--json").stdout)
+    assert status["finished"] and status["counts"]["done"] == 6 and status["counts"]["not_run"] == 0, status
+    assert status["unmerged_shards"] == 1 and [s["unmerged"] for s in status["shards"]] == [True, False]
+    text = cli("status", "--grid", str(grid)).stdout
+    assert "6/6 finished" in text and "ETA done" in text, text
+    assert "shard-000.csv was saved by hand since gridrunner last wrote it and is not merged yet" in text, text
+    df = gridrunner.load(grid)
+    assert list(df["status"]) == ["done"] * 6 and df.attrs["unmerged"] == ["shard-000.csv"]
+    assert df["token"].notna().all()
+    assert "shard-000.csv was saved by hand and not merged yet" in counts_sentence(df)
+    after = {p: p.read_bytes() for p in sorted(grid.rglob("*")) if p.is_file()}
+    assert after == before, "a reader wrote a file"
+    assert cli("work", "--grid", str(grid), "--quiet", "--no-linger").returncode == 0
+    assert len(executions(side)) == 6, "a finished row ran again"
+    assert {r["status"] for r in rows(grid).values()} == {"done"}
+    status = json.loads(cli("status", "--grid", str(grid), "--json").stdout)
+    assert status["unmerged_shards"] == 0 and status["counts"]["done"] == 6
+
+
+def test_regression_an_in_place_rewrite_that_pauses_at_a_line_end_loses_no_row_and_reruns_nothing(project, reaper):
+    """The tester's writer truncates the shard, writes the header and 3 rows, pauses 1.5 s, then writes the rest
+    (to the same open file). In the pause the file is whole CSV that lacks the last rows: a deletion by its
+    content alone. It is not merged while it is that young (a deletion of the file's last rows waits until
+    the file has not changed for 5 s), so nothing is renamed over the writer: its remaining lines reach the
+    file, every row is there and done, and none ran twice."""
+    side = project / "executions.log"
+    grid = make_grid(project, _spec(side, 10, 0.4, 100))
+    shard = grid / "shards" / "shard-000.csv"
+    worker = reaper(subprocess.Popen(worker_cmd(grid, "--no-steal", "--no-linger"), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True))
+    assert wait_until(lambda: sum(1 for r in executions(side).values() if r.finished) >= 4, 60)
+    lines = shard.read_text().splitlines(keepends=True)
+    with open(shard, "r+") as fh:
+        fh.truncate(0)
+        fh.write("".join(lines[:4]))
+        fh.flush()
+        time.sleep(1.5)  # workers record and claim meanwhile
+        fh.write("".join(lines[4:]))
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    final = cli("work", "--grid", str(grid), "--quiet", "--no-linger")
+    assert final.returncode == 0, final.stderr
+    got = rows(grid)
+    assert len(got) == 10 and {r["status"] for r in got.values()} == {"done"}, got
+    runs = by_row(executions(side))
+    assert sorted(len(ran) for ran in runs.values()) == [1] * 10, runs
+    for rid, record in got.items():
+        assert record["token"] == repr(float(runs[rid][0].token))
+    assert "applied" not in (grid / "journal" / "notes.log").read_text()  # no deletion was applied
+    assert "ends before its last rows" in err, err
+
+
+def test_regression_deleting_the_last_row_while_it_runs_is_applied_once_the_file_has_settled_and_keeps_its_result(
+        project, reaper):
+    """The documented limit of the line-end rule: a save that deletes the file's last row is merged only once
+    the file has not changed for 5 s. The deleted row, running when it was deleted, finishes meanwhile (its
+    result goes into the journal); once the deletion applies the row is gone from the shard and its result is
+    kept aside, as for any deleted running row."""
+    side = project / "executions.log"
+    grid = make_grid(project, _spec(side, 3, 1.0, 100))
+    shard = grid / "shards" / "shard-000.csv"
+    worker = reaper(subprocess.Popen(worker_cmd(grid, "--no-steal", "--no-linger"), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True))
+    assert wait_until(lambda: len(executions(side)) >= 3, 60)
+    records = _parse(shard.read_text())
+    assert records[-1][2] == "running"
+    rid = records[-1][1]
+    _save(shard, _render(records[:-1]), "rename")
+    saved_at = time.time()
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    assert "ends before its last rows" in err, err
+    assert shard.read_text() == _render(records[:-1]), "the young save was written over"
+    time.sleep(max(0.0, saved_at + 5.5 - time.time()))
+    final = cli("work", "--grid", str(grid), "--no-linger")
+    assert final.returncode == 0, final.stderr
+    got = rows(grid)
+    assert rid not in got and len(got) == 2 and {r["status"] for r in got.values()} == {"done"}, got
+    (aside,) = (grid / "rows" / rid).glob("stale-result-*.json")
+    (run,) = by_row(executions(side))[rid]
+    assert json.loads(aside.read_text())["metrics"]["token"] == float(run.token)
+    notes = (grid / "journal" / "notes.log").read_text()
+    assert f"deleted 1 row that finished after the copy was taken ({rid}: its result is kept aside)" in notes, notes
