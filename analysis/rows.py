@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pandas as pd
 
 from gridrunner.errors import GridError
@@ -126,6 +127,7 @@ def label_rows(df: pd.DataFrame, failure: str | None = None) -> pd.DataFrame:
         state[status.eq("done")] = "success"
         state[by_rule] = "failed_rule"
     out = df.copy()
+    infinite = infinite_params(df)
     from gridrunner.analysis.subgrids import find_union
 
     union = find_union(df)
@@ -140,7 +142,7 @@ def label_rows(df: pd.DataFrame, failure: str | None = None) -> pd.DataFrame:
         union.column = name
     out[STATE] = pd.Categorical(state, categories=STATES)
     out[FAILED] = state.map({"success": 0.0, "failed_exception": 1.0, "failed_rule": 1.0}).astype(float)
-    out.attrs = {**df.attrs, "failure": rule, "union": union}
+    out.attrs = {**df.attrs, "failure": rule, "union": union, "infinite": infinite}
     return out
 
 
@@ -168,6 +170,8 @@ def model_ready(column: pd.Series, present: pd.Series) -> pd.Series:
     levels in a fixed order: booleans ``false, true``; text sorted; lists in the order ``load`` gives.
     A ``null`` among a parameter's values is the level ``null`` (first, so it is the reference level),
     and a numeric parameter with ``null`` among its values becomes a categorical of its values' texts.
+    So does one with ``inf`` or ``-inf`` among them: no line has a slope through an infinite value, but
+    ``inf`` can be a level (``1, 2, inf``), and every table and plot can show it as one.
     Rows outside ``present`` (whose sub-grid lacks the parameter) stay missing.
     """
     null = column.isna() & present
@@ -176,7 +180,7 @@ def model_ready(column: pd.Series, present: pd.Series) -> pd.Series:
         labels = column.map(lambda v: None if pd.isna(v) else ("true" if bool(v) else "false")).astype(object)
         order = [v for v in ("false", "true") if (labels == v).any()]
     elif pd.api.types.is_numeric_dtype(dtype):
-        if not null.any():
+        if not null.any() and not has_infinity(column):
             return column
         labels = column.map(lambda v: None if pd.isna(v) else _number_text(v)).astype(object)
         order = sorted(set(labels.dropna()), key=lambda text: (float(text), text))  # -0.0 and 0.0 are two levels
@@ -191,6 +195,18 @@ def model_ready(column: pd.Series, present: pd.Series) -> pd.Series:
         labels = labels.where(~null, NULL_LEVEL)
         order = [NULL_LEVEL] + [v for v in order if v != NULL_LEVEL]
     return pd.Series(pd.Categorical(labels, categories=order), index=column.index, name=column.name)
+
+
+def has_infinity(column: pd.Series) -> bool:
+    """Whether a numeric column holds ``inf`` or ``-inf``."""
+    values = column.to_numpy(dtype=float, na_value=np.nan)
+    return bool(np.isinf(values).any())
+
+
+def infinite_params(df: pd.DataFrame) -> list[str]:
+    """The numeric parameters of ``df`` (from ``gridrunner.load``) with ``inf`` or ``-inf`` among their values."""
+    return [p for p in params_of(df) if pd.api.types.is_numeric_dtype(df[p].dtype)
+            and not pd.api.types.is_bool_dtype(df[p].dtype) and has_infinity(df[p])]
 
 
 def _all_bool(column: pd.Series) -> bool:

@@ -1,7 +1,7 @@
 """Every shard of a grid as one typed pandas DataFrame (``gridrunner.load``), for analysis and notebooks.
 
-Columns: the parameters (numbers, strings and booleans as such; list-valued parameters as
-categorical labels such as ``"[100, 100]"``), the bookkeeping columns (``status`` categorical,
+Columns: the parameters (numbers, strings and booleans as such; list-valued parameters, and numeric
+ones with NaN among their values, as categorical labels such as ``"[100, 100]"`` or ``"nan"``), the bookkeeping columns (``status`` categorical,
 ``attempts`` integer, ``runtime_s`` float, ``started_at``/``finished_at`` UTC datetimes) and the
 outcomes (float; an empty or non-numeric cell is NaN). ``df.attrs`` carries ``grid``, ``grid_dir``,
 ``params``, ``outcomes``, ``failure``, ``metric`` (the first outcome), ``spec`` and ``bad_rows``
@@ -77,6 +77,10 @@ def _typed_param(column, pd):
     if present and all(isinstance(v, bool) for v in present):
         return pd.Series(values, index=column.index, dtype="boolean")
     if present and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+        if any(v != v for v in present):  # NaN, a value of the spec's (``.nan``): a label, never "missing"
+            labels = [None if v is None else _number_label(v) for v in values]
+            order = sorted(set(label for label in labels if label is not None), key=_number_order)
+            return pd.Categorical(labels, categories=order)
         if all(isinstance(v, int) for v in present) and len(present) == len(values):
             return pd.Series(values, index=column.index, dtype="int64")
         return pd.Series(values, index=column.index, dtype=float)
@@ -85,3 +89,16 @@ def _typed_param(column, pd):
         order = list(dict.fromkeys(label for label in labels if label is not None))
         return pd.Categorical(labels, categories=order)
     return pd.Series(labels, index=column.index, dtype=object)
+
+
+def _number_label(value) -> str:
+    """``nan``, ``inf``, ``0.1``, ``3``: the text of a number as a level."""
+    if isinstance(value, float):
+        text = f"{value:g}"
+        return text if value != value or float(text) == value else repr(value)
+    return str(value)
+
+
+def _number_order(label: str):
+    value = float(label)
+    return (value != value, value, label)  # NaN last

@@ -139,3 +139,42 @@ def test_parameters_named_like_analysis_columns_or_formula_functions_are_analyse
     assert {"C(param_state)[T.b]", "param_failed", "C(param_subgrid)[T.true]", "C(C)[T.y]", "np"} <= set(model.index)
     assert model.loc["C(C)[T.y]", "estimate"] > 0.9
     assert "The parameter `state` is shown as `param_state`" in (analysed.report_dir / "report.md").read_text()
+
+
+def test_regression_a_numeric_parameter_with_infinite_values_is_modelled_as_levels(tmp_path):
+    # was: exit 3, "unexpected LinAlgError: SVD did not converge" (terms.unit_columns divided by an infinite norm)
+    for name, inf in (("inf", float("inf")), ("neginf", -float("inf"))):
+        spec = {**SYNTHETIC, "name": name, "grid": {"a": [1, 2, inf], "b": ["x", "y", "z"]}, "repeat": 2,
+                "fixed": {"effects": {"b": {'"y"': 1.0}}}}
+        analysed = analyse(make_and_run(tmp_path / name, spec))
+        check_contract(analysed)
+        assert analysed.exit_code == 0, analysed.output
+        text = (analysed.report_dir / "report.md").read_text()
+        assert "Formula: `score ~ C(a) + C(b)`" in text
+        assert "a has values that are not finite numbers" in text
+        levels = pd.read_csv(analysed.report_dir / "levels.csv", keep_default_na=False)
+        assert set(levels.loc[levels["param"] == "a", "level"]) == {"1", "2", "inf" if inf > 0 else "-inf"}
+
+
+def test_regression_a_parameter_with_the_largest_floats_is_not_collinear_with_the_intercept(tmp_path):
+    # was: "dropped a: collinear with the intercept" (the column's norm overflowed to inf, so it scaled to zeros)
+    spec = {**SYNTHETIC, "name": "huge", "grid": {"a": [1.7976931348623157e+308, -1.7976931348623157e+308, 0.0],
+                                                 "b": ["x", "y", "z"]}, "repeat": 2}
+    analysed = analyse(make_and_run(tmp_path, spec))
+    check_contract(analysed)
+    assert analysed.exit_code == 0, analysed.output
+    text = (analysed.report_dir / "report.md").read_text()
+    assert "collinear" not in text
+    assert "Formula: `score ~ C(a) + C(b)`" in text and "a reaches 1.79769e+308, too large a number to enter linearly" in text
+    model = pd.read_csv(analysed.report_dir / "outcome_model.csv")
+    assert model["estimate"].notna().all() and model["p_value"].notna().all()
+
+
+def test_regression_nan_among_a_parameters_values_is_a_level_of_its_own_not_null(tmp_path):
+    # was: the level "null", as if the spec had no value there
+    spec = {**SYNTHETIC, "name": "nan", "grid": {"a": [1, 2, float("nan")], "b": ["x", "y", "z"]}, "repeat": 2}
+    analysed = analyse(make_and_run(tmp_path, spec))
+    check_contract(analysed)
+    assert analysed.exit_code == 0, analysed.output
+    levels = pd.read_csv(analysed.report_dir / "levels.csv", keep_default_na=False)
+    assert list(levels.loc[levels["param"] == "a", "level"]) == ["1", "2", "nan"]

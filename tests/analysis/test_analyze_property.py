@@ -1,8 +1,8 @@
 """Property tests of `gridrunner analyze` over generated specs, through the real command line.
 
 Hypothesis generates specs over the space `make` accepts: every value type (bool, int, float, a mix of
-int and float, text with unicode, commas, quotes, formula-like and number-like text, null, lists,
-linked mappings), parameter names that are also formula functions or analysis columns, and every grid
+int and float, inf, -inf, NaN and floats near the largest, text with unicode, commas, quotes,
+formula-like and number-like text, null, lists, linked mappings), parameter names that are also formula functions or analysis columns, and every grid
 shape (unions whose sub-grids have different parameters, exclude, repeat, random samples, one level,
 one row, no failures, every row failed, rows still running or not run). The task is
 tests/analysis/synthetic.py, whose outcome and failures follow parameters the spec chooses. Each example
@@ -17,6 +17,7 @@ generated and what analyze did) to FILE.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -46,6 +47,8 @@ NAMES = ["a", "b", "lr", "act", "depth", "loss", "C", "np", "Q", "I", "state", "
 TRICKY_TEXT = ["=SUM(A1)", "+1", "-x", "@a", "a,b", 'say "hi"', "it's", "3", "1e5", "true", "null", "ünï", "日本",
                " lead", "C(x)", "np.log(x)", "a:b", "[T.x]", "(not set)", "x~y", "é,\"'"]
 
+EXTREME_FLOATS = [math.inf, -math.inf, math.nan, 1.7976931348623157e308, -1.7976931348623157e308, 1e-300, 0.0, 1.0, 2.5]
+
 text = st.one_of(st.sampled_from(TRICKY_TEXT), st.text(alphabet="abzé日,\"' =+-@:[]().~", min_size=1, max_size=6))
 scalar_lists = st.one_of(
     st.just([True, False]),
@@ -55,6 +58,8 @@ scalar_lists = st.one_of(
     st.lists(st.one_of(st.integers(1, 9), st.sampled_from([0.5, 2.5, 1e-4, 1e3])), min_size=2, max_size=4, unique_by=value_key),
     st.lists(text, min_size=1, max_size=4, unique=True),
     st.lists(st.lists(st.integers(0, 3), min_size=0, max_size=2), min_size=1, max_size=3, unique_by=value_key),
+    # numbers no line goes through: infinities, NaN, the largest floats (their squares overflow), the smallest
+    st.lists(st.sampled_from(EXTREME_FLOATS), min_size=1, max_size=4, unique_by=value_key),
 )
 
 
