@@ -127,7 +127,8 @@ def label_rows(df: pd.DataFrame, failure: str | None = None) -> pd.DataFrame:
         state[status.eq("done")] = "success"
         state[by_rule] = "failed_rule"
     out = df.copy()
-    infinite = infinite_params(df)
+    as_levels = {p: "values that are not finite numbers (inf or -inf)" for p in infinite_params(df)}
+    as_levels.update({p: "integers beyond the 64-bit range" for p in params_of(df) if _all_numbers(df[p])})
     from gridrunner.analysis.subgrids import find_union
 
     union = find_union(df)
@@ -142,7 +143,7 @@ def label_rows(df: pd.DataFrame, failure: str | None = None) -> pd.DataFrame:
         union.column = name
     out[STATE] = pd.Categorical(state, categories=STATES)
     out[FAILED] = state.map({"success": 0.0, "failed_exception": 1.0, "failed_rule": 1.0}).astype(float)
-    out.attrs = {**df.attrs, "failure": rule, "union": union, "infinite": infinite}
+    out.attrs = {**df.attrs, "failure": rule, "union": union, "as_levels": as_levels}
     return out
 
 
@@ -171,7 +172,8 @@ def model_ready(column: pd.Series, present: pd.Series) -> pd.Series:
     A ``null`` among a parameter's values is the level ``null`` (first, so it is the reference level),
     and a numeric parameter with ``null`` among its values becomes a categorical of its values' texts.
     So does one with ``inf`` or ``-inf`` among them: no line has a slope through an infinite value, but
-    ``inf`` can be a level (``1, 2, inf``), and every table and plot can show it as one.
+    ``inf`` can be a level (``1, 2, inf``), and every table and plot can show it as one. Integers beyond
+    int64 (which ``load`` keeps exact, in an object column) are levels too, in numeric order.
     Rows outside ``present`` (whose sub-grid lacks the parameter) stay missing.
     """
     null = column.isna() & present
@@ -188,6 +190,10 @@ def model_ready(column: pd.Series, present: pd.Series) -> pd.Series:
         labels = column.astype(object).astype(str).where(column.notna(), None)
         present_levels = set(labels.dropna())
         order = list(dict.fromkeys(str(c) for c in dtype.categories if str(c) in present_levels))
+    elif _all_numbers(column):  # integers beyond int64, kept exact by load: levels in numeric order
+        values = column.dropna().unique()
+        labels = column.map(lambda v: None if v is None or pd.isna(v) else _number_text(v)).astype(object)
+        order = list(dict.fromkeys(_number_text(v) for v in sorted(values)))
     else:
         labels = column.astype(object).astype(str).where(column.notna(), None)
         order = sorted(set(labels.dropna()))
@@ -207,6 +213,13 @@ def infinite_params(df: pd.DataFrame) -> list[str]:
     """The numeric parameters of ``df`` (from ``gridrunner.load``) with ``inf`` or ``-inf`` among their values."""
     return [p for p in params_of(df) if pd.api.types.is_numeric_dtype(df[p].dtype)
             and not pd.api.types.is_bool_dtype(df[p].dtype) and has_infinity(df[p])]
+
+
+def _all_numbers(column: pd.Series) -> bool:
+    """An object column of numbers (``load`` keeps integers beyond int64 so)."""
+    present = column.dropna()
+    return (len(present) > 0 and pd.api.types.is_object_dtype(column.dtype)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present))
 
 
 def _all_bool(column: pd.Series) -> bool:

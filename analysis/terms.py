@@ -159,9 +159,9 @@ def choose_terms(df: pd.DataFrame, response: str, params: list[str] | None = Non
             result.notes.append(f"dropped {param}: constant in the rows used{where} (every one has {only})")
             continue
         kind = kind_of(df, param)
-        if param in df.attrs.get("infinite", ()):
-            result.notes.append(f"{param} has values that are not finite numbers (inf or -inf), so it enters as "
-                                f"levels, C({param}), not as a line")
+        why = (df.attrs.get("as_levels") or {}).get(param)
+        if why:
+            result.notes.append(f"{param} has {why}, so it enters as levels, C({param}), not as a line")
         elif kind == "level" and is_numeric(df[param]):
             largest = df[param].abs().max()
             result.notes.append(f"{param} reaches {largest:g}, too large a number to enter linearly (its products "

@@ -1,7 +1,8 @@
 """Every shard of a grid as one typed pandas DataFrame (``gridrunner.load``), for analysis and notebooks.
 
-Columns: the parameters (numbers, strings and booleans as such; list-valued parameters, and numeric
-ones with NaN among their values, as categorical labels such as ``"[100, 100]"`` or ``"nan"``), the bookkeeping columns (``status`` categorical,
+Columns: the parameters (numbers, strings and booleans as such; integers beyond int64 as exact Python
+ints in an object column; list-valued parameters, and numeric ones with NaN among their values, as
+categorical labels such as ``"[100, 100]"`` or ``"nan"``), the bookkeeping columns (``status`` categorical,
 ``attempts`` integer, ``runtime_s`` float, ``started_at``/``finished_at`` UTC datetimes) and the
 outcomes (float; an empty or non-numeric cell is NaN). ``df.attrs`` carries ``grid``, ``grid_dir``,
 ``params``, ``outcomes``, ``failure``, ``metric`` (the first outcome), ``spec`` and ``bad_rows``
@@ -69,6 +70,9 @@ def load(grid_dir: str | Path | None = None):
     return df
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def _typed_param(column, pd):
     """Decode one parameter column: numbers stay numbers, lists become categorical labels."""
     values = [None if cell is None or cell == "" or (isinstance(cell, float) and cell != cell) else decode_cell(cell)
@@ -81,6 +85,10 @@ def _typed_param(column, pd):
             labels = [None if v is None else _number_label(v) for v in values]
             order = sorted(set(label for label in labels if label is not None), key=_number_order)
             return pd.Categorical(labels, categories=order)
+        if any(isinstance(v, int) and not INT64_MIN <= v <= INT64_MAX for v in present):
+            # beyond int64 (2**63, 10**30, 10**400): the exact Python ints; as floats some would merge
+            # (2**63 and 2**63 + 1) or overflow (10**400)
+            return pd.Series(values, index=column.index, dtype=object)
         if all(isinstance(v, int) for v in present) and len(present) == len(values):
             return pd.Series(values, index=column.index, dtype="int64")
         return pd.Series(values, index=column.index, dtype=float)

@@ -2,6 +2,7 @@
 `Error:` line and exit 1 where no model can be fitted; never exit 3. The first three are the grids that
 crashed it (issue 12)."""
 import pandas as pd
+import pytest
 
 from cli_runs import analyse, check_contract, make_and_run
 
@@ -178,3 +179,21 @@ def test_regression_nan_among_a_parameters_values_is_a_level_of_its_own_not_null
     assert analysed.exit_code == 0, analysed.output
     levels = pd.read_csv(analysed.report_dir / "levels.csv", keep_default_na=False)
     assert list(levels.loc[levels["param"] == "a", "level"]) == ["1", "2", "nan"]
+
+
+@pytest.mark.parametrize("values", [[1, 2, 9223372036854775808], [1, 2, 10**30], [-(10**400), 0, 10**400],
+                                    [9223372036854775807, 9223372036854775808, 9223372036854775809]])
+def test_regression_integers_outside_int64_are_loaded_and_analysed(tmp_path, values):
+    # was: exit 3, "unexpected OverflowError" in frame._typed_param (dtype int64)
+    import gridrunner
+
+    spec = {**SYNTHETIC, "name": "big", "grid": {"a": values, "b": ["x", "y", "z"]}, "repeat": 2}
+    grid = make_and_run(tmp_path, spec)
+    df = gridrunner.load(grid)
+    assert sorted(set(df["a"])) == sorted(values)  # every value is kept exactly, none merged with another
+    analysed = analyse(grid)
+    check_contract(analysed)
+    assert analysed.exit_code == 0, analysed.output
+    levels = pd.read_csv(analysed.report_dir / "levels.csv", keep_default_na=False, dtype=str)
+    assert list(levels.loc[levels["param"] == "a", "level"]) == [str(v) for v in sorted(values)]
+    assert "a has integers beyond the 64-bit range, so it enters as levels" in (analysed.report_dir / "report.md").read_text()

@@ -1,12 +1,13 @@
 """Property tests of `gridrunner analyze` over generated specs, through the real command line.
 
 Hypothesis generates specs over the space `make` accepts: every value type (bool, int, float, a mix of
-int and float, inf, -inf, NaN and floats near the largest, text with unicode, commas, quotes,
-formula-like and number-like text, null, lists, linked mappings), parameter names that are also formula functions or analysis columns, and every grid
-shape (unions whose sub-grids have different parameters, exclude, repeat, random samples, one level,
-one row, no failures, every row failed, rows still running or not run). The task is
-tests/analysis/synthetic.py, whose outcome and failures follow parameters the spec chooses. Each example
-runs `gridrunner make`, `gridrunner work --inline` and `gridrunner analyze`.
+int and float, inf, -inf, NaN, floats near the largest, integers beyond int64, text with unicode, commas,
+quotes, formula-like and number-like text, null, lists, linked mappings), parameter names that are also
+formula functions or analysis columns, and every grid shape (unions whose sub-grids have different
+parameters, exclude, repeat, random samples, one level, one row, no failures, every row failed, rows
+still running or not run). The task is tests/analysis/synthetic.py, whose outcome and failures follow
+parameters the spec chooses. Each example runs `gridrunner make`, `gridrunner work --inline` and
+`gridrunner analyze`.
 
 The runs are deterministic (``derandomize=True``) and small enough for CI. ``GRIDRUNNER_LONG_PROPERTY=1``
 runs many more examples (400 grids and 60 planted grids; an hour or more), ``GRIDRUNNER_PROPERTY_EXAMPLES=N``
@@ -48,6 +49,7 @@ TRICKY_TEXT = ["=SUM(A1)", "+1", "-x", "@a", "a,b", 'say "hi"', "it's", "3", "1e
                " lead", "C(x)", "np.log(x)", "a:b", "[T.x]", "(not set)", "x~y", "é,\"'"]
 
 EXTREME_FLOATS = [math.inf, -math.inf, math.nan, 1.7976931348623157e308, -1.7976931348623157e308, 1e-300, 0.0, 1.0, 2.5]
+HUGE_INTEGERS = [2**63, 2**63 + 1, -(2**63) - 1, 10**30, 10**400, 0, 7, 0.5]
 
 text = st.one_of(st.sampled_from(TRICKY_TEXT), st.text(alphabet="abzé日,\"' =+-@:[]().~", min_size=1, max_size=6))
 scalar_lists = st.one_of(
@@ -60,6 +62,8 @@ scalar_lists = st.one_of(
     st.lists(st.lists(st.integers(0, 3), min_size=0, max_size=2), min_size=1, max_size=3, unique_by=value_key),
     # numbers no line goes through: infinities, NaN, the largest floats (their squares overflow), the smallest
     st.lists(st.sampled_from(EXTREME_FLOATS), min_size=1, max_size=4, unique_by=value_key),
+    # integers beyond int64 (and beyond any float), alone or with floats
+    st.lists(st.sampled_from(HUGE_INTEGERS), min_size=1, max_size=4, unique_by=value_key),
 )
 
 
