@@ -246,8 +246,9 @@ def _sections(df: pd.DataFrame, report: Report, rates: pd.DataFrame, split_by: s
     summary.tables.append(("counts", state_counts(df)))
     if report.stopped:
         summary.text += [sentence + "." for sentence in report.stopped]
-    for param, shown in df.attrs.get("renamed", {}).items():
-        summary.text.append(f"The parameter `{param}` is shown as `{shown}`: the analysis uses `{param}` for a column of its own.")
+    for kind, key in (("parameter", "renamed"), ("outcome", "renamed_outcomes")):
+        for name, shown in (df.attrs.get(key) or {}).items():
+            summary.text.append(f"The {kind} `{name}` is shown as `{shown}`: the analysis uses `{name}` for a column of its own.")
     summary.tables.append(("failure_kinds", report.kinds))
     pruning = pruning_table(df)
     if len(pruning):

@@ -31,6 +31,13 @@ STATE_WORDS = {
 #: Columns :func:`label_rows` adds. ``failed`` is 1.0/0.0 for finished rows and NaN for unfinished ones;
 #: ``subgrid`` (unions of sub-grids with different parameters only) names each row's sub-grid group.
 STATE, FAILED, SUBGRID = "state", "failed", "subgrid"
+#: The column ``top_configurations`` numbers its rows with; ``budget_table``'s budget and row count;
+#: ``pair_rates``' counts.
+RANK, BUDGET, WITHIN, FINISHED, FAILURES, FAILURE_RATE = "rank", "budget_s", "rows_within", "finished", "failures", "failure_rate"
+#: Every column the analysis adds to a frame or puts in a table beside parameters and outcomes. A parameter
+#: or outcome with one of these names is shown as ``param_<name>`` or ``outcome_<name>`` (:func:`label_rows`),
+#: so no table has two columns of one name.
+RESERVED = (STATE, FAILED, SUBGRID, RANK, BUDGET, WITHIN, FINISHED, FAILURES, FAILURE_RATE)
 #: The level of a ``null`` value that the spec lists (``dropout: [null, 0.1]``).
 NULL_LEVEL = "null"
 #: Parameters that number replicates rather than choose a configuration; no model uses them as a term.
@@ -60,6 +67,7 @@ def resolve_metric(df: pd.DataFrame, metric: str | None = None) -> str:
     if isinstance(spec_metric, dict):
         spec_metric = spec_metric.get("name")
     metric = metric or spec_metric or df.attrs.get("metric") or (outcomes[0] if outcomes else None)
+    metric = (df.attrs.get("renamed_outcomes") or {}).get(metric, metric)  # the spec's name for it
     if metric is None:
         raise GridError("the grid has no outcome columns yet, so there is no metric to analyse")
     if metric not in df.columns:
@@ -107,11 +115,9 @@ def label_rows(df: pd.DataFrame, failure: str | None = None) -> pd.DataFrame:
     ``failure`` overrides the spec's failure rule. The copy keeps ``df.attrs`` and records the rule in
     force as ``attrs["failure"]``.
     """
-    for column in (STATE, FAILED):
-        if column in outcomes_of(df):
-            raise GridError(f"an outcome is named {column!r}, which the analysis reserves; rename it")
-    df = _rename_reserved_params(df)
     rule = resolve_failure(df, failure)
+    matches = rule_mask(df, rule) if rule else None  # on the names the spec and the worker use
+    df = _rename_reserved(df)
     status = df["status"].astype(str)
     error = df["error"].astype("string").fillna("") if "error" in df.columns else pd.Series("", index=df.index)
     by_rule = status.eq("failed") & error.str.startswith("rule:")
@@ -120,7 +126,6 @@ def label_rows(df: pd.DataFrame, failure: str | None = None) -> pd.DataFrame:
     state[status.eq("running")] = "running"
     state[status.eq("failed") & ~by_rule] = "failed_exception"
     if rule:
-        matches = rule_mask(df, rule)
         state[finished & matches] = "failed_rule"
         state[finished & ~matches] = "success"
     else:  # no rule in force: keep the worker's verdict
@@ -143,24 +148,33 @@ def label_rows(df: pd.DataFrame, failure: str | None = None) -> pd.DataFrame:
         union.column = name
     out[STATE] = pd.Categorical(state, categories=STATES)
     out[FAILED] = state.map({"success": 0.0, "failed_exception": 1.0, "failed_rule": 1.0}).astype(float)
-    out.attrs = {**df.attrs, "failure": rule, "union": union, "as_levels": as_levels}
+    out.attrs = {**df.attrs, "failure": rule, "union": union, "as_levels": as_levels, "labelled": True}
     return out
 
 
-def _rename_reserved_params(df: pd.DataFrame) -> pd.DataFrame:
-    """``df`` with a parameter named like a column the analysis adds (``state``, ``failed``, ``subgrid``)
-    renamed ``param_<name>``; ``attrs["renamed"]`` records it for the report."""
-    taken = [p for p in params_of(df) if p in (STATE, FAILED, SUBGRID)]
-    if not taken:
+def _rename_reserved(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with each parameter and outcome named like a column the analysis or its tables add
+    (:data:`RESERVED`) renamed ``param_<name>`` or ``outcome_<name>``; ``attrs["renamed"]`` (parameters)
+    and ``attrs["renamed_outcomes"]`` record it for the report and for :func:`resolve_metric`."""
+    names: dict[str, dict[str, str]] = {"param": {}, "outcome": {}}
+    taken = set(df.columns)
+    for kind, columns in (("param", params_of(df)), ("outcome", outcomes_of(df))):
+        for column in columns:
+            if column in RESERVED:
+                new = f"{kind}_{column}"
+                while new in taken:
+                    new = "_" + new
+                names[kind][column] = new
+                taken.add(new)
+    if not names["param"] and not names["outcome"]:
         return df
-    names = {}
-    for param in taken:
-        new = f"param_{param}"
-        while new in df.columns:
-            new = "_" + new
-        names[param] = new
-    out = df.rename(columns=names)
-    out.attrs = {**df.attrs, "params": [names.get(p, p) for p in df.attrs["params"]], "renamed": names}
+    out = df.rename(columns={**names["param"], **names["outcome"]})
+    attrs = dict(df.attrs)
+    attrs["params"] = [names["param"].get(p, p) for p in attrs.get("params", [])]
+    attrs["outcomes"] = [names["outcome"].get(o, o) for o in attrs.get("outcomes", [])]
+    if attrs.get("metric") in names["outcome"]:
+        attrs["metric"] = names["outcome"][attrs["metric"]]
+    out.attrs = {**attrs, "renamed": names["param"], "renamed_outcomes": names["outcome"]}
     return out
 
 
@@ -238,7 +252,7 @@ def _number_text(value) -> str:
 
 def ensure_labelled(df: pd.DataFrame, failure: str | None = None) -> pd.DataFrame:
     """``df`` itself when :func:`label_rows` already ran on it with the same rule, else a labelled copy."""
-    if STATE in df.columns and (failure is None or failure == df.attrs.get("failure")):
+    if df.attrs.get("labelled") and STATE in df.columns and (failure is None or failure == df.attrs.get("failure")):
         return df
     return label_rows(df, failure)
 

@@ -5,8 +5,10 @@ ints in an object column; list-valued parameters, and numeric ones with NaN amon
 categorical labels such as ``"[100, 100]"`` or ``"nan"``), the bookkeeping columns (``status`` categorical,
 ``attempts`` integer, ``runtime_s`` float, ``started_at``/``finished_at`` UTC datetimes) and the
 outcomes (float; an empty or non-numeric cell is NaN). ``df.attrs`` carries ``grid``, ``grid_dir``,
-``params``, ``outcomes``, ``failure``, ``metric`` (the first outcome), ``spec`` and ``bad_rows``
-(``[(shard, line, message)]`` for rows that were skipped because they break the contract).
+``params``, ``outcomes``, ``failure``, ``metric`` (the first outcome), ``spec``, ``bad_rows``
+(``[(shard, line, message)]`` for rows that were skipped because they break the contract) and
+``shard_column``: the column naming each row's shard file, ``shard`` (``_shard`` where a parameter or
+outcome is named ``shard``).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ def load(grid_dir: str | Path | None = None):
     bad_rows = []
     params: list[str] = []
     outcomes: list[str] = list(spec.get("outcomes") or [])
+    shards = []
     for path in store.shard_paths():
         try:
             shard = store.read(path)
@@ -38,12 +41,17 @@ def load(grid_dir: str | Path | None = None):
         bad_rows += [(path.name, line, message) for line, message in shard.bad_rows()]
         params += [name for name in shard.params if name not in params]
         outcomes += [name for name in shard.outcomes if name not in outcomes]
+        shards.append((path, shard))
+    shard_column = "shard"  # the file each row is in; "_shard" where a parameter or outcome is named shard
+    while shard_column in params + outcomes:
+        shard_column = "_" + shard_column
+    for path, shard in shards:
         rows = [shard.records[i] for i in shard.valid()]
         if rows:
             frame = pd.DataFrame(rows, columns=shard.header, dtype=object)
-            frame.insert(len(frame.columns), "shard", path.name)
+            frame.insert(len(frame.columns), shard_column, path.name)
             frames.append(frame)
-    columns = params + list(BOOK_COLUMNS) + outcomes + ["shard"]
+    columns = params + list(BOOK_COLUMNS) + outcomes + [shard_column]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns, dtype=object)
     df = df.reindex(columns=columns)
     for name in params:
@@ -66,6 +74,7 @@ def load(grid_dir: str | Path | None = None):
         "metric": outcomes[0] if outcomes else None,
         "spec": spec,
         "bad_rows": bad_rows,
+        "shard_column": shard_column,
     })
     return df
 

@@ -197,3 +197,50 @@ def test_regression_integers_outside_int64_are_loaded_and_analysed(tmp_path, val
     levels = pd.read_csv(analysed.report_dir / "levels.csv", keep_default_na=False, dtype=str)
     assert list(levels.loc[levels["param"] == "a", "level"]) == [str(v) for v in sorted(values)]
     assert "a has integers beyond the 64-bit range, so it enters as levels" in (analysed.report_dir / "report.md").read_text()
+
+
+#: Columns the report's tables add beside parameters and outcomes (rank in top.csv, ...), and the frame's shard.
+TABLE_COLUMNS = ["rank", "budget_s", "rows_within", "finished", "failures", "failure_rate", "shard"]
+
+
+@pytest.mark.parametrize("name", TABLE_COLUMNS + ["_score"])
+def test_regression_a_parameter_named_like_a_column_a_table_adds_is_shown_as_param_name(tmp_path, name):
+    # was: exit 3, "cannot insert rank, already exists" (tables.top_configurations), and likewise for the others
+    spec = {**SYNTHETIC, "name": "t", "grid": {name: [1, 2, 3], "b": ["x", "y"]}, "repeat": 2, "fixed": {"fail_share": 0.3}}
+    analysed = analyse(make_and_run(tmp_path, spec))
+    check_contract(analysed)
+    assert analysed.exit_code == 0, analysed.output
+    shown = name if name in ("shard", "_score") else f"param_{name}"
+    top = pd.read_csv(analysed.report_dir / "top.csv")
+    assert list(top.columns[:3]) == ["rank", shown, "b"]
+    assert sorted(set(top[shown])) <= [1, 2, 3]
+    front = pd.read_csv(analysed.report_dir / "pareto_front.csv")
+    assert set(front[shown]) <= {1, 2, 3}
+
+
+@pytest.mark.parametrize("name", TABLE_COLUMNS + ["state", "failed"])
+def test_regression_an_outcome_named_like_a_column_the_analysis_adds_is_shown_as_outcome_name(tmp_path, name):
+    # was: exit 3, "cannot insert rank, already exists" (tables.top_configurations), and likewise for the
+    # others; exit 1 for state and failed ("an outcome is named 'state', which the analysis reserves")
+    spec = {"task": "synthetic:run", "outcomes": ["score", name], "name": "t", "grid": {"a": [1, 2, 3], "b": ["x", "y"]},
+            "repeat": 2, "metric": "score"}
+    module = f"synthetic_as_{name.strip('_')}"  # one module per name: an imported module stays imported
+    (tmp_path / f"{module}.py").write_text(
+        "from synthetic import run as _run\n"
+        f"def run(params, ctx):\n    out = _run(params, ctx)\n    out[{name!r}] = out.pop('aux')\n    return out\n")
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        grid = make_and_run(tmp_path, {**spec, "task": f"{module}:run"})
+    finally:
+        sys.path.remove(str(tmp_path))
+    analysed = analyse(grid)
+    check_contract(analysed)
+    assert analysed.exit_code == 0, analysed.output
+    shown = name if name == "shard" else f"outcome_{name}"
+    top = pd.read_csv(analysed.report_dir / "top.csv")
+    assert list(top.columns) == ["rank", "a", "b", "seed", "score", shown, "runtime_s", "row_id"]
+    by_it = analyse(grid, "--metric", name, "--goal", "max")  # the spec's name for it
+    assert by_it.exit_code == 0, by_it.output
+    assert pd.read_csv(by_it.report_dir / "top.csv")[shown].is_monotonic_decreasing

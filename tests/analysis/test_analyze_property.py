@@ -2,8 +2,8 @@
 
 Hypothesis generates specs over the space `make` accepts: every value type (bool, int, float, a mix of
 int and float, inf, -inf, NaN, floats near the largest, integers beyond int64, text with unicode, commas,
-quotes, formula-like and number-like text, null, lists, linked mappings), parameter names that are also
-formula functions or analysis columns, and every grid shape (unions whose sub-grids have different
+quotes, formula-like and number-like text, null, lists, linked mappings), parameter and outcome names
+that are also formula functions or columns the analysis adds, and every grid shape (unions whose sub-grids have different
 parameters, exclude, repeat, random samples, one level, one row, no failures, every row failed, rows
 still running or not run). The task is tests/analysis/synthetic.py, whose outcome and failures follow
 parameters the spec chooses. Each example runs `gridrunner make`, `gridrunner work --inline` and
@@ -44,7 +44,11 @@ TIMEOUT = 12 * 3600 if LONG or SEED else 900
 def seeded(test):
     return seed(int(SEED))(test) if SEED else test
 
-NAMES = ["a", "b", "lr", "act", "depth", "loss", "C", "np", "Q", "I", "state", "failed", "subgrid", "δ", "x_1"]
+#: Parameter names: ordinary ones, formula functions, and the columns the analysis and its tables add.
+NAMES = ["a", "b", "lr", "act", "depth", "loss", "C", "np", "Q", "I", "state", "failed", "subgrid", "δ", "x_1",
+         "rank", "budget_s", "rows_within", "finished", "failures", "failure_rate", "shard", "_score"]
+#: Names of the second outcome (the synthetic task's ``aux``), some of them columns the tables add.
+AUX_NAMES = ["aux", "rank", "budget_s", "rows_within", "failures", "shard", "state", "failed"]
 TRICKY_TEXT = ["=SUM(A1)", "+1", "-x", "@a", "a,b", 'say "hi"', "it's", "3", "1e5", "true", "null", "ünï", "日本",
                " lead", "C(x)", "np.log(x)", "a:b", "[T.x]", "(not set)", "x~y", "é,\"'"]
 
@@ -94,7 +98,9 @@ def specs(draw):
         grid = [draw(subgrid(shared + names[1::2])), draw(subgrid(shared + names[2::2] or shared))]
     else:
         grid = draw(subgrid(names))
-    spec = {"name": "p", "task": "synthetic:run", "outcomes": ["score", "aux"], "grid": grid,
+    aux = draw(st.sampled_from(AUX_NAMES))
+    assume(aux not in names)
+    spec = {"name": "p", "task": "synthetic:run", "outcomes": ["score", aux], "grid": grid,
             "repeat": draw(st.integers(1, 3)), "max_len": draw(st.sampled_from([5, 100]))}
     first = grid[0] if isinstance(grid, list) else grid
     params = [p for p in first if p != "arch"]
@@ -105,7 +111,7 @@ def specs(draw):
         spec["random"] = {"n": draw(st.integers(1, 3)), "seed": 0,
                           "params": draw(st.sampled_from([{"r": {"uniform": [0, 1]}}, {"w": {"int": [1, 4]}},
                                                           {"opt": {"choice": ["adam", "sgd"]}}, {"lr_r": {"loguniform": [1e-4, 1e-1]}}]))}
-    fixed = {"noise": 0.05}
+    fixed = {"noise": 0.05, "aux_name": aux}
     driver = draw(st.sampled_from(params))
     fixed["effects"] = {driver: {value_key(v): draw(st.sampled_from([-1.0, 0.5, 2.0])) for v in first[driver]}}
     failures = draw(st.sampled_from(["none", "driver", "random", "all", "rule"]))
