@@ -246,6 +246,10 @@ def _sections(df: pd.DataFrame, report: Report, rates: pd.DataFrame, split_by: s
     summary.tables.append(("counts", state_counts(df)))
     if report.stopped:
         summary.text += [sentence + "." for sentence in report.stopped]
+    errors, first_error = df.attrs.get("rule_errors") or (0, None)
+    if errors:
+        summary.text.append(f"The failure rule cannot be evaluated on {errors} row{'s' * (errors != 1)} (first: {first_error}); "
+                            "it does not fire there (the worker records such a row as a RuleError).")
     for kind, key in (("parameter", "renamed"), ("outcome", "renamed_outcomes")):
         for name, shown in (df.attrs.get(key) or {}).items():
             summary.text.append(f"The {kind} `{name}` is shown as `{shown}`: the analysis uses `{name}` for a column of its own.")

@@ -97,16 +97,72 @@ def resolve_failure(df: pd.DataFrame, failure: str | None = None) -> str | None:
 
 
 def rule_mask(df: pd.DataFrame, rule: str) -> pd.Series:
-    """True where ``rule`` (gridrunner's expression language) holds; unreadable values never match."""
+    """True where ``rule`` (gridrunner's expression language) fires, judged as the worker judges it.
+
+    Row by row, with :meth:`gridrunner.expr.Expr.evaluate` on the values the worker's rule saw: the row's
+    parameters decoded from its shard cells (``attrs["row_params"]``, under the spec's names) and its
+    outcomes as Python floats. Unknown (a missing, None or NaN value, text against a number) never fires;
+    nor does a row where the rule cannot be evaluated (``log(0)``): the worker records that row as a
+    ``RuleError``. :func:`rule_errors` counts those rows.
+    """
+    return _judge(df, rule)[0]
+
+
+def rule_errors(df: pd.DataFrame, rule: str) -> tuple[int, str | None]:
+    """How many rows ``rule`` cannot be evaluated on (``log()`` of 0), and the first message."""
+    _, errors, first = _judge(df, rule)
+    return errors, first
+
+
+def _judge(df: pd.DataFrame, rule: str) -> tuple[pd.Series, int, str | None]:
+    from gridrunner.errors import ExprError
     from gridrunner.expr import parse
 
     expr = parse(rule)
-    expr.check_names(list(df.columns), "column")
+    params = {p: (df.attrs.get("renamed") or {}).get(p, p) for p in _spec_params(df)}  # spec name -> column
+    outcomes = {o: (df.attrs.get("renamed_outcomes") or {}).get(o, o) for o in _spec_outcomes(df)}
+    expr.check_names(list(params) + list(outcomes), "column")
     expr.check_condition()
-    result = expr.evaluate_frame(df)
-    if not isinstance(result, pd.Series):
-        result = pd.Series(bool(result), index=df.index)
-    return result.fillna(False).astype(bool)
+    used = expr.names
+    decoded = df.attrs.get("row_params")
+    ids = df["row_id"].astype(str).tolist() if "row_id" in df.columns else [None] * len(df)
+    typed = {name: _python_values(df[column]) for name, column in params.items() if name in used}
+    numbers = {name: _python_values(df[column]) for name, column in outcomes.items() if name in used}
+    fired, errors, first = [], 0, None
+    for i, row_id in enumerate(ids):
+        if decoded is not None and row_id in decoded:
+            values = decoded[row_id]
+        else:  # a frame not from gridrunner.load: its typed values
+            values = {name: column[i] for name, column in typed.items() if column[i] is not _ABSENT}
+        values.update({name: column[i] for name, column in numbers.items() if column[i] is not _ABSENT})
+        try:
+            fired.append(expr.evaluate(values) is True)
+        except ExprError as err:
+            fired.append(False)
+            errors += 1
+            first = first or str(err)
+    return pd.Series(fired, index=df.index, dtype=bool), errors, first
+
+
+_ABSENT = object()
+
+
+def _spec_params(df: pd.DataFrame) -> list[str]:
+    back = {new: old for old, new in (df.attrs.get("renamed") or {}).items()}
+    return [back.get(p, p) for p in params_of(df)]
+
+
+def _spec_outcomes(df: pd.DataFrame) -> list[str]:
+    back = {new: old for old, new in (df.attrs.get("renamed_outcomes") or {}).items()}
+    return [back.get(o, o) for o in outcomes_of(df)]
+
+
+def _python_values(column: pd.Series) -> list:
+    """A column as plain Python values (``_ABSENT`` where missing), as a rule reads them: numpy's
+    float64 divides by zero into inf, where Python's division gives the rule's NaN."""
+    values = column.astype(object).tolist()
+    return [_ABSENT if v is None or v is pd.NA or (isinstance(v, float) and v != v) else
+            (v.item() if hasattr(v, "item") else v) for v in values]
 
 
 def label_rows(df: pd.DataFrame, failure: str | None = None) -> pd.DataFrame:
@@ -116,7 +172,7 @@ def label_rows(df: pd.DataFrame, failure: str | None = None) -> pd.DataFrame:
     force as ``attrs["failure"]``.
     """
     rule = resolve_failure(df, failure)
-    matches = rule_mask(df, rule) if rule else None  # on the names the spec and the worker use
+    matches, errors, first_error = _judge(df, rule) if rule else (None, 0, None)  # as the worker judged it
     df = _rename_reserved(df)
     status = df["status"].astype(str)
     error = df["error"].astype("string").fillna("") if "error" in df.columns else pd.Series("", index=df.index)
@@ -148,7 +204,8 @@ def label_rows(df: pd.DataFrame, failure: str | None = None) -> pd.DataFrame:
         union.column = name
     out[STATE] = pd.Categorical(state, categories=STATES)
     out[FAILED] = state.map({"success": 0.0, "failed_exception": 1.0, "failed_rule": 1.0}).astype(float)
-    out.attrs = {**df.attrs, "failure": rule, "union": union, "as_levels": as_levels, "labelled": True}
+    out.attrs = {**df.attrs, "failure": rule, "union": union, "as_levels": as_levels, "labelled": True,
+                 "rule_errors": (errors, first_error)}
     return out
 
 

@@ -8,7 +8,8 @@ outcomes (float; an empty or non-numeric cell is NaN). ``df.attrs`` carries ``gr
 ``params``, ``outcomes``, ``failure``, ``metric`` (the first outcome), ``spec``, ``bad_rows``
 (``[(shard, line, message)]`` for rows that were skipped because they break the contract) and
 ``shard_column``: the column naming each row's shard file, ``shard`` (``_shard`` where a parameter or
-outcome is named ``shard``).
+outcome is named ``shard``), and ``row_params`` (:class:`RowParams`: each row's parameters by row id, as
+the worker decoded them).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from gridrunner.errors import ShardError
 from gridrunner.grid import find_grid, read_resolved
 from gridrunner.spec import BOOK_COLUMNS, STATUSES, decode_cell
+from gridrunner.shardfile import decode_params
 from gridrunner.store import GridStore
 
 
@@ -45,8 +47,12 @@ def load(grid_dir: str | Path | None = None):
     shard_column = "shard"  # the file each row is in; "_shard" where a parameter or outcome is named shard
     while shard_column in params + outcomes:
         shard_column = "_" + shard_column
+    cells = RowParams()
     for path, shard in shards:
         rows = [shard.records[i] for i in shard.valid()]
+        names = tuple(shard.params)
+        for fields in rows:
+            cells.add(fields[len(names)], names, fields[:len(names)])
         if rows:
             frame = pd.DataFrame(rows, columns=shard.header, dtype=object)
             frame.insert(len(frame.columns), shard_column, path.name)
@@ -75,8 +81,39 @@ def load(grid_dir: str | Path | None = None):
         "spec": spec,
         "bad_rows": bad_rows,
         "shard_column": shard_column,
+        "row_params": cells,
     })
     return df
+
+
+class RowParams:
+    """Each row's parameter cells by row id; ``row_params[row_id]`` decodes them exactly as a worker decodes
+    the row it claims (:func:`gridrunner.shardfile.decode_params`), so a rule evaluated on them sees the
+    values the worker's did: lists as lists, ``2**63`` as an int, NaN as NaN (the typed columns cannot all
+    say so). Kept in ``df.attrs``, which pandas deep-copies on every operation: it is never copied, as
+    nothing changes it once ``load`` has filled it."""
+
+    def __init__(self):
+        self._cells: dict[str, tuple] = {}
+
+    def add(self, row_id: str, names: tuple, cells) -> None:
+        self._cells[row_id] = (names, tuple(cells))
+
+    def __contains__(self, row_id) -> bool:
+        return row_id in self._cells
+
+    def __getitem__(self, row_id: str) -> dict:
+        names, cells = self._cells[row_id]
+        return decode_params(names, cells)
+
+    def __len__(self) -> int:
+        return len(self._cells)
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
 
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1

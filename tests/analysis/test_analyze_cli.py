@@ -244,3 +244,51 @@ def test_regression_an_outcome_named_like_a_column_the_analysis_adds_is_shown_as
     by_it = analyse(grid, "--metric", name, "--goal", "max")  # the spec's name for it
     assert by_it.exit_code == 0, by_it.output
     assert pd.read_csv(by_it.report_dir / "top.csv")[shown].is_monotonic_decreasing
+
+
+def _worker_verdicts(grid):
+    """Row id -> whether the worker's failure rule fired (``rule: ...``), over rows that finished."""
+    return {row["row_id"]: row["error"].startswith("rule:") for row in _rows(grid)
+            if row["status"] == "done" or row["error"].startswith("rule:")}
+
+
+def _analysis_verdicts(grid):
+    import gridrunner
+    from gridrunner.analysis.rows import label_rows
+
+    labelled = label_rows(gridrunner.load(grid))
+    finished = labelled[labelled["state"].isin(["success", "failed_rule"])]
+    return dict(zip(finished["row_id"], finished["state"].eq("failed_rule")))
+
+
+@pytest.mark.parametrize("grid, rule", [
+    ({"a": [0, 1, 2], "b": ["x", "y"]}, "b > 1"),  # text against a number: unknown to the worker, TypeError here
+    ({"l": [[1, 2], [3, 4], [5]], "b": ["x", "y"]}, "l == [1, 2]"),
+    ({"l": [[1, 2], [3, 4], [5]], "b": ["x", "y"]}, "sum(l) > 6"),
+    ({"l": [[1, 2], [3, 4], [5]], "b": ["x", "y"]}, "len(l) > 1 and score < 0.5"),
+    ({"l": [["a", "b"], ["c"], ["a"]], "b": ["x", "y"]}, "'a' in l"),
+    ({"a": [0, 1, 2], "b": ["x", "y"]}, "score / a > 0.5"),  # a = 0: NaN to the worker, inf column-wise
+    ({"state": ["p", "q"], "failed": [1, 2], "subgrid": [True, False]}, "state == 'p' and failed == 1 and subgrid"),
+])
+def test_regression_analyze_judges_the_failure_rule_as_the_worker_did(tmp_path, grid, rule):
+    # was: exit 3 (TypeError, "Lengths must match", ...), or other rows failed than the worker's (4 for its 1,
+    # 0 for its 4; inf where the worker had NaN), or "unknown column 'state'"
+    spec = {**SYNTHETIC, "name": "rule", "grid": grid, "repeat": 3, "failure": rule,
+            "fixed": {"effects": {next(iter(grid)): {"0": 2.0, '"p"': 2.0, "[1,2]": 2.0, '["a","b"]': 2.0}}}}
+    grid_dir = make_and_run(tmp_path, spec)
+    worker = _worker_verdicts(grid_dir)
+    assert len(worker) == len(_rows(grid_dir))
+    analysed = analyse(grid_dir)
+    check_contract(analysed)
+    assert analysed.exit_code == 0, analysed.output
+    assert _analysis_verdicts(grid_dir) == worker
+
+
+def test_a_failure_rule_that_cannot_be_evaluated_on_some_rows_is_said_so_and_does_not_fire_there(tmp_path):
+    grid = make_and_run(tmp_path, {**SYNTHETIC, "name": "err", "grid": {"a": [0, 1, 2], "b": ["x", "y"]}, "repeat": 2})
+    analysed = analyse(grid, "--failure", "log(a) > 0.5")
+    check_contract(analysed)
+    assert analysed.exit_code == 0, analysed.output
+    text = (analysed.report_dir / "report.md").read_text()
+    assert "The failure rule cannot be evaluated on 4 rows (first: log() failed: math domain error" in text
+    assert "8 done, 0 failed by exception, 4 failed by rule" in analysed.output

@@ -168,6 +168,92 @@ def test_every_generated_grid_is_analysed_or_refused_with_one_error_line(generat
         check_contract(analysed)
 
 
+# ----------------------------------------------------------------------------- failure rules
+
+def literal(value) -> str | None:
+    """``value`` written in the rule language, or None where it has no literal (inf, NaN, [])."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if isinstance(value, list) and value:
+        items = [literal(item) for item in value]
+        return None if None in items else "[" + ", ".join(items) + "]"
+    return None
+
+
+@st.composite
+def conditions(draw, grid: dict):
+    """One condition over a parameter of ``grid`` (or the outcome ``score``), of any of the language's kinds."""
+    param = draw(st.sampled_from([p for p in grid if p != "arch"]))
+    value = draw(st.sampled_from(grid[param]))
+    number = draw(st.sampled_from(["0", "1", "0.5", "-2", "1e300"]))
+    shapes = [f"{param} > {number}", f"{param} <= {number}", f"score / {param} > 0.5", f"score * {param} < {number}",
+              f"len({param}) > 1", f"sum({param}) > 2", f"score < {number}", f"{param} ** 2 > {number}"]
+    text = literal(value)
+    if text is not None:
+        shapes += [f"{param} == {text}", f"{param} != {text}", f"{param} in [{text}, 0]"]
+        if not isinstance(value, list):
+            shapes.append(f"{text} in {param}")
+    return draw(st.sampled_from(shapes))
+
+
+@st.composite
+def ruled_specs(draw):
+    """A generated spec whose failure rule is a generated condition over its own parameters and outcome."""
+    spec, shape = draw(specs())
+    first = spec["grid"][0] if isinstance(spec["grid"], list) else spec["grid"]
+    rule = draw(st.recursive(conditions(first), lambda inner: st.one_of(
+        st.builds(lambda x: f"not ({x})", inner),
+        st.builds(lambda x, op, y: f"({x}) {op} ({y})", inner, st.sampled_from(["and", "or"]), inner)), max_leaves=3))
+    spec["failure"] = rule
+    spec["fixed"].pop("fail_share", None)
+    return spec, shape
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT)
+@seeded
+@settings(max_examples=EXAMPLES, derandomize=not SEED, database=None, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
+@given(generated=ruled_specs())
+def test_analyze_labels_the_rows_the_worker_failed_by_rule_and_no_others(generated):
+    """For generated grids and generated failure rules (text against numbers, lists, zero divisors,
+    overflowing powers, rows that lack a parameter), the rows the analysis labels ``failed_rule`` are the
+    rows the worker recorded as ``rule: ...``, and the rows where the rule raised (``RuleError``) are
+    failed by exception in both."""
+    import csv
+
+    import gridrunner
+    from gridrunner.analysis.rows import label_rows
+
+    spec, _ = generated
+    assume(_rows_of(spec) <= MAX_ROWS)
+    with tempfile.TemporaryDirectory() as root:
+        root = Path(root)
+        spec_path = root / "p.yaml"
+        import yaml
+
+        spec_path.write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        made = invoke("make", spec_path, "--runs", root / "check", "--dry-run")
+        assert made.exit_code in (0, 1), made.output
+        assume(made.exit_code == 0)
+        grid = make_and_run(root / "run", spec)
+        rows = [row for path in sorted((grid / "shards").glob("*.csv")) for row in csv.DictReader(open(path, encoding="utf-8"))]
+        labelled = label_rows(gridrunner.load(grid))
+        _record({"spec": spec, "rule": spec["failure"], "fired": sum(r["error"].startswith("rule:") for r in rows),
+                 "rule_errors": sum(r["error"].startswith("RuleError") for r in rows), "rows": len(rows)})
+    worker = {r["row_id"]: ("failed_rule" if r["error"].startswith("rule:") else
+                            "success" if r["status"] == "done" else "failed_exception") for r in rows}
+    assert dict(zip(labelled["row_id"], labelled["state"].astype(str))) == worker, spec["failure"]
+
+
 # ----------------------------------------------------------------------------- planted effects
 
 @st.composite
