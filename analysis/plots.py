@@ -38,6 +38,11 @@ def _figure(width: float = 7.0, height: float = 4.5) -> Figure:
     return Figure(figsize=(width, height), layout="constrained", dpi=100)
 
 
+def message_figure(title: str, message: str) -> Figure:
+    """A figure that only says something (no data to draw, or data that cannot be drawn)."""
+    return _empty(title, message)
+
+
 def _empty(title: str, message: str) -> Figure:
     fig = _figure(6, 2.5)
     ax = fig.add_subplot()

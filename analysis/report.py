@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from gridrunner.analysis import plots
@@ -78,6 +79,8 @@ class Report:
     made_at: str
     versions: dict[str, str]
     files: list[Path] = field(default_factory=list)
+    #: Figures that could not be drawn (file name -> why), each replaced by a figure that says so.
+    undrawn: dict[str, str] = field(default_factory=dict)
 
     @property
     def html_path(self) -> Path:
@@ -217,9 +220,19 @@ def _response(formula: str) -> str:
     return formula.split("~", 1)[0].strip() if "~" in formula else formula
 
 
-def _save(fig, out_dir: Path, name: str, report: Report) -> str:
+def _save(draw, out_dir: Path, name: str, report: Report) -> str:
+    """Draw the figure ``draw()`` returns into ``<name>.png``. Where matplotlib cannot draw the data
+    (axis limits past the largest float: "arange: cannot compute length", a histogram of such values), the
+    file says so in words instead, and :attr:`Report.undrawn` records why for the section's text."""
     path = out_dir / f"{name}.png"
-    fig.savefig(path, dpi=100)
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            fig = draw()
+            fig.savefig(path, dpi=100)
+    except (ValueError, OverflowError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
+        report.undrawn[path.name] = f"matplotlib cannot draw these values ({reason})"
+        plots.message_figure(name.replace("_", " "), f"Not drawn: {report.undrawn[path.name]}.").savefig(path, dpi=100)
     report.files.append(path)
     return path.name
 
@@ -257,7 +270,7 @@ def _sections(df: pd.DataFrame, report: Report, rates: pd.DataFrame, split_by: s
     pruning = pruning_table(df)
     if len(pruning):
         summary.tables.append(("pruning", pruning))
-    summary.images.append((_save(plots.runtime_histogram(df), out, "runtime_histogram", report), "Runtime histogram"))
+    summary.images.append((_save(lambda: plots.runtime_histogram(df), out, "runtime_histogram", report), "Runtime histogram"))
     sections.append(summary)
 
     compute = Section(f"Compute: {metric} against runtime", [
@@ -267,7 +280,7 @@ def _sections(df: pd.DataFrame, report: Report, rates: pd.DataFrame, split_by: s
     ])
     compute.tables.append(("pareto_front", report.front))
     compute.tables.append(("runtime_budgets", report.budgets))
-    compute.images.append((_save(plots.metric_vs_runtime(df, metric, goal=report.goal, budgets=report.budgets), out, "metric_vs_runtime", report), f"{metric} vs runtime"))
+    compute.images.append((_save(lambda: plots.metric_vs_runtime(df, metric, goal=report.goal, budgets=report.budgets), out, "metric_vs_runtime", report), f"{metric} vs runtime"))
     sections.append(compute)
 
     fit = report.outcome
@@ -276,7 +289,7 @@ def _sections(df: pd.DataFrame, report: Report, rates: pd.DataFrame, split_by: s
     outcome.tables.append(("outcome_model", fit.table[COLUMNS]))
     if "anova" in fit.extra:
         outcome.tables.append(("outcome_anova", fit.extra["anova"]))
-    outcome.images.append((_save(plots.coefficient_plot(fit, f"effect on {metric} (95% interval; dark: p < 0.05)"), out, "outcome_coefficients", report), "Outcome coefficients"))
+    outcome.images.append((_save(lambda: plots.coefficient_plot(fit, f"effect on {metric} (95% interval; dark: p < 0.05)"), out, "outcome_coefficients", report), "Outcome coefficients"))
     sections.append(outcome)
 
     fit = report.failure_fit
@@ -291,9 +304,9 @@ def _sections(df: pd.DataFrame, report: Report, rates: pd.DataFrame, split_by: s
     for key, caption in (("logit", "failure_logit"), ("firth_logit", "failure_firth_logit"), ("lpm", "failure_lpm"), ("term_tests", "failure_term_tests")):
         if key in fit.extra:
             failing.tables.append((caption, fit.extra[key][COLUMNS] if key != "term_tests" else fit.extra[key]))
-    failing.images.append((_save(plots.coefficient_plot(fit, "change in failure probability (95% interval; dark: p < 0.05)"), out, "failure_coefficients", report), "Failure effects"))
+    failing.images.append((_save(lambda: plots.coefficient_plot(fit, "change in failure probability (95% interval; dark: p < 0.05)"), out, "failure_coefficients", report), "Failure effects"))
     failing.tables.append(("failure_rates", rates))
-    failing.images.append((_save(plots.failure_rate_by_parameter(df), out, "failure_rate_by_parameter", report), "Failure rate by parameter"))
+    failing.images.append((_save(lambda: plots.failure_rate_by_parameter(df), out, "failure_rate_by_parameter", report), "Failure rate by parameter"))
     failing.tables.append(("failure_interactions", report.interactions))
     for row in report.interactions[report.interactions["stands_out"]].head(MAX_PAIRS).itertuples():
         failing.text.append(f"The failure rate of {row.param_a} × {row.param_b} is not additive (F = {row.F:.1f}, p = {row.p_value:.2g}); see the cell table.")
@@ -309,9 +322,9 @@ def _sections(df: pd.DataFrame, report: Report, rates: pd.DataFrame, split_by: s
     tables.tables.append(("top", report.top))
     tables.tables.append(("levels", level_summary(df, metric)))
     tables.tables.append(("runtime", runtime_by_level(df)))
-    tables.images.append((_save(plots.metric_by_parameter(df, metric), out, "metric_by_parameter", report), f"{metric} by parameter"))
-    tables.images.append((_save(plots.metric_histogram(df, metric, split, thresholds=thresholds, benchmark=benchmark_value(df, metric)), out, "metric_histogram", report), f"{metric} histogram"))
-    tables.images.append((_save(plots.learning_curves(df, metric, goal=report.goal), out, "learning_curves", report), "Learning curves"))
+    tables.images.append((_save(lambda: plots.metric_by_parameter(df, metric), out, "metric_by_parameter", report), f"{metric} by parameter"))
+    tables.images.append((_save(lambda: plots.metric_histogram(df, metric, split, thresholds=thresholds, benchmark=benchmark_value(df, metric)), out, "metric_histogram", report), f"{metric} histogram"))
+    tables.images.append((_save(lambda: plots.learning_curves(df, metric, goal=report.goal), out, "learning_curves", report), "Learning curves"))
     sections.append(tables)
     return sections
 
@@ -345,7 +358,11 @@ def _markdown(report: Report, sections: list[Section]) -> str:
         lines += [text for text in section.text if text] + [""]
         for caption, table in section.tables:
             lines += [f"**{caption}** (`{_slug(caption)}.csv`)", ""] + _markdown_table(table) + [""]
-        lines += [f"![{alt}]({path})" for path, alt in section.images] + [""]
+        for path, alt in section.images:
+            lines.append(f"![{alt}]({path})")
+            if path in report.undrawn:
+                lines.append(f"({alt}: not drawn, {report.undrawn[path]}.)")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -382,6 +399,8 @@ def _html(report: Report, sections: list[Section]) -> str:
         body += [f"<p>{inline(text)}</p>" for text in section.text if text]
         for path, alt in section.images:
             body.append(f'<img src="{html.escape(path)}" alt="{html.escape(alt)}">')
+            if path in report.undrawn:
+                body.append(f"<p>({html.escape(alt)}: not drawn, {html.escape(report.undrawn[path])}.)</p>")
         for caption, table in section.tables:
             body.append(f'<h3>{html.escape(caption)} <small>(<a href="{_slug(caption)}.csv">CSV</a>)</small></h3>')
             shown = table.head(200)

@@ -292,3 +292,24 @@ def test_a_failure_rule_that_cannot_be_evaluated_on_some_rows_is_said_so_and_doe
     text = (analysed.report_dir / "report.md").read_text()
     assert "The failure rule cannot be evaluated on 4 rows (first: log() failed: math domain error" in text
     assert "8 done, 0 failed by exception, 4 failed by rule" in analysed.output
+
+
+def test_regression_a_metric_near_the_largest_float_writes_the_report_and_importance_says_why_not(tmp_path, monkeypatch):
+    # was: exit 3 in importance.py, "Input contains infinity or a value too large for dtype('float64')"
+    (tmp_path / "task_huge.py").write_text("def run(params, ctx):\n"
+                                           "    if (params['a'] + params['seed'] + len(params['b'])) % 4 == 0:\n"
+                                           "        raise RuntimeError('planted')\n"
+                                           "    return {'score': 1.7e308 * (params['a'] - 2) / (1 + (params['b'] == 'x'))}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = {"task": "task_huge:run", "outcomes": ["score"], "name": "huge", "grid": {"a": [1, 2, 3], "b": ["x", "y", "z"]},
+            "repeat": 4}
+    analysed = analyse(make_and_run(tmp_path, spec))
+    check_contract(analysed)
+    assert analysed.exit_code == 0, analysed.output
+    text = (analysed.report_dir / "report.md").read_text()
+    assert "Not fitted: score reaches 1.7e+308, too large for least squares" in text
+    section = text[text.index("## Importance"):text.index("## Configurations")]
+    assert "Note: score reaches 1.7e+308: it was divided by that before the forest was fitted" in section, section
+    importance = pd.read_csv(analysed.report_dir / "importance.csv")
+    assert importance.loc[0, "effect"] == "a" and importance["variance_share"].between(0, 1).all()
+    assert "(score histogram: not drawn, matplotlib cannot draw these values" in text

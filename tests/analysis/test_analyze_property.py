@@ -1,13 +1,13 @@
 """Property tests of `gridrunner analyze` over generated specs, through the real command line.
 
 Hypothesis generates specs over the space `make` accepts: every value type (bool, int, float, a mix of
-int and float, inf, -inf, NaN, floats near the largest, integers beyond int64, text with unicode, commas,
-quotes, formula-like and number-like text, null, lists, linked mappings), parameter and outcome names
-that are also formula functions or columns the analysis adds, and every grid shape (unions whose sub-grids have different
-parameters, exclude, repeat, random samples, one level, one row, no failures, every row failed, rows
-still running or not run). The task is tests/analysis/synthetic.py, whose outcome and failures follow
-parameters the spec chooses. Each example runs `gridrunner make`, `gridrunner work --inline` and
-`gridrunner analyze`.
+int and float, inf, -inf, NaN, floats near the largest, integers beyond int64, text with unicode,
+commas, quotes, formula-like and number-like text, null, lists, linked mappings), parameter and outcome
+names that are also formula functions or columns the analysis adds, metrics near the largest float, and
+every grid shape (unions whose sub-grids have different parameters, exclude, repeat, random samples, one
+level, one row, no failures, every row failed, rows still running or not run). The task is
+tests/analysis/synthetic.py, whose outcome and failures follow parameters the spec chooses. Each example
+runs `gridrunner make`, `gridrunner work --inline` and `gridrunner analyze`.
 
 The runs are deterministic (``derandomize=True``) and small enough for CI. ``GRIDRUNNER_LONG_PROPERTY=1``
 runs many more examples (400 grids and 60 planted grids; an hour or more), ``GRIDRUNNER_PROPERTY_EXAMPLES=N``
@@ -53,6 +53,8 @@ TRICKY_TEXT = ["=SUM(A1)", "+1", "-x", "@a", "a,b", 'say "hi"', "it's", "3", "1e
                " lead", "C(x)", "np.log(x)", "a:b", "[T.x]", "(not set)", "x~y", "é,\"'"]
 
 EXTREME_FLOATS = [math.inf, -math.inf, math.nan, 1.7976931348623157e308, -1.7976931348623157e308, 1e-300, 0.0, 1.0, 2.5]
+EFFECT_SIZES = [-1.0, 0.5, 2.0]
+HUGE_EFFECT_SIZES = [-1.7e308, 1e308, 1.7e308, 0.0]
 HUGE_INTEGERS = [2**63, 2**63 + 1, -(2**63) - 1, 10**30, 10**400, 0, 7, 0.5]
 
 text = st.one_of(st.sampled_from(TRICKY_TEXT), st.text(alphabet="abzé日,\"' =+-@:[]().~", min_size=1, max_size=6))
@@ -113,7 +115,8 @@ def specs(draw):
                                                           {"opt": {"choice": ["adam", "sgd"]}}, {"lr_r": {"loguniform": [1e-4, 1e-1]}}]))}
     fixed = {"noise": 0.05, "aux_name": aux}
     driver = draw(st.sampled_from(params))
-    fixed["effects"] = {driver: {value_key(v): draw(st.sampled_from([-1.0, 0.5, 2.0])) for v in first[driver]}}
+    sizes = EFFECT_SIZES if draw(st.integers(0, 4)) else HUGE_EFFECT_SIZES  # a metric near the largest float
+    fixed["effects"] = {driver: {value_key(v): draw(st.sampled_from(sizes)) for v in first[driver]}}
     failures = draw(st.sampled_from(["none", "driver", "random", "all", "rule"]))
     if failures == "driver":
         fixed["fail_when"] = {driver: value_key(draw(st.sampled_from(first[driver])))}
