@@ -313,3 +313,18 @@ def test_regression_a_metric_near_the_largest_float_writes_the_report_and_import
     importance = pd.read_csv(analysed.report_dir / "importance.csv")
     assert importance.loc[0, "effect"] == "a" and importance["variance_share"].between(0, 1).all()
     assert "(score histogram: not drawn, matplotlib cannot draw these values" in text
+
+
+def test_regression_text_with_dollar_signs_is_drawn_as_written_not_as_mathtext(tmp_path):
+    # was: exit 3, matplotlib's mathtext parsing "$x^$" (a ValueError over several lines)
+    levels = ["$x^$", "plain", "$\\frac{a}$", "a$b$c"]
+    spec = {**SYNTHETIC, "name": "dollar", "grid": {"a": levels, "b": [1, 2]}, "repeat": 3,
+            "fixed": {"fail_when": {"a": '"$x^$"'}, "effects": {"a": {'"plain"': 1.0}}}}
+    analysed = analyse(make_and_run(tmp_path, spec), "--split-by", "a")
+    check_contract(analysed)
+    assert analysed.exit_code == 0, analysed.output
+    text = (analysed.report_dir / "report.md").read_text()
+    assert "not drawn" not in text
+    from gridrunner.analysis import plots
+
+    assert plots.plain("$x^$") == "\\$x^\\$"

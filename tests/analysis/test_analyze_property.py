@@ -2,12 +2,12 @@
 
 Hypothesis generates specs over the space `make` accepts: every value type (bool, int, float, a mix of
 int and float, inf, -inf, NaN, floats near the largest, integers beyond int64, text with unicode,
-commas, quotes, formula-like and number-like text, null, lists, linked mappings), parameter and outcome
-names that are also formula functions or columns the analysis adds, metrics near the largest float, and
-every grid shape (unions whose sub-grids have different parameters, exclude, repeat, random samples, one
-level, one row, no failures, every row failed, rows still running or not run). The task is
-tests/analysis/synthetic.py, whose outcome and failures follow parameters the spec chooses. Each example
-runs `gridrunner make`, `gridrunner work --inline` and `gridrunner analyze`.
+commas, quotes, dollar signs (mathtext), formula-like and number-like text, null, lists, linked
+mappings), parameter and outcome names that are also formula functions or columns the analysis adds,
+metrics near the largest float, and every grid shape (unions whose sub-grids have different parameters,
+exclude, repeat, random samples, one level, one row, no failures, every row failed, rows still running
+or not run). The task is tests/analysis/synthetic.py, whose outcome and failures follow parameters the
+spec chooses. Each example runs `gridrunner make`, `gridrunner work --inline` and `gridrunner analyze`.
 
 The runs are deterministic (``derandomize=True``) and small enough for CI. ``GRIDRUNNER_LONG_PROPERTY=1``
 runs many more examples (400 grids and 60 planted grids; an hour or more), ``GRIDRUNNER_PROPERTY_EXAMPLES=N``
@@ -50,14 +50,14 @@ NAMES = ["a", "b", "lr", "act", "depth", "loss", "C", "np", "Q", "I", "state", "
 #: Names of the second outcome (the synthetic task's ``aux``), some of them columns the tables add.
 AUX_NAMES = ["aux", "rank", "budget_s", "rows_within", "failures", "shard", "state", "failed"]
 TRICKY_TEXT = ["=SUM(A1)", "+1", "-x", "@a", "a,b", 'say "hi"', "it's", "3", "1e5", "true", "null", "ünï", "日本",
-               " lead", "C(x)", "np.log(x)", "a:b", "[T.x]", "(not set)", "x~y", "é,\"'"]
+               " lead", "C(x)", "np.log(x)", "a:b", "[T.x]", "(not set)", "x~y", "é,\"'", "$x^$", "$\\frac{a}$", "a$b"]
 
 EXTREME_FLOATS = [math.inf, -math.inf, math.nan, 1.7976931348623157e308, -1.7976931348623157e308, 1e-300, 0.0, 1.0, 2.5]
 EFFECT_SIZES = [-1.0, 0.5, 2.0]
 HUGE_EFFECT_SIZES = [-1.7e308, 1e308, 1.7e308, 0.0]
 HUGE_INTEGERS = [2**63, 2**63 + 1, -(2**63) - 1, 10**30, 10**400, 0, 7, 0.5]
 
-text = st.one_of(st.sampled_from(TRICKY_TEXT), st.text(alphabet="abzé日,\"' =+-@:[]().~", min_size=1, max_size=6))
+text = st.one_of(st.sampled_from(TRICKY_TEXT), st.text(alphabet="abzé日,\"' =+-@:[]().~$^\\{}", min_size=1, max_size=6))
 scalar_lists = st.one_of(
     st.just([True, False]),
     st.lists(st.booleans(), min_size=1, max_size=2, unique=True),
@@ -127,7 +127,7 @@ def specs(draw):
     elif failures == "rule":
         spec["failure"] = "score < 0"
     spec["fixed"] = fixed
-    return spec, {"failures": failures, "union": isinstance(grid, list)}
+    return spec, {"failures": failures, "union": isinstance(grid, list), "huge_metric": sizes is HUGE_EFFECT_SIZES}
 
 
 def _rows_of(spec) -> int:
@@ -169,6 +169,8 @@ def test_every_generated_grid_is_analysed_or_refused_with_one_error_line(generat
                  "conditions": next((line for line in analysed.output.splitlines() if line.startswith("Failure conditions:")), None),
                  "error": next((line for line in analysed.output.splitlines() if line.startswith("Error:")), None)})
         check_contract(analysed)
+        if analysed.exit_code == 0 and not shape["huge_metric"]:  # every figure drawn (text as written)
+            assert "not drawn" not in (analysed.report_dir / "report.md").read_text(encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- failure rules
