@@ -35,6 +35,7 @@ import hashlib
 import itertools
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -60,6 +61,7 @@ DEFAULT_LEASE_S = 60.0
 DEFAULT_MAX_ATTEMPTS = 3
 ROW_ID_LENGTH = 12
 _RESERVED = set(BOOK_COLUMNS)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _SCALARS = (bool, int, float, str, type(None))
 
 
@@ -538,12 +540,31 @@ class _Validator:
                         or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in arg)
                         or not arg[0] < arg[1]):
                     self.fail(pk + (kind,), f"expected [low, high] with low < high, got {arg!r}")
-                if kind == "loguniform" and arg[0] <= 0:
-                    self.fail(pk + (kind,), "loguniform needs 0 < low")
-                if kind == "int" and not all(isinstance(a, int) for a in arg):
-                    self.fail(pk + (kind,), "int needs integer bounds")
+                self.samplable(pk + (kind,), kind, arg)
             dists[name] = (kind, arg)
         return {"n": n, "seed": seed, "params": dists}
+
+    def samplable(self, keypath: tuple, kind: str, arg: list) -> None:
+        """Bounds ``[low, high]`` (low < high) that numpy can sample ``kind`` from: finite, with a finite
+        range for ``uniform`` (it draws low + (high - low) * u), within int64 for ``int``."""
+        if kind == "int":
+            if not all(isinstance(a, int) for a in arg):
+                self.fail(keypath, "int needs integer bounds")
+            if not all(INT64_MIN <= a <= INT64_MAX for a in arg):
+                self.fail(keypath, f"int needs bounds within 64-bit integers ({INT64_MIN} to {INT64_MAX}), got {arg!r}")
+            return
+        try:
+            bounds = [float(a) for a in arg]
+        except OverflowError:  # an integer beyond any float (10**400)
+            bounds = [math.inf]
+        if not all(math.isfinite(b) for b in bounds):
+            shown = ", ".join(_number_text(a) for a in arg)
+            self.fail(keypath, f"the bounds must be finite numbers, got [{shown}]")
+        if kind == "loguniform" and bounds[0] <= 0:
+            self.fail(keypath, "loguniform needs 0 < low")
+        if kind == "uniform" and not math.isfinite(bounds[1] - bounds[0]):
+            self.fail(keypath, f"high - low must be a finite number (at most {sys.float_info.max:.2g}) to sample "
+                               f"from, got [{', '.join(_number_text(a) for a in arg)}]")
 
     def exclude(self, exclude, params: list[str]) -> list:
         if exclude is None:
@@ -613,6 +634,17 @@ def _unknown_param(key, params) -> str:
     hint = difflib.get_close_matches(str(key), params, n=1)
     did = f"; did you mean {hint[0]!r}?" if hint else ""
     return f"unknown parameter {key!r}{did} (parameters: {', '.join(params)})"
+
+
+def _number_text(value) -> str:
+    """A bound as the error shows it: ``inf``, ``1e+308``, ``3``; an integer beyond any float as ``1e+309 or more``."""
+    if isinstance(value, int):
+        try:
+            float(value)
+        except OverflowError:
+            return "1e+309 or more" if value > 0 else "-1e+309 or less"
+        return str(value)
+    return f"{value:g}"
 
 
 def _kind(value) -> str:

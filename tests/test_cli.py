@@ -118,3 +118,24 @@ def test_an_unexpected_error_saves_its_traceback(project, monkeypatch):
     assert "Error: unexpected ZeroDivisionError: boom. This is a bug in gridrunner; the traceback is in" in result.output
     (log,) = (project / "cache" / "gridrunner").glob("crash-*.log")
     assert "ZeroDivisionError: boom" in log.read_text()
+
+
+@pytest.mark.parametrize("dist, message", [
+    ("{uniform: [0, .inf]}", "random.params.r.uniform: the bounds must be finite numbers, got [0, inf]"),
+    ("{uniform: [-.inf, 0]}", "random.params.r.uniform: the bounds must be finite numbers, got [-inf, 0]"),
+    ("{uniform: [-1.0e+308, 1.0e+308]}", "random.params.r.uniform: high - low must be a finite number (at most "
+                                         "1.8e+308) to sample from, got [-1e+308, 1e+308]"),
+    ("{loguniform: [1.0e-300, .inf]}", "random.params.r.loguniform: the bounds must be finite numbers, got [1e-300, inf]"),
+    ("{uniform: [0, 100000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000]}",
+     "random.params.r.uniform: the bounds must be finite numbers, got [0, 1e+309 or more]"),
+    ("{int: [0, 100000000000000000000]}", "random.params.r.int: int needs bounds within 64-bit integers "
+                                          "(-9223372036854775808 to 9223372036854775807), got [0, 100000000000000000000]"),
+])
+def test_regression_random_bounds_numpy_cannot_sample_are_refused_with_their_key_and_nothing_is_written(project, dist, message):
+    # was: exit 3, OverflowError in spec._random_candidates ("high - low range exceeds valid bounds", "high is
+    # out of bounds for int64"), with runs/ left behind
+    write_spec(project, SPEC + f"random: {{n: 2, params: {{r: {dist}}}}}\n", "rnd")
+    before = snapshot(project)
+    result = CliRunner().invoke(main, ["make", "rnd.yaml"])
+    assert (result.exit_code, result.output) == (1, f"Error: rnd.yaml:7, at key {message}\n")
+    assert snapshot(project) == before and not (project / "runs").exists()

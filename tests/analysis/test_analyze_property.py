@@ -53,6 +53,12 @@ TRICKY_TEXT = ["=SUM(A1)", "+1", "-x", "@a", "a,b", 'say "hi"', "it's", "3", "1e
                " lead", "C(x)", "np.log(x)", "a:b", "[T.x]", "(not set)", "x~y", "é,\"'", "$x^$", "$\\frac{a}$", "a$b"]
 
 EXTREME_FLOATS = [math.inf, -math.inf, math.nan, 1.7976931348623157e308, -1.7976931348623157e308, 1e-300, 0.0, 1.0, 2.5]
+#: Distributions of ``random``: ordinary ones, and bounds that pass a type check but numpy cannot sample
+#: (make refuses them: exit 1, never 3).
+RANDOM_PARAMS = [{"r": {"uniform": [0, 1]}}, {"w": {"int": [1, 4]}}, {"opt": {"choice": ["adam", "sgd"]}},
+                 {"lr_r": {"loguniform": [1e-4, 1e-1]}}, {"r": {"uniform": [0, math.inf]}},
+                 {"r": {"uniform": [-1e308, 1e308]}}, {"lr_r": {"loguniform": [1e-300, math.inf]}},
+                 {"w": {"int": [0, 10**20]}}, {"r": {"uniform": [0, 10**400]}}, {"r": {"uniform": [1e307, 1.7e308]}}]
 EFFECT_SIZES = [-1.0, 0.5, 2.0]
 HUGE_EFFECT_SIZES = [-1.7e308, 1e308, 1.7e308, 0.0]
 HUGE_INTEGERS = [2**63, 2**63 + 1, -(2**63) - 1, 10**30, 10**400, 0, 7, 0.5]
@@ -111,8 +117,7 @@ def specs(draw):
         spec["exclude"] = [{param: first[param][0]}]
     if draw(st.integers(0, 3)) == 0:
         spec["random"] = {"n": draw(st.integers(1, 3)), "seed": 0,
-                          "params": draw(st.sampled_from([{"r": {"uniform": [0, 1]}}, {"w": {"int": [1, 4]}},
-                                                          {"opt": {"choice": ["adam", "sgd"]}}, {"lr_r": {"loguniform": [1e-4, 1e-1]}}]))}
+                          "params": draw(st.sampled_from(RANDOM_PARAMS))}
     fixed = {"noise": 0.05, "aux_name": aux}
     driver = draw(st.sampled_from(params))
     sizes = EFFECT_SIZES if draw(st.integers(0, 4)) else HUGE_EFFECT_SIZES  # a metric near the largest float
