@@ -206,6 +206,7 @@ class Spec:
     prune: list = field(default_factory=list)  # rule texts (gridrunner.prune)
     hang_after_min: float | None = None
     row_time_limit_min: float | str | None = None
+    lines: dict = field(default_factory=dict, repr=False, compare=False)  # key path -> YAML line, for errors
 
     @property
     def params(self) -> list[str]:
@@ -232,6 +233,19 @@ class Spec:
 
     def cost_expr(self) -> Expr | None:
         return Expr(self.cost) if self.cost else None
+
+    def cost_of(self, cost: Expr, row_params: dict):
+        """``cost`` on one row (its parameters and ``fixed``); a :class:`SpecError` at key ``cost`` naming the
+        row where it cannot be evaluated (``sqrt`` of a negative number)."""
+        try:
+            return cost.evaluate(task_params(self.fixed, row_params))
+        except ExprError as err:
+            raise self.rule_error(("cost",), err, row_params) from None
+
+    def rule_error(self, keypath: tuple, err: ExprError, row_params: dict) -> SpecError:
+        """A rule of this spec that failed on a row, as the spec error ``make`` prints: file, key, line, row."""
+        row = ", ".join(f"{name}={encode_cell(value)}" for name, value in row_params.items())
+        return SpecError(self.path, _dotted(keypath), f"{err} (on the row {row})", self.lines.get(keypath))
 
     def time_limit(self):
         """None, or a function of a row's task parameters giving ``(minutes or None, error or None)``."""
@@ -298,7 +312,9 @@ def load_spec(path: str | Path, check_task: bool = True) -> Spec:
 def validate(data: Any, path: str | Path | None = None, lines: dict | None = None, check_task: bool = True) -> Spec:
     """Validate a spec mapping (already parsed) and return a :class:`Spec`."""
     v = _Validator(path, lines or {})
-    return v.spec(data, check_task)
+    spec = v.spec(data, check_task)
+    spec.lines = dict(lines or {})
+    return spec
 
 
 class _Validator:
@@ -688,7 +704,7 @@ def expand(spec: Spec) -> Iterator[Row]:
                     params[name] = value
                     fragments[name] = frag
                     cells[position[name]] = cell
-            if excludes and _excluded(params, excludes):
+            if excludes and _excluded(params, excludes, spec):
                 continue
             canonical = "{" + ",".join(fragments[name] for name in order if name in fragments) + "}"
             row_id = hashlib.sha1(canonical.encode()).hexdigest()[:ROW_ID_LENGTH]
@@ -731,14 +747,18 @@ def _random_candidates(random: dict) -> list:
     return samples
 
 
-def _excluded(params: dict, excludes: list) -> bool:
-    for kind, entry in excludes:
+def _excluded(params: dict, excludes: list, spec: Spec) -> bool:
+    for i, (kind, entry) in enumerate(excludes):
         if kind == "match":
             if all(k in params and params[k] == v and isinstance(params[k], bool) == isinstance(v, bool)
                    for k, v in entry.items()):
                 return True
-        elif entry.evaluate(params):
-            return True
+        else:
+            try:
+                if entry.evaluate(params):
+                    return True
+            except ExprError as err:  # log(0) on this row: the spec's mistake, said where it is
+                raise spec.rule_error(("exclude", i), err, params) from None
     return False
 
 

@@ -139,3 +139,25 @@ def test_regression_random_bounds_numpy_cannot_sample_are_refused_with_their_key
     result = CliRunner().invoke(main, ["make", "rnd.yaml"])
     assert (result.exit_code, result.output) == (1, f"Error: rnd.yaml:7, at key {message}\n")
     assert snapshot(project) == before and not (project / "runs").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    ('exclude: ["log(a) > 5"]\n', "at key exclude[0]: log() failed: math domain error in 'log(a) > 5' "
+                                  "(on the row a=0, b=x)"),
+    ("cost: sqrt(a - 1)\n", "at key cost: sqrt() failed: math domain error in 'sqrt(a - 1)' (on the row a=0, b=x)"),
+])
+def test_regression_a_make_that_fails_on_a_rule_writes_nothing_to_an_existing_grid(project, extra, message):
+    # was: "Error: log() failed: math domain error in 'log(a) > 5'" (no file, no key), after shard-004/005 and
+    # their journals were written for the rows before a=0, with spec.yaml not updated
+    write_spec(project, "task: gridrunner.tasks.toy:noop\ngrid:\n  a: [1, 2, 3, 4]\n  b: [x, y]\nmax_len: 2\n"
+                        "outcomes: [value]\n", "g")
+    assert invoke("make", "g.yaml").exit_code == 0
+    assert invoke("work", "--quiet", "--no-linger").exit_code == 0
+    before = snapshot(project)
+    write_spec(project, "task: gridrunner.tasks.toy:noop\ngrid:\n  a: [1, 2, 3, 4, 5, 6, 0]\n  b: [x, y]\nmax_len: 2\n"
+                        "outcomes: [value]\n" + extra, "g")
+    result = CliRunner().invoke(main, ["make", "g.yaml"])
+    assert (result.exit_code, result.output) == (1, f"Error: g.yaml:7, {message}\n")
+    after = snapshot(project)
+    del after[project / "g.yaml"], before[project / "g.yaml"]
+    assert after == before
