@@ -209,11 +209,28 @@ def build_report(
     for section in sections:
         for caption, table in section.tables:
             path = out_dir / f"{_slug(caption)}.csv"
-            table.to_csv(path, index=False)
+            write_csv(table, path)
             report.files.append(path)
     report.files.append(_write(out_dir / "report.md", _markdown(report, sections)))
     report.files.append(_write(out_dir / "index.html", _html(report, sections)))
     return report
+
+
+def write_csv(table: pd.DataFrame, path: Path) -> None:
+    """Write one of the report's tables: every text cell, header included, through
+    :func:`gridrunner.spec.text_cell`, so that no cell starts a spreadsheet formula except a number (a
+    level ``=1+1`` is written ``"=1+1"``, as in the shards); numbers are written as pandas writes them."""
+    from gridrunner.spec import text_cell
+
+    def safe(value):
+        return text_cell(value) if isinstance(value, str) else value
+
+    out = table.copy()
+    for column in out.columns:
+        if not (pd.api.types.is_numeric_dtype(out[column].dtype) or pd.api.types.is_bool_dtype(out[column].dtype)):
+            out[column] = out[column].astype(object).map(safe)
+    out.columns = [safe(str(c)) for c in out.columns]
+    out.to_csv(path, index=False)
 
 
 def _response(formula: str) -> str:

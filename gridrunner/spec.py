@@ -80,6 +80,22 @@ def row_id_of(params: dict) -> str:
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")
 
 
+def text_cell(text: str) -> str:
+    """A text cell of a CSV gridrunner writes for people (the report's tables), as no spreadsheet reads it as
+    a formula: text that could start one (``= + - @``, a control character), and is not a number such as
+    ``-0.5``, is JSON-quoted as :func:`encode_cell` quotes such a parameter (``"=1+1"``); so is text that
+    starts with a quote, so that a quoted cell always means this."""
+    if text.startswith(_FORMULA_START):
+        try:
+            float(text)
+            return text
+        except ValueError:
+            return json.dumps(text, ensure_ascii=False)
+    if text.startswith('"'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
 def encode_cell(value: Any) -> str:
     """The CSV text of a parameter value. ``decode_cell(encode_cell(v)) == v`` for every spec value.
 

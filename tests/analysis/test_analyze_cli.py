@@ -328,3 +328,20 @@ def test_regression_text_with_dollar_signs_is_drawn_as_written_not_as_mathtext(t
     from gridrunner.analysis import plots
 
     assert plots.plain("$x^$") == "\\$x^\\$"
+
+
+def test_regression_no_cell_of_the_report_csvs_starts_a_spreadsheet_formula(tmp_path):
+    # was: top.csv, levels.csv, failure_rates.csv, runtime.csv, pareto_front.csv, runtime_budgets.csv and
+    # outcome_model.csv held =1+1, @SUM(A1) and -x as they were
+    from cli_runs import formula_cells
+
+    spec = {**SYNTHETIC, "name": "formula", "grid": {"a": ["=1+1", "@SUM(A1)", "-x", "+y", "plain", '"q"'], "b": [1, 2]},
+            "repeat": 2, "fixed": {"fail_when": {"a": '"-x"'}, "effects": {"a": {'"=1+1"': 1.0}}}}
+    analysed = analyse(make_and_run(tmp_path, spec))
+    assert analysed.exit_code == 0, analysed.output
+    assert formula_cells(analysed.report_dir) == []
+    levels = pd.read_csv(analysed.report_dir / "levels.csv", keep_default_na=False)
+    assert set(levels.loc[levels["param"] == "a", "level"]) == {'"=1+1"', '"@SUM(A1)"', '"-x"', '"+y"', "plain", '"\\"q\\""'}
+    model = pd.read_csv(analysed.report_dir / "outcome_model.csv")
+    assert pd.api.types.is_float_dtype(model["ci_low"]) and (model["ci_low"] < 0).any()  # negative numbers stay numbers
+    check_contract(analysed)
