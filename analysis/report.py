@@ -256,8 +256,12 @@ def _save(draw, out_dir: Path, name: str, report: Report) -> str:
 
 def _split_parameter(df: pd.DataFrame, rates: pd.DataFrame, split_by: str | None) -> str | None:
     if split_by is not None:
+        renamed = df.attrs.get("renamed") or {}  # the spec's names: split by state, shown as param_state
+        split_by = renamed.get(split_by, split_by)
         if split_by not in params_of(df):
-            raise GridError(f"unknown parameter {split_by!r} to split by (parameters: {', '.join(params_of(df))})")
+            back = {new: old for old, new in renamed.items()}
+            names = ", ".join(back.get(p, p) for p in params_of(df))
+            raise GridError(f"unknown parameter {split_by!r} to split by (parameters: {names})")
         return split_by
     if rates.empty:
         return None
@@ -268,7 +272,8 @@ def _split_parameter(df: pd.DataFrame, rates: pd.DataFrame, split_by: str | None
 
 def _sections(df: pd.DataFrame, report: Report, rates: pd.DataFrame, split_by: str | None) -> list[Section]:
     out, metric = report.out_dir, report.metric
-    thresholds = rule_thresholds(report.failure, metric)
+    spec_names = {new: old for old, new in (df.attrs.get("renamed_outcomes") or {}).items()}
+    thresholds = rule_thresholds(report.failure, spec_names.get(metric, metric))  # the rule uses the spec's names
     split = _split_parameter(df, rates, split_by)
     sections = []
 

@@ -345,3 +345,25 @@ def test_regression_no_cell_of_the_report_csvs_starts_a_spreadsheet_formula(tmp_
     model = pd.read_csv(analysed.report_dir / "outcome_model.csv")
     assert pd.api.types.is_float_dtype(model["ci_low"]) and (model["ci_low"] < 0).any()  # negative numbers stay numbers
     check_contract(analysed)
+
+
+def test_regression_rules_and_options_use_the_specs_names_for_parameters_and_outcomes_the_analysis_renames(tmp_path, monkeypatch):
+    # was: make accepted, the worker applied the rule, and analyze refused the spec's own rule ("unknown column
+    # 'state'"), or refused an outcome named state or failed
+    (tmp_path / "task_named.py").write_text("def run(params, ctx):\n"
+                                            "    s = {1: 0.1, 2: 0.5, 3: 0.9}.get(params.get('rank'), 0.2) + 0.01 * params['seed']\n"
+                                            "    return {'state': s, 'failed': 1 - s}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = {"task": "task_named:run", "outcomes": ["state", "failed"], "name": "named", "failure": "state < 0.3 and subgrid",
+            "grid": [{"subgrid": [True, False], "rank": [1, 2, 3]}, {"subgrid": [True], "other": ["x", "y"]}], "repeat": 2}
+    grid = make_and_run(tmp_path, spec)
+    assert _analysis_verdicts(grid) == _worker_verdicts(grid) and any(_worker_verdicts(grid).values())
+    analysed = analyse(grid, "--split-by", "subgrid")
+    check_contract(analysed)
+    assert analysed.exit_code == 0, analysed.output
+    text = (analysed.report_dir / "report.md").read_text()
+    assert "Failure rule: `state < 0.3 and subgrid`." in text
+    assert "The outcome `state` is shown as `outcome_state`" in text and "The parameter `subgrid` is shown as `param_subgrid`" in text
+    by_failed = analyse(grid, "--failure", "failed > 0.5 or rank == 3", "--metric", "failed")
+    assert by_failed.exit_code == 0, by_failed.output
+    assert "Failure rule: failed > 0.5 or rank == 3" in by_failed.output

@@ -202,13 +202,15 @@ def literal(value) -> str | None:
 
 
 @st.composite
-def conditions(draw, grid: dict):
-    """One condition over a parameter of ``grid`` (or the outcome ``score``), of any of the language's kinds."""
+def conditions(draw, grid: dict, outcomes: list[str]):
+    """One condition over a parameter of ``grid`` or an outcome (named like a column the analysis adds,
+    sometimes), of any of the language's kinds."""
     param = draw(st.sampled_from([p for p in grid if p != "arch"]))
+    score = draw(st.sampled_from(outcomes))
     value = draw(st.sampled_from(grid[param]))
     number = draw(st.sampled_from(["0", "1", "0.5", "-2", "1e300"]))
-    shapes = [f"{param} > {number}", f"{param} <= {number}", f"score / {param} > 0.5", f"score * {param} < {number}",
-              f"len({param}) > 1", f"sum({param}) > 2", f"score < {number}", f"{param} ** 2 > {number}"]
+    shapes = [f"{param} > {number}", f"{param} <= {number}", f"{score} / {param} > 0.5", f"{score} * {param} < {number}",
+              f"len({param}) > 1", f"sum({param}) > 2", f"{score} < {number}", f"{param} ** 2 > {number}"]
     text = literal(value)
     if text is not None:
         shapes += [f"{param} == {text}", f"{param} != {text}", f"{param} in [{text}, 0]"]
@@ -222,7 +224,7 @@ def ruled_specs(draw):
     """A generated spec whose failure rule is a generated condition over its own parameters and outcome."""
     spec, shape = draw(specs())
     first = spec["grid"][0] if isinstance(spec["grid"], list) else spec["grid"]
-    rule = draw(st.recursive(conditions(first), lambda inner: st.one_of(
+    rule = draw(st.recursive(conditions(first, spec["outcomes"]), lambda inner: st.one_of(
         st.builds(lambda x: f"not ({x})", inner),
         st.builds(lambda x, op, y: f"({x}) {op} ({y})", inner, st.sampled_from(["and", "or"]), inner)), max_leaves=3))
     spec["failure"] = rule
