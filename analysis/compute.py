@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from gridrunner.analysis.rows import STATE, ensure_labelled, params_of, resolve_goal, resolve_metric
+from gridrunner.analysis.rows import BUDGET, STATE, WITHIN, ensure_labelled, params_of, resolve_goal, resolve_metric
 
 BUDGET_QUANTILES = (0.1, 0.25, 0.5, 0.75, 1.0)
 
@@ -31,9 +31,10 @@ def pareto_front(df: pd.DataFrame, metric: str | None = None, goal: str | None =
     goal = resolve_goal(df, metric, goal)
     rows = _candidates(df, metric)
     sign = 1.0 if goal == "max" else -1.0
-    ordered = rows.assign(_score=sign * rows[metric]).sort_values(["runtime_s", "_score"], ascending=[True, False], kind="stable")
-    best_before = ordered["_score"].cummax().shift(1, fill_value=-np.inf)
-    front = ordered[ordered["_score"] > best_before]
+    score = "(score)"  # not an identifier, so no parameter's or outcome's name
+    ordered = rows.assign(**{score: sign * rows[metric]}).sort_values(["runtime_s", score], ascending=[True, False], kind="stable")
+    best_before = ordered[score].cummax().shift(1, fill_value=-np.inf)
+    front = ordered[ordered[score] > best_before]
     columns = ["runtime_s", metric] + params_of(df) + ["row_id"]
     return front[[c for c in dict.fromkeys(columns) if c in front.columns]].reset_index(drop=True)
 
@@ -51,7 +52,7 @@ def budget_table(df: pd.DataFrame, metric: str | None = None, goal: str | None =
     metric = resolve_metric(df, metric)
     goal = resolve_goal(df, metric, goal)
     rows = _candidates(df, metric)
-    columns = ["budget_s", "rows_within", metric, "runtime_s"] + params_of(df) + ["row_id"]
+    columns = [BUDGET, WITHIN, metric, "runtime_s"] + params_of(df) + ["row_id"]
     columns = list(dict.fromkeys(columns))
     if rows.empty:
         return pd.DataFrame(columns=columns)
@@ -68,10 +69,10 @@ def budget_table(df: pd.DataFrame, metric: str | None = None, goal: str | None =
         if within.empty:
             continue
         best = within.loc[within[metric].idxmax() if goal == "max" else within[metric].idxmin()]
-        record = {"budget_s": budget, "rows_within": len(within)}
+        record = {BUDGET: budget, WITHIN: len(within)}
         record.update({c: best[c] for c in columns if c in best.index and c not in record})
         out.append(record)
-    return pd.DataFrame(out, columns=[c for c in columns if c in rows.columns or c in ("budget_s", "rows_within")])
+    return pd.DataFrame(out, columns=[c for c in columns if c in rows.columns or c in (BUDGET, WITHIN)])
 
 
 def budget_sentence(table: pd.DataFrame, metric: str) -> str | None:

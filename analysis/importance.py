@@ -22,6 +22,8 @@ from gridrunner.analysis.tables import level_labels
 MAX_CELLS = 50_000
 #: Pairs are computed among at most this many parameters (those with the largest main effects).
 MAX_PAIR_PARAMS = 6
+#: A metric reaching this size is divided by its largest absolute value first: squares of it overflow.
+MAX_SCALE = 1e100
 
 
 def importance(
@@ -55,16 +57,28 @@ def importance(
         data = data.sample(max_rows, random_state=seed)
     levels = {p: _grid_values(data[p]) for p in params}
     x = np.column_stack([_encode(data[p], levels[p]) for p in params])
+    y = data[metric].to_numpy(float)
+    largest = float(np.abs(y).max())
+    if largest >= MAX_SCALE:
+        # Shares are ratios of variances, the same in any unit; near 1e308 the variances themselves overflow.
+        y = y / largest
+        notes.append(f"{metric} reaches {largest:.3g}: it was divided by that before the forest was fitted "
+                     "(the shares do not depend on its unit, and its variance would overflow)")
     forest = RandomForestRegressor(n_estimators=n_trees, min_samples_leaf=3, oob_score=True, random_state=seed, n_jobs=1)
-    forest.fit(x, data[metric].to_numpy(float))
-    notes.append(f"the forest explains {forest.oob_score_:.0%} of the variance of {metric} out of bag, over {len(data):,} rows")
     sizes = [len(levels[p]) for p in params]
     codes = [np.arange(n, dtype=float) for n in sizes]
-    if np.prod(sizes, dtype=float) <= MAX_CELLS:
-        shares = _exact(forest, codes, params)
-    else:
+    enumerate_all = np.prod(sizes, dtype=float) <= MAX_CELLS
+    try:
+        with np.errstate(over="raise", invalid="raise"):
+            forest.fit(x, y)
+            explained = forest.oob_score_
+            shares = _exact(forest, codes, params) if enumerate_all else _sampled(forest, codes, params, np.random.default_rng(seed))
+    except (ValueError, FloatingPointError) as err:  # what the forest cannot take, said in words
+        notes.append(f"not computed: the forest cannot be fitted to {metric} ({_first_line(err)})")
+        return _with_attrs(pd.DataFrame(columns=["effect", "kind", "variance_share"]), method, notes)
+    notes.append(f"the forest explains {explained:.0%} of the variance of {metric} out of bag, over {len(data):,} rows")
+    if not enumerate_all:
         notes.append("the grid of levels is too large to enumerate: shares are estimated by partial dependence over 500 sampled combinations")
-        shares = _sampled(forest, codes, params, np.random.default_rng(seed))
     table = pd.DataFrame(shares, columns=["effect", "kind", "variance_share"])
     table = table.sort_values("variance_share", ascending=False, kind="stable").reset_index(drop=True)
     return _with_attrs(table, method, notes)
@@ -130,3 +144,7 @@ def _pairs(main, params):
     """Pairs among the parameters with the largest main effects (all of them when there are few)."""
     ranked = sorted(main, key=lambda i: -np.mean(main[i] ** 2))[:MAX_PAIR_PARAMS]
     return list(itertools.combinations(sorted(ranked), 2))
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")

@@ -5,6 +5,7 @@ One formula (:mod:`analysis.terms` chooses it, ``formula`` overrides it), HC3 ro
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -15,7 +16,7 @@ from statsmodels.stats.anova import anova_lm
 
 from gridrunner.analysis.fit import Fit, baselines_of, check_design, result_table
 from gridrunner.analysis.rows import FAILED, STATE, dropped_reasons, ensure_labelled, resolve_metric
-from gridrunner.analysis.terms import choose_terms, formula_notes, unit_columns
+from gridrunner.analysis.terms import MAX_LINEAR, choose_terms, formula_notes, unit_columns
 from gridrunner.errors import GridError
 
 
@@ -41,6 +42,13 @@ def outcome_model(df: pd.DataFrame, metric: str | None = None, failure: str | No
         fit.reason = "no successful row has a value of the metric"
         fit.notes.append(f"{fit.reason}: nothing to model")
         return fit
+    if metric in data.columns:
+        largest = float(np.abs(data[metric].to_numpy(float)).max())
+        if largest >= MAX_LINEAR:
+            fit.reason = (f"{metric} reaches {largest:.3g}, too large for least squares (its squares overflow the "
+                          f"largest float); fit a rescaled metric with --formula, such as 'I({metric} / 1e{math.floor(math.log10(largest))}) ~ ...'")
+            fit.notes.append(f"not fitted: {fit.reason}")
+            return fit
     display = lambda name: name  # noqa: E731
     if formula is None:
         terms = choose_terms(data, metric)

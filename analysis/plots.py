@@ -38,12 +38,24 @@ def _figure(width: float = 7.0, height: float = 4.5) -> Figure:
     return Figure(figsize=(width, height), layout="constrained", dpi=100)
 
 
+def plain(text) -> str:
+    """``text`` as matplotlib draws it literally: every ``$`` escaped, so a level such as ``$x^$`` is never
+    parsed as mathtext (which fails on it, or draws something else). Every text a figure draws from the
+    grid (levels, names, notes) passes through here; gridrunner's own texts use no mathtext."""
+    return str(text).replace("$", r"\$")
+
+
+def message_figure(title: str, message: str) -> Figure:
+    """A figure that only says something (no data to draw, or data that cannot be drawn)."""
+    return _empty(title, message)
+
+
 def _empty(title: str, message: str) -> Figure:
     fig = _figure(6, 2.5)
     ax = fig.add_subplot()
     ax.axis("off")
-    ax.set_title(title)
-    ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True)
+    ax.set_title(plain(title))
+    ax.text(0.5, 0.5, plain(message), ha="center", va="center", wrap=True)
     return fig
 
 
@@ -98,8 +110,8 @@ def metric_vs_runtime(df: pd.DataFrame, metric: str | None = None, failure: str 
         ax.scatter(budgets["runtime_s"] / scale, budgets[metric], s=120, facecolors="none", edgecolors="#ff7f0e", linewidths=1.5,
                    zorder=4, label="best within a budget")
     ax.set_xlabel(f"runtime ({unit})")
-    ax.set_ylabel(metric)
-    ax.set_title(title + sampled)
+    ax.set_ylabel(plain(metric))
+    ax.set_title(plain(title + sampled))
     ax.legend(loc="best", fontsize="small")
     return fig
 
@@ -122,7 +134,7 @@ def _varying(df: pd.DataFrame, params: list[str] | None) -> list[str]:
 def _tick_labels(ax, labels, counts=None):
     """Level names under the ticks, with ``n=`` counts where they fit; long or many names are slanted."""
     rotate = max((len(str(label)) for label in labels), default=0) * len(labels) > 40
-    text = [str(label) if counts is None or rotate else f"{label}\nn={n:,}" for label, n in zip(labels, counts if counts is not None else labels)]
+    text = [plain(label) if counts is None or rotate else f"{plain(label)}\nn={n:,}" for label, n in zip(labels, counts if counts is not None else labels)]
     ax.set_xticks(range(1, len(labels) + 1) if counts is not None else range(len(labels)))
     ax.set_xticklabels(text, rotation=30 if rotate else 0, ha="right" if rotate else "center", fontsize="small")
 
@@ -143,10 +155,10 @@ def metric_by_parameter(df: pd.DataFrame, metric: str | None = None, failure: st
         keep = [i for i, g in enumerate(groups) if len(g)]
         ax.boxplot([groups[i] for i in keep], widths=0.6, showfliers=len(rows) <= 20_000, flierprops={"markersize": 2})
         _tick_labels(ax, [levels.cat.categories[i] for i in keep], [len(groups[i]) for i in keep])
-        ax.set_xlabel(param)
-        ax.set_ylabel(metric)
+        ax.set_xlabel(plain(param))
+        ax.set_ylabel(plain(metric))
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(title)
+    fig.suptitle(plain(title))
     return fig
 
 
@@ -170,7 +182,7 @@ def failure_rate_by_parameter(df: pd.DataFrame, failure: str | None = None, para
             ax.text(x, 1, f"{k}/{n}", ha="center", va="bottom", fontsize="x-small", color="white" if k else "#444")
         _tick_labels(ax, list(part["level"]))
         ax.set_ylim(0, min(100, max(5, 100 * part["ci_high"].max() * 1.1)))
-        ax.set_xlabel(param)
+        ax.set_xlabel(plain(param))
         ax.set_ylabel("failed (%)")
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title)
@@ -201,15 +213,15 @@ def metric_histogram(df: pd.DataFrame, metric: str | None = None, by: str | None
         if benchmark is not None:
             ax.axvline(benchmark, color="grey", linestyle=":", linewidth=1.5)
         share = f"{len(ok) / len(part):.0%} succeeded" if len(part) else ""
-        ax.set_title(f"{by}={level}: {share}" if by else share, fontsize="medium")
-        ax.set_xlabel(metric)
+        ax.set_title(plain(f"{by}={level}: {share}" if by else share), fontsize="medium")
+        ax.set_xlabel(plain(metric))
         ax.set_ylabel("rows")
     axes[0].legend(fontsize="small", loc="best")
     lines = [f"dashed: failure threshold {', '.join(f'{t:g}' for t in thresholds)}"] if thresholds else []
     if benchmark is not None:
         lines.append(f"dotted: benchmark {benchmark:.3g}")
     line = f" ({'; '.join(lines)})" if lines else ""
-    fig.suptitle(title + line)
+    fig.suptitle(plain(title + line))
     return fig
 
 
@@ -292,14 +304,14 @@ def learning_curves(df: pd.DataFrame, metric: str | None = None, failure: str | 
         if (values > 0).all() and values.max() / values.min() > 100:
             ax.set_yscale("log")
         ax.set_xlabel("training step")
-        ax.set_ylabel(", ".join(sorted({c[4] for c in curves})))
+        ax.set_ylabel(plain(", ".join(sorted({c[4] for c in curves}))))
         if by:
-            ax.set_title(f"{by}={level}", fontsize="medium")
+            ax.set_title(plain(f"{by}={level}"), fontsize="medium")
         ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
     if shared:
         title += f" ({shared}, which every row logs on one scale)"
-    fig.suptitle(title)
+    fig.suptitle(plain(title))
     return fig
 
 
@@ -342,12 +354,12 @@ def coefficient_plot(fit: Fit, xlabel: str | None = None) -> Figure:
             ax.errorbar(estimate[mask], position[mask], xerr=np.vstack([estimate[mask] - low[mask], high[mask] - estimate[mask]]), fmt="o", color=colour, capsize=3)
     ax.axvline(0, color=FAILURE_COLOUR, linewidth=0.8)
     ax.set_yticks(position)
-    ax.set_yticklabels(labels, fontsize="small")
+    ax.set_yticklabels([plain(label) for label in labels], fontsize="small")
     xlabel = xlabel or "estimate (95% interval; dark: p < 0.05)"
     if (span != 1.0).any():
         xlabel += "\nnumeric terms: the effect of moving from their lowest to their highest value"
-    ax.set_xlabel(xlabel)
-    ax.set_title(title, fontsize="medium", wrap=True)
+    ax.set_xlabel(plain(xlabel))
+    ax.set_title(plain(title), fontsize="medium", wrap=True)
     ax.grid(axis="x", alpha=0.3)
     return fig
 

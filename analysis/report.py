@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from gridrunner.analysis import plots
@@ -82,6 +83,8 @@ class Report:
     made_at: str
     versions: dict[str, str]
     files: list[Path] = field(default_factory=list)
+    #: Figures that could not be drawn (file name -> why), each replaced by a figure that says so.
+    undrawn: dict[str, str] = field(default_factory=dict)
 
     @property
     def html_path(self) -> Path:
@@ -217,7 +220,7 @@ def build_report(
         for section in sections:
             for caption, table in section.tables:
                 path = out_dir / f"{_slug(caption)}.csv"
-                table.to_csv(path, index=False)
+                write_csv(table, path)
                 report.files.append(path)
         report.files.append(_write(out_dir / "report.md", markdown))
         report.files.append(_write(out_dir / "index.html", page))
@@ -246,22 +249,54 @@ def _writing(out_dir: Path):
                         f"place") from None
 
 
+def write_csv(table: pd.DataFrame, path: Path) -> None:
+    """Write one of the report's tables: every text cell, header included, through
+    :func:`gridrunner.spec.text_cell`, so that no cell starts a spreadsheet formula except a number (a
+    level ``=1+1`` is written ``"=1+1"``, as in the shards); numbers are written as pandas writes them."""
+    from gridrunner.spec import text_cell
+
+    def safe(value):
+        return text_cell(value) if isinstance(value, str) else value
+
+    out = table.copy()
+    for column in out.columns:
+        if not (pd.api.types.is_numeric_dtype(out[column].dtype) or pd.api.types.is_bool_dtype(out[column].dtype)):
+            out[column] = out[column].astype(object).map(safe)
+    out.columns = [safe(str(c)) for c in out.columns]
+    out.to_csv(path, index=False)
+
+
 def _response(formula: str) -> str:
     return formula.split("~", 1)[0].strip() if "~" in formula else formula
 
 
-def _save(fig, out_dir: Path, name: str, report: Report) -> str:
+def _save(draw, out_dir: Path, name: str, report: Report) -> str:
+    """Draw the figure ``draw()`` returns into ``<name>.png``. Where matplotlib cannot draw the data
+    (axis limits past the largest float: "arange: cannot compute length", a histogram of such values), the
+    file says so in words instead, and :attr:`Report.undrawn` records why for the section's text."""
     path = out_dir / f"{name}.png"
-    with _writing(out_dir):
-        fig.savefig(path, dpi=100)
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            fig = draw()
+            with _writing(out_dir):
+                fig.savefig(path, dpi=100)
+    except (ValueError, OverflowError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
+        report.undrawn[path.name] = f"matplotlib cannot draw these values ({reason})"
+        with _writing(out_dir):
+            plots.message_figure(name.replace("_", " "), f"Not drawn: {report.undrawn[path.name]}.").savefig(path, dpi=100)
     report.files.append(path)
     return path.name
 
 
 def _split_parameter(df: pd.DataFrame, rates: pd.DataFrame, split_by: str | None) -> str | None:
     if split_by is not None:
+        renamed = df.attrs.get("renamed") or {}  # the spec's names: split by state, shown as param_state
+        split_by = renamed.get(split_by, split_by)
         if split_by not in params_of(df):
-            raise GridError(f"unknown parameter {split_by!r} to split by (parameters: {', '.join(params_of(df))})")
+            back = {new: old for old, new in renamed.items()}
+            names = ", ".join(back.get(p, p) for p in params_of(df))
+            raise GridError(f"unknown parameter {split_by!r} to split by (parameters: {names})")
         return split_by
     if rates.empty:
         return None
@@ -272,7 +307,8 @@ def _split_parameter(df: pd.DataFrame, rates: pd.DataFrame, split_by: str | None
 
 def _sections(df: pd.DataFrame, report: Report, rates: pd.DataFrame, split_by: str | None) -> list[Section]:
     out, metric = report.out_dir, report.metric
-    thresholds = rule_thresholds(report.failure, metric)
+    spec_names = {new: old for old, new in (df.attrs.get("renamed_outcomes") or {}).items()}
+    thresholds = rule_thresholds(report.failure, spec_names.get(metric, metric))  # the rule uses the spec's names
     split = _split_parameter(df, rates, split_by)
     sections = []
 
@@ -280,13 +316,18 @@ def _sections(df: pd.DataFrame, report: Report, rates: pd.DataFrame, split_by: s
     summary.tables.append(("counts", state_counts(df)))
     if report.stopped:
         summary.text += [sentence + "." for sentence in report.stopped]
-    for param, shown in df.attrs.get("renamed", {}).items():
-        summary.text.append(f"The parameter `{param}` is shown as `{shown}`: the analysis uses `{param}` for a column of its own.")
+    errors, first_error = df.attrs.get("rule_errors") or (0, None)
+    if errors:
+        summary.text.append(f"The failure rule cannot be evaluated on {errors} row{'s' * (errors != 1)} (first: {first_error}); "
+                            "it does not fire there (the worker records such a row as a RuleError).")
+    for kind, key in (("parameter", "renamed"), ("outcome", "renamed_outcomes")):
+        for name, shown in (df.attrs.get(key) or {}).items():
+            summary.text.append(f"The {kind} `{name}` is shown as `{shown}`: the analysis uses `{name}` for a column of its own.")
     summary.tables.append(("failure_kinds", report.kinds))
     pruning = pruning_table(df)
     if len(pruning):
         summary.tables.append(("pruning", pruning))
-    summary.images.append((_save(plots.runtime_histogram(df), out, "runtime_histogram", report), "Runtime histogram"))
+    summary.images.append((_save(lambda: plots.runtime_histogram(df), out, "runtime_histogram", report), "Runtime histogram"))
     sections.append(summary)
 
     compute = Section(f"Compute: {metric} against runtime", [
@@ -296,7 +337,7 @@ def _sections(df: pd.DataFrame, report: Report, rates: pd.DataFrame, split_by: s
     ])
     compute.tables.append(("pareto_front", report.front))
     compute.tables.append(("runtime_budgets", report.budgets))
-    compute.images.append((_save(plots.metric_vs_runtime(df, metric, goal=report.goal, budgets=report.budgets), out, "metric_vs_runtime", report), f"{metric} vs runtime"))
+    compute.images.append((_save(lambda: plots.metric_vs_runtime(df, metric, goal=report.goal, budgets=report.budgets), out, "metric_vs_runtime", report), f"{metric} vs runtime"))
     sections.append(compute)
 
     fit = report.outcome
@@ -305,7 +346,7 @@ def _sections(df: pd.DataFrame, report: Report, rates: pd.DataFrame, split_by: s
     outcome.tables.append(("outcome_model", fit.table[COLUMNS]))
     if "anova" in fit.extra:
         outcome.tables.append(("outcome_anova", fit.extra["anova"]))
-    outcome.images.append((_save(plots.coefficient_plot(fit, f"effect on {metric} (95% interval; dark: p < 0.05)"), out, "outcome_coefficients", report), "Outcome coefficients"))
+    outcome.images.append((_save(lambda: plots.coefficient_plot(fit, f"effect on {metric} (95% interval; dark: p < 0.05)"), out, "outcome_coefficients", report), "Outcome coefficients"))
     sections.append(outcome)
 
     fit = report.failure_fit
@@ -320,9 +361,9 @@ def _sections(df: pd.DataFrame, report: Report, rates: pd.DataFrame, split_by: s
     for key, caption in (("logit", "failure_logit"), ("firth_logit", "failure_firth_logit"), ("lpm", "failure_lpm"), ("term_tests", "failure_term_tests")):
         if key in fit.extra:
             failing.tables.append((caption, fit.extra[key][COLUMNS] if key != "term_tests" else fit.extra[key]))
-    failing.images.append((_save(plots.coefficient_plot(fit, "change in failure probability (95% interval; dark: p < 0.05)"), out, "failure_coefficients", report), "Failure effects"))
+    failing.images.append((_save(lambda: plots.coefficient_plot(fit, "change in failure probability (95% interval; dark: p < 0.05)"), out, "failure_coefficients", report), "Failure effects"))
     failing.tables.append(("failure_rates", rates))
-    failing.images.append((_save(plots.failure_rate_by_parameter(df), out, "failure_rate_by_parameter", report), "Failure rate by parameter"))
+    failing.images.append((_save(lambda: plots.failure_rate_by_parameter(df), out, "failure_rate_by_parameter", report), "Failure rate by parameter"))
     failing.tables.append(("failure_interactions", report.interactions))
     for row in report.interactions[report.interactions["stands_out"]].head(MAX_PAIRS).itertuples():
         failing.text.append(f"The failure rate of {row.param_a} × {row.param_b} is not additive (F = {row.F:.1f}, p = {row.p_value:.2g}); see the cell table.")
@@ -338,9 +379,9 @@ def _sections(df: pd.DataFrame, report: Report, rates: pd.DataFrame, split_by: s
     tables.tables.append(("top", report.top))
     tables.tables.append(("levels", level_summary(df, metric)))
     tables.tables.append(("runtime", runtime_by_level(df)))
-    tables.images.append((_save(plots.metric_by_parameter(df, metric), out, "metric_by_parameter", report), f"{metric} by parameter"))
-    tables.images.append((_save(plots.metric_histogram(df, metric, split, thresholds=thresholds, benchmark=benchmark_value(df, metric)), out, "metric_histogram", report), f"{metric} histogram"))
-    tables.images.append((_save(plots.learning_curves(df, metric, goal=report.goal), out, "learning_curves", report), "Learning curves"))
+    tables.images.append((_save(lambda: plots.metric_by_parameter(df, metric), out, "metric_by_parameter", report), f"{metric} by parameter"))
+    tables.images.append((_save(lambda: plots.metric_histogram(df, metric, split, thresholds=thresholds, benchmark=benchmark_value(df, metric)), out, "metric_histogram", report), f"{metric} histogram"))
+    tables.images.append((_save(lambda: plots.learning_curves(df, metric, goal=report.goal), out, "learning_curves", report), "Learning curves"))
     sections.append(tables)
     return sections
 
@@ -374,7 +415,11 @@ def _markdown(report: Report, sections: list[Section]) -> str:
         lines += [text for text in section.text if text] + [""]
         for caption, table in section.tables:
             lines += [f"**{caption}** (`{_slug(caption)}.csv`)", ""] + _markdown_table(table) + [""]
-        lines += [f"![{alt}]({path})" for path, alt in section.images] + [""]
+        for path, alt in section.images:
+            lines.append(f"![{alt}]({path})")
+            if path in report.undrawn:
+                lines.append(f"({alt}: not drawn, {report.undrawn[path]}.)")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -411,6 +456,8 @@ def _html(report: Report, sections: list[Section]) -> str:
         body += [f"<p>{inline(text)}</p>" for text in section.text if text]
         for path, alt in section.images:
             body.append(f'<img src="{html.escape(path)}" alt="{html.escape(alt)}">')
+            if path in report.undrawn:
+                body.append(f"<p>({html.escape(alt)}: not drawn, {html.escape(report.undrawn[path])}.)</p>")
         for caption, table in section.tables:
             body.append(f'<h3>{html.escape(caption)} <small>(<a href="{_slug(caption)}.csv">CSV</a>)</small></h3>')
             shown = table.head(200)

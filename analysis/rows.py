@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pandas as pd
 
 from gridrunner.errors import GridError
@@ -30,6 +31,13 @@ STATE_WORDS = {
 #: Columns :func:`label_rows` adds. ``failed`` is 1.0/0.0 for finished rows and NaN for unfinished ones;
 #: ``subgrid`` (unions of sub-grids with different parameters only) names each row's sub-grid group.
 STATE, FAILED, SUBGRID = "state", "failed", "subgrid"
+#: The column ``top_configurations`` numbers its rows with; ``budget_table``'s budget and row count;
+#: ``pair_rates``' counts.
+RANK, BUDGET, WITHIN, FINISHED, FAILURES, FAILURE_RATE = "rank", "budget_s", "rows_within", "finished", "failures", "failure_rate"
+#: Every column the analysis adds to a frame or puts in a table beside parameters and outcomes. A parameter
+#: or outcome with one of these names is shown as ``param_<name>`` or ``outcome_<name>`` (:func:`label_rows`),
+#: so no table has two columns of one name.
+RESERVED = (STATE, FAILED, SUBGRID, RANK, BUDGET, WITHIN, FINISHED, FAILURES, FAILURE_RATE)
 #: The level of a ``null`` value that the spec lists (``dropout: [null, 0.1]``).
 NULL_LEVEL = "null"
 #: Parameters that number replicates rather than choose a configuration; no model uses them as a term.
@@ -61,6 +69,7 @@ def resolve_metric(df: pd.DataFrame, metric: str | None = None) -> str:
     if isinstance(spec_metric, dict):
         spec_metric = spec_metric.get("name")
     metric = metric or spec_metric or df.attrs.get("metric") or (outcomes[0] if outcomes else None)
+    metric = (df.attrs.get("renamed_outcomes") or {}).get(metric, metric)  # the spec's name for it
     if metric is None:
         raise GridError("the grid has no outcome columns yet, so there is no metric to analyse")
     if metric not in outcomes:  # only outcomes are metrics: a parameter or a bookkeeping column is no result to model
@@ -96,16 +105,72 @@ def resolve_failure(df: pd.DataFrame, failure: str | None = None) -> str | None:
 
 
 def rule_mask(df: pd.DataFrame, rule: str) -> pd.Series:
-    """True where ``rule`` (gridrunner's expression language) holds; unreadable values never match."""
+    """True where ``rule`` (gridrunner's expression language) fires, judged as the worker judges it.
+
+    Row by row, with :meth:`gridrunner.expr.Expr.evaluate` on the values the worker's rule saw: the row's
+    parameters decoded from its shard cells (``attrs["row_params"]``, under the spec's names) and its
+    outcomes as Python floats. Unknown (a missing, None or NaN value, text against a number) never fires;
+    nor does a row where the rule cannot be evaluated (``log(0)``): the worker records that row as a
+    ``RuleError``. :func:`rule_errors` counts those rows.
+    """
+    return _judge(df, rule)[0]
+
+
+def rule_errors(df: pd.DataFrame, rule: str) -> tuple[int, str | None]:
+    """How many rows ``rule`` cannot be evaluated on (``log()`` of 0), and the first message."""
+    _, errors, first = _judge(df, rule)
+    return errors, first
+
+
+def _judge(df: pd.DataFrame, rule: str) -> tuple[pd.Series, int, str | None]:
+    from gridrunner.errors import ExprError
     from gridrunner.expr import parse
 
     expr = parse(rule)
-    expr.check_names(list(df.columns), "column")
+    params = {p: (df.attrs.get("renamed") or {}).get(p, p) for p in _spec_params(df)}  # spec name -> column
+    outcomes = {o: (df.attrs.get("renamed_outcomes") or {}).get(o, o) for o in _spec_outcomes(df)}
+    expr.check_names(list(params) + list(outcomes), "column")
     expr.check_condition()
-    result = expr.evaluate_frame(df)
-    if not isinstance(result, pd.Series):
-        result = pd.Series(bool(result), index=df.index)
-    return result.fillna(False).astype(bool)
+    used = expr.names
+    decoded = df.attrs.get("row_params")
+    ids = df["row_id"].astype(str).tolist() if "row_id" in df.columns else [None] * len(df)
+    typed = {name: _python_values(df[column]) for name, column in params.items() if name in used}
+    numbers = {name: _python_values(df[column]) for name, column in outcomes.items() if name in used}
+    fired, errors, first = [], 0, None
+    for i, row_id in enumerate(ids):
+        if decoded is not None and row_id in decoded:
+            values = decoded[row_id]
+        else:  # a frame not from gridrunner.load: its typed values
+            values = {name: column[i] for name, column in typed.items() if column[i] is not _ABSENT}
+        values.update({name: column[i] for name, column in numbers.items() if column[i] is not _ABSENT})
+        try:
+            fired.append(expr.evaluate(values) is True)
+        except ExprError as err:
+            fired.append(False)
+            errors += 1
+            first = first or str(err)
+    return pd.Series(fired, index=df.index, dtype=bool), errors, first
+
+
+_ABSENT = object()
+
+
+def _spec_params(df: pd.DataFrame) -> list[str]:
+    back = {new: old for old, new in (df.attrs.get("renamed") or {}).items()}
+    return [back.get(p, p) for p in params_of(df)]
+
+
+def _spec_outcomes(df: pd.DataFrame) -> list[str]:
+    back = {new: old for old, new in (df.attrs.get("renamed_outcomes") or {}).items()}
+    return [back.get(o, o) for o in outcomes_of(df)]
+
+
+def _python_values(column: pd.Series) -> list:
+    """A column as plain Python values (``_ABSENT`` where missing), as a rule reads them: numpy's
+    float64 divides by zero into inf, where Python's division gives the rule's NaN."""
+    values = column.astype(object).tolist()
+    return [_ABSENT if v is None or v is pd.NA or (isinstance(v, float) and v != v) else
+            (v.item() if hasattr(v, "item") else v) for v in values]
 
 
 def label_rows(df: pd.DataFrame, failure: str | None = None) -> pd.DataFrame:
@@ -114,11 +179,9 @@ def label_rows(df: pd.DataFrame, failure: str | None = None) -> pd.DataFrame:
     ``failure`` overrides the spec's failure rule. The copy keeps ``df.attrs`` and records the rule in
     force as ``attrs["failure"]``.
     """
-    for column in (STATE, FAILED):
-        if column in outcomes_of(df):
-            raise GridError(f"an outcome is named {column!r}, which the analysis reserves; rename it")
-    df = _rename_reserved_params(df)
     rule = resolve_failure(df, failure)
+    matches, errors, first_error = _judge(df, rule) if rule else (None, 0, None)  # as the worker judged it
+    df = _rename_reserved(df)
     status = df["status"].astype(str)
     error = df["error"].astype("string").fillna("") if "error" in df.columns else pd.Series("", index=df.index)
     by_rule = status.eq("failed") & error.str.startswith("rule:")
@@ -127,13 +190,14 @@ def label_rows(df: pd.DataFrame, failure: str | None = None) -> pd.DataFrame:
     state[status.eq("running")] = "running"
     state[status.eq("failed") & ~by_rule] = "failed_exception"
     if rule:
-        matches = rule_mask(df, rule)
         state[finished & matches] = "failed_rule"
         state[finished & ~matches] = "success"
     else:  # no rule in force: keep the worker's verdict
         state[status.eq("done")] = "success"
         state[by_rule] = "failed_rule"
     out = df.copy()
+    as_levels = {p: "values that are not finite numbers (inf or -inf)" for p in infinite_params(df)}
+    as_levels.update({p: "integers beyond the 64-bit range" for p in params_of(df) if _all_numbers(df[p])})
     from gridrunner.analysis.subgrids import find_union
 
     union = find_union(df)
@@ -148,24 +212,34 @@ def label_rows(df: pd.DataFrame, failure: str | None = None) -> pd.DataFrame:
         union.column = name
     out[STATE] = pd.Categorical(state, categories=STATES)
     out[FAILED] = state.map({"success": 0.0, "failed_exception": 1.0, "failed_rule": 1.0}).astype(float)
-    out.attrs = {**df.attrs, "failure": rule, "union": union}
+    out.attrs = {**df.attrs, "failure": rule, "union": union, "as_levels": as_levels, "labelled": True,
+                 "rule_errors": (errors, first_error)}
     return out
 
 
-def _rename_reserved_params(df: pd.DataFrame) -> pd.DataFrame:
-    """``df`` with a parameter named like a column the analysis adds (``state``, ``failed``, ``subgrid``)
-    renamed ``param_<name>``; ``attrs["renamed"]`` records it for the report."""
-    taken = [p for p in params_of(df) if p in (STATE, FAILED, SUBGRID)]
-    if not taken:
+def _rename_reserved(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with each parameter and outcome named like a column the analysis or its tables add
+    (:data:`RESERVED`) renamed ``param_<name>`` or ``outcome_<name>``; ``attrs["renamed"]`` (parameters)
+    and ``attrs["renamed_outcomes"]`` record it for the report and for :func:`resolve_metric`."""
+    names: dict[str, dict[str, str]] = {"param": {}, "outcome": {}}
+    taken = set(df.columns)
+    for kind, columns in (("param", params_of(df)), ("outcome", outcomes_of(df))):
+        for column in columns:
+            if column in RESERVED:
+                new = f"{kind}_{column}"
+                while new in taken:
+                    new = "_" + new
+                names[kind][column] = new
+                taken.add(new)
+    if not names["param"] and not names["outcome"]:
         return df
-    names = {}
-    for param in taken:
-        new = f"param_{param}"
-        while new in df.columns:
-            new = "_" + new
-        names[param] = new
-    out = df.rename(columns=names)
-    out.attrs = {**df.attrs, "params": [names.get(p, p) for p in df.attrs["params"]], "renamed": names}
+    out = df.rename(columns={**names["param"], **names["outcome"]})
+    attrs = dict(df.attrs)
+    attrs["params"] = [names["param"].get(p, p) for p in attrs.get("params", [])]
+    attrs["outcomes"] = [names["outcome"].get(o, o) for o in attrs.get("outcomes", [])]
+    if attrs.get("metric") in names["outcome"]:
+        attrs["metric"] = names["outcome"][attrs["metric"]]
+    out.attrs = {**attrs, "renamed": names["param"], "renamed_outcomes": names["outcome"]}
     return out
 
 
@@ -176,6 +250,9 @@ def model_ready(column: pd.Series, present: pd.Series) -> pd.Series:
     levels in a fixed order: booleans ``false, true``; text sorted; lists in the order ``load`` gives.
     A ``null`` among a parameter's values is the level ``null`` (first, so it is the reference level),
     and a numeric parameter with ``null`` among its values becomes a categorical of its values' texts.
+    So does one with ``inf`` or ``-inf`` among them: no line has a slope through an infinite value, but
+    ``inf`` can be a level (``1, 2, inf``), and every table and plot can show it as one. Integers beyond
+    int64 (which ``load`` keeps exact, in an object column) are levels too, in numeric order.
     Rows outside ``present`` (whose sub-grid lacks the parameter) stay missing.
     """
     null = column.isna() & present
@@ -184,7 +261,7 @@ def model_ready(column: pd.Series, present: pd.Series) -> pd.Series:
         labels = column.map(lambda v: None if pd.isna(v) else ("true" if bool(v) else "false")).astype(object)
         order = [v for v in ("false", "true") if (labels == v).any()]
     elif pd.api.types.is_numeric_dtype(dtype):
-        if not null.any():
+        if not null.any() and not has_infinity(column):
             return column
         labels = column.map(lambda v: None if pd.isna(v) else _number_text(v)).astype(object)
         order = sorted(set(labels.dropna()), key=lambda text: (float(text), text))  # -0.0 and 0.0 are two levels
@@ -192,6 +269,10 @@ def model_ready(column: pd.Series, present: pd.Series) -> pd.Series:
         labels = column.astype(object).astype(str).where(column.notna(), None)
         present_levels = set(labels.dropna())
         order = list(dict.fromkeys(str(c) for c in dtype.categories if str(c) in present_levels))
+    elif _all_numbers(column):  # integers beyond int64, kept exact by load: levels in numeric order
+        values = column.dropna().unique()
+        labels = column.map(lambda v: None if v is None or pd.isna(v) else _number_text(v)).astype(object)
+        order = list(dict.fromkeys(_number_text(v) for v in sorted(values)))
     else:
         labels = column.astype(object).astype(str).where(column.notna(), None)
         order = sorted(set(labels.dropna()))
@@ -199,6 +280,25 @@ def model_ready(column: pd.Series, present: pd.Series) -> pd.Series:
         labels = labels.where(~null, NULL_LEVEL)
         order = [NULL_LEVEL] + [v for v in order if v != NULL_LEVEL]
     return pd.Series(pd.Categorical(labels, categories=order), index=column.index, name=column.name)
+
+
+def has_infinity(column: pd.Series) -> bool:
+    """Whether a numeric column holds ``inf`` or ``-inf``."""
+    values = column.to_numpy(dtype=float, na_value=np.nan)
+    return bool(np.isinf(values).any())
+
+
+def infinite_params(df: pd.DataFrame) -> list[str]:
+    """The numeric parameters of ``df`` (from ``gridrunner.load``) with ``inf`` or ``-inf`` among their values."""
+    return [p for p in params_of(df) if pd.api.types.is_numeric_dtype(df[p].dtype)
+            and not pd.api.types.is_bool_dtype(df[p].dtype) and has_infinity(df[p])]
+
+
+def _all_numbers(column: pd.Series) -> bool:
+    """An object column of numbers (``load`` keeps integers beyond int64 so)."""
+    present = column.dropna()
+    return (len(present) > 0 and pd.api.types.is_object_dtype(column.dtype)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present))
 
 
 def _all_bool(column: pd.Series) -> bool:
@@ -217,7 +317,7 @@ def _number_text(value) -> str:
 
 def ensure_labelled(df: pd.DataFrame, failure: str | None = None) -> pd.DataFrame:
     """``df`` itself when :func:`label_rows` already ran on it with the same rule, else a labelled copy."""
-    if STATE in df.columns and (failure is None or failure == df.attrs.get("failure")):
+    if df.attrs.get("labelled") and STATE in df.columns and (failure is None or failure == df.attrs.get("failure")):
         return df
     return label_rows(df, failure)
 

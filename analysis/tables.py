@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from gridrunner.analysis.rows import FAILED, STATE, ensure_labelled, outcomes_of, params_of, resolve_goal, resolve_metric
+from gridrunner.analysis.rows import FAILED, RANK, STATE, ensure_labelled, outcomes_of, params_of, resolve_goal, resolve_metric
 
 #: A numeric parameter with more distinct values than this is grouped into this many quantile bins.
 MAX_LEVELS = 12
@@ -63,7 +63,7 @@ def top_configurations(df: pd.DataFrame, metric: str | None = None, k: int = 10,
     best = success.sort_values(metric, ascending=goal == "min", kind="stable").head(k)
     columns = params_of(df) + [o for o in outcomes_of(df)] + ["runtime_s", "row_id"]
     table = best[[c for c in columns if c in best.columns]].reset_index(drop=True)
-    table.insert(0, "rank", np.arange(1, len(table) + 1))
+    table.insert(0, RANK, np.arange(1, len(table) + 1))
     return table
 
 

@@ -110,16 +110,22 @@ def is_numeric(series: pd.Series) -> bool:
 
 #: A positive numeric parameter whose largest value is this many times its smallest enters as ``np.log10``.
 LOG_SPAN = 100
+#: A numeric parameter that would enter linearly but reaches this size enters as levels: least squares
+#: multiplies values together, and near 1e308 (the largest float) their products overflow to inf.
+MAX_LINEAR = 1e100
 
 
 def kind_of(df: pd.DataFrame, param: str) -> str:
-    """``"number"`` for a numeric parameter, ``"log"`` for one spanning orders of magnitude, else ``"level"``."""
+    """``"number"`` for a numeric parameter, ``"log"`` for one spanning orders of magnitude, else ``"level"``
+    (also for a number too large to enter linearly, see :data:`MAX_LINEAR`)."""
     column = df[param]
     if not is_numeric(column):
         return "level"
     low, high = column.min(), column.max()
     if low > 0 and high / low >= LOG_SPAN:
         return "log"
+    if max(abs(low), abs(high)) >= MAX_LINEAR:
+        return "level"
     return "number"
 
 
@@ -153,6 +159,13 @@ def choose_terms(df: pd.DataFrame, response: str, params: list[str] | None = Non
             result.notes.append(f"dropped {param}: constant in the rows used{where} (every one has {only})")
             continue
         kind = kind_of(df, param)
+        why = (df.attrs.get("as_levels") or {}).get(param)
+        if why:
+            result.notes.append(f"{param} has {why}, so it enters as levels, C({param}), not as a line")
+        elif kind == "level" and is_numeric(df[param]):
+            largest = df[param].abs().max()
+            result.notes.append(f"{param} reaches {largest:g}, too large a number to enter linearly (its products "
+                                f"overflow), so it enters as levels, C({param})")
         result.params.append(param)
         result.kinds.append(kind)
         result.terms.append(_term(quote(param), kind))
@@ -256,6 +269,13 @@ def formula_notes(result, display=lambda name: name) -> list[str]:
 
 
 def unit_columns(values: np.ndarray) -> np.ndarray:
-    """``values`` with each non-zero column scaled to unit length, so rank tolerances ignore units."""
+    """``values`` with each non-zero column scaled to unit length, so rank tolerances ignore units.
+
+    Each column is first divided by its largest absolute value, so the norm cannot overflow: a column of
+    ±1.8e308 has a norm of inf, and dividing by that would turn it into zeros (collinear with nothing).
+    """
+    values = np.asarray(values, dtype=float)
+    largest = np.abs(values).max(axis=0) if values.shape[0] else np.zeros(values.shape[1])
+    values = values / np.where(np.isfinite(largest) & (largest > 0), largest, 1.0)
     norms = np.linalg.norm(values, axis=0)
     return values / np.where(norms > 0, norms, 1.0)

@@ -16,8 +16,9 @@ Used for the spec's ``failure`` rule (``m_ssim < 0.5 or m_mae > 1``), its ``cost
             | "(" expr ")" | "[" expr ("," expr)* "]" | func "(" expr ("," expr)* ")"
     func   := abs | min | max | log | log2 | log10 | sqrt | exp | len | sum
 
-Names are looked up in a mapping (one row's parameters and outcomes). Evaluation either works on
-plain Python values, one row at a time, or on whole pandas columns (:meth:`Expr.evaluate_frame`).
+Names are looked up in a mapping (one row's parameters and outcomes), and evaluation works on plain
+Python values, one row at a time: the worker, ``make``, ``reset --where`` and the analysis
+(``analysis.rows.rule_mask``) all judge a rule so, on the same decoded values, so they agree.
 Conditions have three values, as in SQL: a comparison with a missing, ``None``, NaN or non-comparable
 value is *unknown*, ``not`` of unknown is unknown, ``and`` is false if either side is false and ``or``
 true if either side is true, and unknown otherwise. A rule fires only when it is true, so a missing value
@@ -50,16 +51,16 @@ CONDITIONS = ("or", "and", "not", "cmp", "in")
 _COMPARE = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, "!=": operator.ne}
 _ARITH = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv, "%": operator.mod, "**": operator.pow}
 _FUNCS = {
-    "abs": (abs, "abs"),
-    "min": (min, "minimum"),
-    "max": (max, "maximum"),
-    "log": (math.log, "log"),
-    "log2": (math.log2, "log2"),
-    "log10": (math.log10, "log10"),
-    "sqrt": (math.sqrt, "sqrt"),
-    "exp": (math.exp, "exp"),
-    "len": (len, None),
-    "sum": (sum, None),
+    "abs": abs,
+    "min": min,
+    "max": max,
+    "log": math.log,
+    "log2": math.log2,
+    "log10": math.log10,
+    "sqrt": math.sqrt,
+    "exp": math.exp,
+    "len": len,
+    "sum": sum,
 }
 
 
@@ -291,14 +292,6 @@ class Expr:
         except _Missing:
             return None
 
-    def evaluate_frame(self, frame) -> Any:
-        """Evaluate column-wise on a pandas DataFrame; conditions give nullable boolean Series (``pd.NA``
-        where unknown, as :meth:`evaluate` gives None)."""
-        import numpy as np
-        import pandas as pd
-
-        return _eval_frame(self.tree, frame, self.text, np, pd)
-
 
 def parse(text: str) -> Expr:
     """Parse ``text`` or raise :class:`ExprError` with the column of the problem."""
@@ -358,7 +351,7 @@ def _eval(node, values, text):
         except ZeroDivisionError:
             return math.nan
     if kind == "call":
-        func = _FUNCS[node[1]][0]
+        func = _FUNCS[node[1]]
         args = [_eval(n, values, text) for n in node[2]]
         for arg in args:
             if arg is None:
@@ -414,70 +407,3 @@ def _number(value):
 
 def _is_nan(value) -> bool:
     return isinstance(value, float) and math.isnan(value)
-
-
-def _eval_frame(node, frame, text, np, pd):
-    kind = node[0]
-    rec = lambda n: _eval_frame(n, frame, text, np, pd)  # noqa: E731
-    if kind == "or":  # pandas' nullable booleans follow the same three-valued logic as _eval
-        return _as_bool(rec(node[1]), frame, pd) | _as_bool(rec(node[2]), frame, pd)
-    if kind == "and":
-        return _as_bool(rec(node[1]), frame, pd) & _as_bool(rec(node[2]), frame, pd)
-    if kind == "not":
-        return ~_as_bool(rec(node[1]), frame, pd)
-    if kind == "cmp":
-        left, right = rec(node[2]), rec(node[3])
-        result = _as_bool(_COMPARE[node[1]](left, right), frame, pd)
-        return result.mask(_missing_mask(left, frame, pd) | _missing_mask(right, frame, pd))
-    if kind == "in":
-        left, right = rec(node[1]), rec(node[2])
-        if isinstance(left, pd.Series):
-            result = _as_bool(left.isin(right), frame, pd)
-        else:
-            result = pd.Series(left in right, index=frame.index, dtype="boolean")
-        return result.mask(_missing_mask(left, frame, pd))
-    if kind == "const":
-        return node[1]
-    if kind == "name":
-        if node[1] not in frame.columns:
-            return pd.Series(np.nan, index=frame.index)
-        column = frame[node[1]]
-        if isinstance(column.dtype, pd.CategoricalDtype):
-            column = column.astype(object)
-        return column
-    if kind == "list":
-        return [rec(n) for n in node[1]]
-    if kind == "neg":
-        return -rec(node[1])
-    if kind == "arith":
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return _ARITH[node[1]](rec(node[2]), rec(node[3]))
-    if kind == "call":
-        name = node[1]
-        args = [rec(n) for n in node[2]]
-        numpy_name = _FUNCS[name][1]
-        if numpy_name is None:
-            func = _FUNCS[name][0]
-            return args[0].map(func) if isinstance(args[0], pd.Series) else func(*args)
-        if name in ("min", "max") and len(args) > 1:
-            result = args[0]
-            for arg in args[1:]:
-                result = getattr(np, numpy_name)(result, arg)
-            return result
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return getattr(np, numpy_name)(*args)
-    raise AssertionError(kind)  # unreachable
-
-
-def _as_bool(value, frame, pd):
-    """``value`` as a nullable boolean Series (``pd.NA`` where it is missing or NaN)."""
-    if isinstance(value, pd.Series):
-        unknown = value.isna()
-        return value.where(~unknown, False).astype(bool).astype("boolean").mask(unknown)
-    return pd.Series(pd.NA if _unknown(value) else bool(value), index=frame.index, dtype="boolean")
-
-
-def _missing_mask(value, frame, pd):
-    if isinstance(value, pd.Series):
-        return value.isna().astype(bool)
-    return pd.Series(_unknown(value) if not isinstance(value, list) else False, index=frame.index)

@@ -11,7 +11,7 @@ import yaml
 from gridrunner.errors import GridError, SpecError
 from gridrunner.expr import Expr
 from gridrunner.journal import JOURNAL_DIR
-from gridrunner.spec import BOOK_COLUMNS, Spec, expand, load_spec, task_params, validate
+from gridrunner.spec import BOOK_COLUMNS, Spec, expand, load_spec, validate
 from gridrunner.store import (
     ATTEMPTS,
     ROW_ID,
@@ -85,13 +85,13 @@ def make(spec_path: str | Path, runs_dir: str | Path = DEFAULT_RUNS, dry_run: bo
         raise GridError(f"{grid_dir} exists but holds no {SPEC_FILE}; it is not a grid. Move it away or "
                         f"choose another name or --runs DIR")
 
-    rows = _rows_to_write(spec, existing, report)
+    # Every row first, so every exclude rule and the cost have been evaluated (a SpecError naming the key
+    # and the row where one cannot be) before anything is written.
+    rows = list(_rows_to_write(spec, existing, report))
+    _check_not_empty(spec, spec_path, report)
     header = header_for(spec.params, spec.outcomes)
     first = store.next_index()
     if dry_run:
-        for _ in rows:
-            pass
-        _check_not_empty(spec, spec_path, report)
         report.shards = [None] * -(-report.new // spec.max_len)
         return report
 
@@ -261,7 +261,7 @@ def _rows_to_write(spec: Spec, existing: dict, report: MakeReport):
     # workers claim in file order, so the grid runs longest-first (good for the makespan).
     ranked = []
     for row in fresh():
-        value = cost.evaluate(task_params(spec.fixed, row.params))
+        value = spec.cost_of(cost, row.params)
         ranked.append((-(value if isinstance(value, (int, float)) else 0.0), len(ranked), row))
     finish_orphans()
     ranked.sort(key=lambda item: (item[0], item[1]))

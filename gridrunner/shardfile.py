@@ -54,6 +54,12 @@ def safe_cell(text: str) -> str:
     return text
 
 
+def decode_params(names, cells) -> dict:
+    """A row's parameters from its cells, as a worker's task receives them; a parameter whose cell is empty
+    (its sub-grid lacks it) is absent."""
+    return {name: decode_cell(cell) for name, cell in zip(names, cells) if cell != ""}
+
+
 _VERIFIED: dict = {}  # (row_id, param cells) -> None: rows whose id was checked against their parameters
 
 
@@ -228,8 +234,7 @@ class Shard:
         self.dirty = True
 
     def row_params(self, i: int) -> dict:
-        fields = self.records[i]
-        return {name: decode_cell(cell) for name, cell in zip(self.params, fields) if cell != ""}
+        return decode_params(self.params, self.records[i])
 
     def row_outcomes(self, i: int) -> dict:
         fields = self.records[i][self.n_params + _NB:]

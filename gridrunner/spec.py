@@ -36,6 +36,7 @@ import itertools
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -65,6 +66,7 @@ MAX_DURATION_S = 1e9
 MAX_MINUTES = MAX_DURATION_S / 60
 ROW_ID_LENGTH = 12
 _RESERVED = set(BOOK_COLUMNS)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _SCALARS = (bool, int, float, str, type(None))
 
 
@@ -81,6 +83,22 @@ def row_id_of(params: dict) -> str:
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")
+
+
+def text_cell(text: str) -> str:
+    """A text cell of a CSV gridrunner writes for people (the report's tables), as no spreadsheet reads it as
+    a formula: text that could start one (``= + - @``, a control character), and is not a number such as
+    ``-0.5``, is JSON-quoted as :func:`encode_cell` quotes such a parameter (``"=1+1"``); so is text that
+    starts with a quote, so that a quoted cell always means this."""
+    if text.startswith(_FORMULA_START):
+        try:
+            float(text)
+            return text
+        except ValueError:
+            return json.dumps(text, ensure_ascii=False)
+    if text.startswith('"'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
 
 
 def encode_cell(value: Any) -> str:
@@ -236,6 +254,7 @@ class Spec:
     warnings: list = field(default_factory=list)  # about the spec file's text: values likely meant otherwise
     hang_after_min: float | None = None
     row_time_limit_min: float | str | None = None
+    lines: dict = field(default_factory=dict, repr=False, compare=False)  # key path -> YAML line, for errors
 
     @property
     def params(self) -> list[str]:
@@ -262,6 +281,19 @@ class Spec:
 
     def cost_expr(self) -> Expr | None:
         return Expr(self.cost) if self.cost else None
+
+    def cost_of(self, cost: Expr, row_params: dict):
+        """``cost`` on one row (its parameters and ``fixed``); a :class:`SpecError` at key ``cost`` naming the
+        row where it cannot be evaluated (``sqrt`` of a negative number)."""
+        try:
+            return cost.evaluate(task_params(self.fixed, row_params))
+        except ExprError as err:
+            raise self.rule_error(("cost",), err, row_params) from None
+
+    def rule_error(self, keypath: tuple, err: ExprError, row_params: dict) -> SpecError:
+        """A rule of this spec that failed on a row, as the spec error ``make`` prints: file, key, line, row."""
+        row = ", ".join(f"{name}={encode_cell(value)}" for name, value in row_params.items())
+        return SpecError(self.path, _dotted(keypath), f"{err} (on the row {row})", self.lines.get(keypath))
 
     def time_limit(self):
         """None, or a function of a row's task parameters giving ``(minutes or None, error or None)``."""
@@ -333,7 +365,9 @@ def load_spec(path: str | Path, check_task: bool = True) -> Spec:
 def validate(data: Any, path: str | Path | None = None, lines: dict | None = None, check_task: bool = True) -> Spec:
     """Validate a spec mapping (already parsed) and return a :class:`Spec`."""
     v = _Validator(path, lines or {})
-    return v.spec(data, check_task)
+    spec = v.spec(data, check_task)
+    spec.lines = dict(lines or {})
+    return spec
 
 
 class _Validator:
@@ -582,12 +616,31 @@ class _Validator:
                         or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in arg)
                         or not arg[0] < arg[1]):
                     self.fail(pk + (kind,), f"expected [low, high] with low < high, got {arg!r}")
-                if kind == "loguniform" and arg[0] <= 0:
-                    self.fail(pk + (kind,), "loguniform needs 0 < low")
-                if kind == "int" and not all(isinstance(a, int) for a in arg):
-                    self.fail(pk + (kind,), "int needs integer bounds")
+                self.samplable(pk + (kind,), kind, arg)
             dists[name] = (kind, arg)
         return {"n": n, "seed": seed, "params": dists}
+
+    def samplable(self, keypath: tuple, kind: str, arg: list) -> None:
+        """Bounds ``[low, high]`` (low < high) that numpy can sample ``kind`` from: finite, with a finite
+        range for ``uniform`` (it draws low + (high - low) * u), within int64 for ``int``."""
+        if kind == "int":
+            if not all(isinstance(a, int) for a in arg):
+                self.fail(keypath, "int needs integer bounds")
+            if not all(INT64_MIN <= a <= INT64_MAX for a in arg):
+                self.fail(keypath, f"int needs bounds within 64-bit integers ({INT64_MIN} to {INT64_MAX}), got {arg!r}")
+            return
+        try:
+            bounds = [float(a) for a in arg]
+        except OverflowError:  # an integer beyond any float (10**400)
+            bounds = [math.inf]
+        if not all(math.isfinite(b) for b in bounds):
+            shown = ", ".join(_number_text(a) for a in arg)
+            self.fail(keypath, f"the bounds must be finite numbers, got [{shown}]")
+        if kind == "loguniform" and bounds[0] <= 0:
+            self.fail(keypath, "loguniform needs 0 < low")
+        if kind == "uniform" and not math.isfinite(bounds[1] - bounds[0]):
+            self.fail(keypath, f"high - low must be a finite number (at most {sys.float_info.max:.2g}) to sample "
+                               f"from, got [{', '.join(_number_text(a) for a in arg)}]")
 
     def exclude(self, exclude, params: list[str]) -> list:
         if exclude is None:
@@ -662,6 +715,17 @@ def _unknown_param(key, params) -> str:
     return f"unknown parameter {key!r}{did} (parameters: {', '.join(params)})"
 
 
+def _number_text(value) -> str:
+    """A bound as the error shows it: ``inf``, ``1e+308``, ``3``; an integer beyond any float as ``1e+309 or more``."""
+    if isinstance(value, int):
+        try:
+            float(value)
+        except OverflowError:
+            return "1e+309 or more" if value > 0 else "-1e+309 or less"
+        return str(value)
+    return f"{value:g}"
+
+
 def _kind(value) -> str:
     return {dict: "a mapping", list: "a list", str: "a string", type(None): "nothing"}.get(type(value), type(value).__name__)
 
@@ -703,7 +767,7 @@ def expand(spec: Spec) -> Iterator[Row]:
                     params[name] = value
                     fragments[name] = frag
                     cells[position[name]] = cell
-            if excludes and _excluded(params, excludes):
+            if excludes and _excluded(params, excludes, spec):
                 continue
             canonical = "{" + ",".join(fragments[name] for name in order if name in fragments) + "}"
             row_id = hashlib.sha1(canonical.encode()).hexdigest()[:ROW_ID_LENGTH]
@@ -746,14 +810,18 @@ def _random_candidates(random: dict) -> list:
     return samples
 
 
-def _excluded(params: dict, excludes: list) -> bool:
-    for kind, entry in excludes:
+def _excluded(params: dict, excludes: list, spec: Spec) -> bool:
+    for i, (kind, entry) in enumerate(excludes):
         if kind == "match":
             if all(k in params and params[k] == v and isinstance(params[k], bool) == isinstance(v, bool)
                    for k, v in entry.items()):
                 return True
-        elif entry.evaluate(params):
-            return True
+        else:
+            try:
+                if entry.evaluate(params):
+                    return True
+            except ExprError as err:  # log(0) on this row: the spec's mistake, said where it is
+                raise spec.rule_error(("exclude", i), err, params) from None
     return False
 
 

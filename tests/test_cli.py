@@ -222,3 +222,46 @@ def test_a_broken_pipe_of_gridrunners_own_is_still_a_bug(project, monkeypatch):
     result = CliRunner().invoke(main, ["make", "demo.yaml"])
     assert result.exit_code == 3
     assert "Error: unexpected BrokenPipeError: [Errno 32] Broken pipe. This is a bug in gridrunner" in result.output
+
+
+@pytest.mark.parametrize("dist, message", [
+    ("{uniform: [0, .inf]}", "random.params.r.uniform: the bounds must be finite numbers, got [0, inf]"),
+    ("{uniform: [-.inf, 0]}", "random.params.r.uniform: the bounds must be finite numbers, got [-inf, 0]"),
+    ("{uniform: [-1.0e+308, 1.0e+308]}", "random.params.r.uniform: high - low must be a finite number (at most "
+                                         "1.8e+308) to sample from, got [-1e+308, 1e+308]"),
+    ("{loguniform: [1.0e-300, .inf]}", "random.params.r.loguniform: the bounds must be finite numbers, got [1e-300, inf]"),
+    ("{uniform: [0, 100000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000]}",
+     "random.params.r.uniform: the bounds must be finite numbers, got [0, 1e+309 or more]"),
+    ("{int: [0, 100000000000000000000]}", "random.params.r.int: int needs bounds within 64-bit integers "
+                                          "(-9223372036854775808 to 9223372036854775807), got [0, 100000000000000000000]"),
+])
+def test_regression_random_bounds_numpy_cannot_sample_are_refused_with_their_key_and_nothing_is_written(project, dist, message):
+    # was: exit 3, OverflowError in spec._random_candidates ("high - low range exceeds valid bounds", "high is
+    # out of bounds for int64"), with runs/ left behind
+    write_spec(project, SPEC + f"random: {{n: 2, params: {{r: {dist}}}}}\n", "rnd")
+    before = snapshot(project)
+    result = CliRunner().invoke(main, ["make", "rnd.yaml"])
+    assert (result.exit_code, result.output) == (1, f"Error: rnd.yaml:7, at key {message}\n")
+    assert snapshot(project) == before and not (project / "runs").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    ('exclude: ["log(a) > 5"]\n', "at key exclude[0]: log() failed: math domain error in 'log(a) > 5' "
+                                  "(on the row a=0, b=x)"),
+    ("cost: sqrt(a - 1)\n", "at key cost: sqrt() failed: math domain error in 'sqrt(a - 1)' (on the row a=0, b=x)"),
+])
+def test_regression_a_make_that_fails_on_a_rule_writes_nothing_to_an_existing_grid(project, extra, message):
+    # was: "Error: log() failed: math domain error in 'log(a) > 5'" (no file, no key), after shard-004/005 and
+    # their journals were written for the rows before a=0, with spec.yaml not updated
+    write_spec(project, "task: gridrunner.tasks.toy:noop\ngrid:\n  a: [1, 2, 3, 4]\n  b: [x, y]\nmax_len: 2\n"
+                        "outcomes: [value]\n", "g")
+    assert invoke("make", "g.yaml").exit_code == 0
+    assert invoke("work", "--quiet", "--no-linger").exit_code == 0
+    before = snapshot(project)
+    write_spec(project, "task: gridrunner.tasks.toy:noop\ngrid:\n  a: [1, 2, 3, 4, 5, 6, 0]\n  b: [x, y]\nmax_len: 2\n"
+                        "outcomes: [value]\n" + extra, "g")
+    result = CliRunner().invoke(main, ["make", "g.yaml"])
+    assert (result.exit_code, result.output) == (1, f"Error: g.yaml:7, {message}\n")
+    after = snapshot(project)
+    del after[project / "g.yaml"], before[project / "g.yaml"]
+    assert after == before

@@ -76,7 +76,31 @@ def check_contract(analysed: Analysed) -> None:
         assert (analysed.report_dir / "failure_conditions.csv").exists()
         assert "Failure conditions: " in analysed.output
         assert not any(line.startswith("Error") for line in analysed.output.splitlines())
+        assert formula_cells(analysed.report_dir) == []
     else:
         lines = analysed.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("Error: ") and "no model can be fitted" in lines[0], analysed.output
         assert not analysed.report_dir.exists()
+
+
+def formula_cells(report_dir: Path) -> list[tuple[str, str]]:
+    """(file, cell) of every cell of the report's CSVs that a spreadsheet would read as a formula: one that
+    starts with ``= + - @`` (or a tab or carriage return) and is not a number."""
+    import csv
+
+    found = []
+    for path in sorted(Path(report_dir).glob("*.csv")):
+        with open(path, newline="", encoding="utf-8") as fh:
+            for row in csv.reader(fh):
+                for cell in row:
+                    if cell.startswith(("=", "+", "-", "@", "\t", "\r")) and not _is_number(cell):
+                        found.append((path.name, cell))
+    return found
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

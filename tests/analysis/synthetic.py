@@ -13,7 +13,7 @@ that the test chooses, through the spec's ``fixed`` constants.
 
 ``value_json`` is the value as canonical JSON (``true``, ``"ssim"``, ``null``, ``[1, 2]``), so that every
 value type can be a key. It returns ``score`` and ``aux`` (``score`` squared, an outcome the tests do not
-model) and logs a short curve with ``loss`` and ``val_ssim``.
+model, or ``score`` itself where its square would overflow; ``aux_name`` in ``params`` renames it) and logs a short curve with ``loss`` and ``val_ssim``.
 """
 from __future__ import annotations
 
@@ -43,4 +43,5 @@ def run(params: dict, ctx) -> dict:
     score += rng.gauss(0.0, float(params.get("noise", 0.05)))
     for step in range(3):
         ctx.log(step, loss=1.0 / (step + 1) + score * 0.01, val_ssim=0.5 + 0.1 * step)
-    return {"score": score, "aux": score * score}
+    aux = score * score if abs(score) < 1e150 else score  # a score near 1e308 has no finite square
+    return {"score": score, params.get("aux_name", "aux"): aux}
