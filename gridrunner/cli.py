@@ -156,6 +156,8 @@ class _OptionalValueCommand(click.Command):
     unknown option; a negative number after such an option is checked by the option's type instead."""
 
     def parse_args(self, ctx, args):
+        from gridrunner.shardfile import is_number
+
         for param in self.params:
             if not getattr(param, "_flag_needs_value", False):
                 continue
@@ -166,17 +168,9 @@ class _OptionalValueCommand(click.Command):
                     value = word.split("=", 1)[1]
                 elif word not in param.opts:
                     continue
-                if value is not None and value.startswith("-") and _is_number(value):
+                if value is not None and value.startswith("-") and is_number(value):
                     param.type.convert(value, param, ctx)  # raises a usage error that names the option
         return super().parse_args(ctx, args)
-
-
-def _is_number(word: str) -> bool:
-    try:
-        float(word)
-    except ValueError:
-        return False
-    return True
 
 
 def _grid_options(func):

@@ -190,10 +190,10 @@ class Shard:
                 return f"attempts must be a whole number, got {attempts!r}"
             fields[p + ATTEMPTS] = whole  # pandas writes a column with empty cells as floats: 1.0 means 1
         runtime = fields[p + RUNTIME]
-        if runtime and not _is_number(runtime):
+        if runtime and not is_number(runtime):
             return f"runtime_s must be a number, got {runtime!r}"
         for name, cell in zip(header[outcome_slice], fields[outcome_slice]):
-            if cell and not _is_number(cell):
+            if cell and not is_number(cell):
                 return f"outcome {name} must be a number or empty, got {cell!r}"
         cells = tuple(fields[:p])
         rid = fields[p]
@@ -285,7 +285,8 @@ def _whole_number(text: str) -> str | None:
     return str(int(value))
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
+    """Whether ``text`` reads as a float (``1e-3``, ``-2``, ``nan``)."""
     try:
         float(text)
     except ValueError:

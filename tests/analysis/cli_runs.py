@@ -11,6 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 from gridrunner.cli import main
+from gridrunner.shardfile import is_number
 
 
 @dataclass
@@ -93,14 +94,8 @@ def formula_cells(report_dir: Path) -> list[tuple[str, str]]:
         with open(path, newline="", encoding="utf-8") as fh:
             for row in csv.reader(fh):
                 for cell in row:
-                    if cell.startswith(("=", "+", "-", "@", "\t", "\r")) and not _is_number(cell):
+                    if cell.startswith(("=", "+", "-", "@", "\t", "\r")) and not is_number(cell):
                         found.append((path.name, cell))
     return found
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True

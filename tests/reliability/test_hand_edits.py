@@ -30,6 +30,12 @@ from reliability_tools import by_row, cli, executions, rows
 HEADER_TAIL = ["row_id", "status", "attempts", "worker", "started_at", "finished_at", "runtime_s", "error", "token", "value"]
 
 
+def _home_worker(grid: Path) -> subprocess.Popen:
+    """A worker that runs shard 0 alone (it neither steals nor lingers); its stderr is piped for the test."""
+    return subprocess.Popen(worker_cmd(grid, "--no-steal", "--no-linger"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
 def _spec(side: Path, n: int, duration: float, max_len: int, lease_s: float = 10.0) -> dict:
     return {"task": "reliability_tasks:run", "outcomes": ["token", "value"], "grid": {"i": list(range(n))},
             "fixed": {"record_to": str(side), "duration": duration}, "max_len": max_len, "lease_s": lease_s}
@@ -531,8 +537,7 @@ def test_regression_a_running_row_set_to_not_run_in_a_copy_saved_after_it_finish
     side = project / "executions.log"
     grid = make_grid(project, _spec(side, 3, 1.5, 100))
     shard = grid / "shards" / "shard-000.csv"
-    worker = reaper(subprocess.Popen(worker_cmd(grid, "--no-steal", "--no-linger"), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True))
+    worker = reaper(_home_worker(grid))
     assert wait_until(lambda: len(executions(side)) >= 1, 60)
     records = _parse(shard.read_text())
     (row,) = [r for r in records[1:] if r[2] == "running"]
@@ -558,8 +563,7 @@ def test_regression_saving_the_same_buffer_twice_applies_its_reset_once(project,
     side = project / "executions.log"
     grid = make_grid(project, _spec(side, 4, 0.6, 100))
     shard = grid / "shards" / "shard-000.csv"
-    worker = reaper(subprocess.Popen(worker_cmd(grid, "--no-steal", "--no-linger"), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True))
+    worker = reaper(_home_worker(grid))
     assert wait_until(lambda: "done" in {r["status"] for r in rows(grid).values()}, 60)
     buffer = _parse(shard.read_text())
     (row,) = [r for r in buffer[1:] if r[2] == "done"][:1]
@@ -640,8 +644,7 @@ def test_regression_a_typo_in_a_running_rows_cell_keeps_its_claim_and_its_result
     side = project / "executions.log"
     grid = make_grid(project, _spec(side, 3, 1.5, 100))
     shard = grid / "shards" / "shard-000.csv"
-    worker = reaper(subprocess.Popen(worker_cmd(grid, "--no-steal", "--no-linger"), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True))
+    worker = reaper(_home_worker(grid))
     assert wait_until(lambda: len(executions(side)) >= 1, 60)
     (rid,) = [r[1] for r in _parse(shard.read_text())[1:] if r[2] == "running"]
     text = shard.read_text()
@@ -711,8 +714,7 @@ def test_regression_an_in_place_rewrite_that_pauses_at_a_line_end_loses_no_row_a
     side = project / "executions.log"
     grid = make_grid(project, _spec(side, 10, 0.4, 100))
     shard = grid / "shards" / "shard-000.csv"
-    worker = reaper(subprocess.Popen(worker_cmd(grid, "--no-steal", "--no-linger"), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True))
+    worker = reaper(_home_worker(grid))
     assert wait_until(lambda: sum(1 for r in executions(side).values() if r.finished) >= 4, 60)
     lines = shard.read_text().splitlines(keepends=True)
     with open(shard, "r+") as fh:
@@ -744,8 +746,7 @@ def test_regression_deleting_the_last_row_while_it_runs_is_applied_once_the_file
     side = project / "executions.log"
     grid = make_grid(project, _spec(side, 3, 1.0, 100))
     shard = grid / "shards" / "shard-000.csv"
-    worker = reaper(subprocess.Popen(worker_cmd(grid, "--no-steal", "--no-linger"), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True))
+    worker = reaper(_home_worker(grid))
     assert wait_until(lambda: len(executions(side)) >= 3, 60)
     records = _parse(shard.read_text())
     assert records[-1][2] == "running"
