@@ -190,10 +190,18 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    fields = proc_stat(pid)
+    return fields is None or fields[0] not in (b"Z", b"X")
+
+
+def proc_stat(pid) -> list[bytes] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state, ppid, ..., starttime at index
+    19); None if the process is gone or the file cannot be read. The name is cut at its last ``)``: it may
+    hold spaces and parentheses."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            state = fh.read().rsplit(b")", 1)[1].split()[0]
-        return state not in (b"Z", b"X")
-    except (OSError, IndexError):
-        return True
+        with open(f"/proc/{int(pid)}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError, ValueError):
+        return None
+    return fields or None
 

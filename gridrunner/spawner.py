@@ -402,15 +402,13 @@ def _children(me: int) -> set[int]:
         with open(f"/proc/{me}/task/{me}/children", encoding="ascii") as fh:
             return {int(pid) for pid in fh.read().split()}
     except OSError:  # a kernel without CONFIG_PROC_CHILDREN: look through every process
+        from gridrunner.lock import proc_stat
+
         found = set()
         for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/stat", "rb") as fh:
-                        if int(fh.read().rsplit(b")", 1)[1].split()[1]) == me:
-                            found.add(int(entry))
-                except (OSError, ValueError, IndexError):
-                    continue
+            fields = proc_stat(entry) if entry.isdigit() else None
+            if fields is not None and len(fields) > 1 and fields[1] == str(me).encode():  # its parent's pid
+                found.add(int(entry))
         return found
 
 

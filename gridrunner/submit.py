@@ -423,10 +423,12 @@ def job_states(grid_dir: Path) -> list[dict]:
 def process_start(pid: int) -> int | None:
     """When process ``pid`` started (clock ticks since boot, field 22 of ``/proc/<pid>/stat``); None if it is
     not running or that cannot be read. With its pid it names one process: a pid alone may be reused."""
+    from gridrunner.lock import proc_stat
+
+    fields = proc_stat(pid)
     try:
-        with open(f"/proc/{int(pid)}/stat", "rb") as fh:
-            return int(fh.read().rsplit(b")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
+        return int(fields[19]) if fields is not None else None
+    except (IndexError, ValueError):
         return None
 
 

@@ -329,7 +329,8 @@ class Worker:
         self._row_end: str | None = None  # why the watchdog ended the running row (Hung: / TimeLimit: ...)
         self._row_limit_min: float | None = None
         self._ctx_row_dir: Path | None = None  # the watched row's directory
-        self._row_keep = None  # (row directory, claim identity, start) of the watched row, for its outbox
+        self._row_claim: dict | None = None  # the watched row's claim identity, for its outbox (outbox.identity)
+        self._row_started = 0.0  # when the watched row's process started (time.monotonic())
 
     # ---- stopping
 
@@ -734,8 +735,8 @@ class Worker:
         if pid is None:
             return False
         self._row_end = why
-        row_dir, claim, started = self._row_keep
-        outbox.keep(row_dir, claim, {"ended": why}, time.monotonic() - started, replace=False)
+        outbox.keep(self._ctx_row_dir, self._row_claim, {"ended": why}, time.monotonic() - self._row_started,
+                    replace=False)
         log.warning("%s; %s", why, doing)
         try:
             os.kill(pid, sig)
@@ -783,7 +784,7 @@ class Worker:
         self._child_pid = pid
         if watched:
             self._ctx_row_dir = row_dir
-            self._row_keep = (row_dir, request["outbox"], time.monotonic())
+            self._row_claim, self._row_started = request["outbox"], time.monotonic()
             self._watch(row_dir, before)
         try:
             if self._stop.is_set():
