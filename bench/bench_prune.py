@@ -7,10 +7,11 @@ spec, ``--grid key=v1,v2`` replaces one of its grid keys, ``--steps`` its step c
 
 1. **Pilot.** The grid runs unpruned with seed 0 (``fixed: {seed: 0}``), two workers.
 2. **Choosing a rule by replay.** ``gridrunner.prune.replay`` replays every candidate
-   ``step >= S and <metric> <op> T`` on the pilot's ``history.jsonl`` files, and builds a list of rules
+   ``step >= S and <metric> <op> T`` (for the best-so-far metrics also with a patience,
+   ``and step - <metric>_step >= P``) on the pilot's ``history.jsonl`` files, and builds a list of rules
    from those with no false prune (a prune of a row that finished ``done``), none one threshold looser
    either, greedily by the row-seconds they save (:func:`choose`).
-3. **Other seeds, side by side.** The same grid with seed 1 runs twice at once, one worker each: without
+3. **Other seeds, side by side.** The same grid with seed 1 (``--seed``) runs twice at once, one worker each: without
    the rule (the reference) and with it (``prune:``). Compute is the sum of the rows' ``runtime_s``
    (row-seconds: the row's process from fork to result, start-up and testing included). A false prune
    is a row pruned in the pruned run whose twin in the reference run finished ``done``.
@@ -103,6 +104,9 @@ def run_grid(spec: Path, runs: Path, workers: int) -> tuple[Path, common.Timed]:
 #: (metric, comparison, thresholds from the strictest to the loosest): a looser threshold prunes more.
 FAMILIES = [("val_ssim", "<", (0.3, 0.4, 0.5, 0.6)), ("val_mae", ">", (0.5, 0.3, 0.2, 0.1)),
             ("val_ssim_best", "<", (0.3, 0.4, 0.5, 0.6)), ("val_mae_best", ">", (0.3, 0.2, 0.1, 0.05))]
+#: Patience, in validations: the best-so-far families again, on a row whose best is that many validations old
+#: (``step - val_ssim_best_step >= P``), which a row that is still improving, however slowly, never is.
+PATIENCE = (3, 6)
 
 
 class Candidate(NamedTuple):
@@ -113,13 +117,15 @@ class Candidate(NamedTuple):
 
 def candidate_rules(steps: int, every: int) -> list[tuple[str, str | None, int]]:
     """(rule, the same rule one threshold looser or None for the loosest, the step it starts at) at
-    validation points from 4% to 40% of the steps."""
+    validation points from 4% to 40% of the steps; the best-so-far families also with each patience."""
     at = sorted({max(round(steps * f / every), 1) * every for f in (0.04, 0.08, 0.12, 0.16, 0.2, 0.3, 0.4)})
     out = []
+    waits = [""] + [f" and step - {{metric}}_step >= {p * every}" for p in PATIENCE]
     for metric, op, thresholds in FAMILIES:
-        for s in at:
-            rules = [f"step >= {s} and {metric} {op} {t}" for t in thresholds]
-            out += [(rule, rules[i + 1] if i + 1 < len(rules) else None, s) for i, rule in enumerate(rules)]
+        for wait in waits if metric.endswith("_best") else [""]:
+            for s in at:
+                rules = [f"step >= {s} and {metric} {op} {t}" + wait.format(metric=metric) for t in thresholds]
+                out += [(rule, rules[i + 1] if i + 1 < len(rules) else None, s) for i, rule in enumerate(rules)]
     return out
 
 
@@ -194,6 +200,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps per row (default: the spec's)")
     parser.add_argument("--quick", action="store_true", help="60 steps, 4 rows; checks the script")
     parser.add_argument("--no-readme", action="store_true", help="print the section, leave bench/README.md alone")
+    parser.add_argument("--seed", type=int, default=1,
+                        help="the seed of the side-by-side runs (default 1; the pilot's is 0)")
     parser.add_argument("--reuse-pilot", action="store_true",
                         help="keep a finished pilot of the same spec from an earlier run instead of running it again")
     args = parser.parse_args()
@@ -234,8 +242,8 @@ def main() -> None:
     pilot_choice = replay(pilot_dir, chosen) if chosen else None
     side_lines = []
     if chosen:
-        reference_spec = write_grid_spec(work / "reference.yaml", base, "reference", 1, cache)
-        pruned_spec = write_grid_spec(work / "pruned.yaml", base, "pruned", 1, cache, prune=chosen)
+        reference_spec = write_grid_spec(work / "reference.yaml", base, "reference", args.seed, cache)
+        pruned_spec = write_grid_spec(work / "pruned.yaml", base, "pruned", args.seed, cache, prune=chosen)
         reference_dir = common.make_grid(reference_spec, runs)
         pruned_dir = common.make_grid(pruned_spec, runs)
         side = common.run_processes(common.gridrunner_workers(reference_dir, 1)
@@ -254,7 +262,7 @@ def main() -> None:
         # What the replay promised for these seeds: the chosen rule replayed on the reference run.
         promised = replay(reference_dir, chosen)
         side_lines = [
-            f"**Seed 1, side by side** (one worker each, at the same time, {fmt(side.wall_s)} s):",
+            f"**Seed {args.seed}, side by side** (one worker each, at the same time, {fmt(side.wall_s)} s):",
             "",
             common.table(["run", "rows", "failed", "pruned", "compute (row-s)", "false prunes"],
                          [["without the rule", len(reference), len(ref_failed), 0, fmt(ref_compute), "–"],

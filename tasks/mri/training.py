@@ -19,9 +19,11 @@
    records it as failed, with the step), instead of training on NaNs.
    Every ``eval_every`` steps the learning curve also gets ``val_mae`` and ``val_ssim``: the model
    in inference mode on ``eval_images`` test images, the same fixed ones for every row of a data
-   configuration, whatever its loss, with the row's best so far (``val_ssim_best``, ``val_mae_best``;
-   a resumed row goes on from the best of the steps its checkpoint kept). That is the signal a grid's
-   ``prune:`` rule can share across losses; a rule on the best is not fired by one noisy validation.
+   configuration, whatever its loss, with the row's best so far (``val_ssim_best``, ``val_mae_best``)
+   and the step it was reached at (``val_ssim_best_step``, ``val_mae_best_step``); a resumed row goes on
+   from the best of the steps its checkpoint kept. That is the signal a grid's
+   ``prune:`` rule can share across losses; a rule on the best is not fired by one noisy validation,
+   and one on the step of the best (``step - val_ssim_best_step >= 200``) fires only on a row that has stopped improving.
    It reads the model and changes nothing: the trained weights and the final metrics are the same with
    it off (``eval_every: 0``). Its time goes to ``eval_s`` in ``metrics.json`` and is
    left out of ``train_images_per_s``.
@@ -267,8 +269,7 @@ def train_and_evaluate(build_model, loss: str, batch_size: int, config: Training
         if validation is not None and (done % eval_every == 0 or done == config.steps):
             eval_started = time.perf_counter()
             record.update(validate(infer, validation))
-            best = {"val_ssim_best": max(best.get("val_ssim_best", -math.inf), record["val_ssim"]),
-                    "val_mae_best": min(best.get("val_mae_best", math.inf), record["val_mae"])}
+            best = improve(best, record, done)
             record.update(best)
             spent = time.perf_counter() - eval_started
             eval_time += spent
@@ -317,12 +318,27 @@ def validation_batch(test: dataset.Pairs, count: int) -> dataset.Pairs:
     return dataset.Pairs(test.x[chosen], test.y[chosen], test.source[chosen], test.group[chosen])
 
 
+def improve(best: dict, record: dict, step: int) -> dict:
+    """The best so far after a validation at ``step``: ``val_ssim_best`` and ``val_mae_best``, and the step each
+    was reached at (``val_ssim_best_step``, ``val_mae_best_step``; a tie is no improvement), so a rule can
+    read how long a row has gone without improving (``step - val_ssim_best_step >= 200``)."""
+    out = dict(best)
+    if record["val_ssim"] > best.get("val_ssim_best", -math.inf):
+        out.update(val_ssim_best=record["val_ssim"], val_ssim_best_step=step)
+    if record["val_mae"] < best.get("val_mae_best", math.inf):
+        out.update(val_mae_best=record["val_mae"], val_mae_best_step=step)
+    return out
+
+
 def best_so_far(history: list[dict], up_to: int) -> dict:
-    """``val_ssim_best`` and ``val_mae_best`` over the records of ``history`` up to step ``up_to`` (a row
-    resumed from its checkpoint at that step goes on from them; later records are of a run that was lost)."""
-    ssim = [r["val_ssim"] for r in history if r.get("step", math.inf) <= up_to and "val_ssim" in r]
-    mae = [r["val_mae"] for r in history if r.get("step", math.inf) <= up_to and "val_mae" in r]
-    return ({"val_ssim_best": max(ssim)} if ssim else {}) | ({"val_mae_best": min(mae)} if mae else {})
+    """:func:`improve` over the validations of ``history`` up to step ``up_to`` (a row resumed from its
+    checkpoint at that step goes on from them; later records are of a run that was lost)."""
+    best = {}
+    for record in history:
+        step = record.get("step", math.inf)
+        if step <= up_to and "val_ssim" in record and "val_mae" in record:
+            best = improve(best, record, step)
+    return best
 
 
 def validate(infer, validation: dataset.Pairs) -> dict:

@@ -117,6 +117,14 @@ def test_the_validation_metric_changes_neither_the_trained_model_nor_the_final_m
     for k, point in enumerate(points):  # the best so far, for rules that one noisy validation must not fire
         assert point["val_ssim_best"] == max(p["val_ssim"] for p in points[:k + 1])
         assert point["val_mae_best"] == min(p["val_mae"] for p in points[:k + 1])
+        assert_best_steps(points[:k + 1])
+
+
+def assert_best_steps(points):
+    """The last point's ``*_best_step`` is the step of the first validation that reached its best."""
+    last = points[-1]
+    assert last["val_ssim_best_step"] == next(p["step"] for p in points if p["val_ssim"] == last["val_ssim_best"])
+    assert last["val_mae_best_step"] == next(p["step"] for p in points if p["val_mae"] == last["val_mae_best"])
 
 
 def test_a_resumed_row_goes_on_from_the_best_validation_of_the_steps_its_checkpoint_kept(tmp_path, small_row):
@@ -130,9 +138,21 @@ def test_a_resumed_row_goes_on_from_the_best_validation_of_the_steps_its_checkpo
     assert [p["step"] for p in points] == [4, 8, 12, 16, 20, 24]
     for k, point in enumerate(points):  # the resumed run's bests include the first run's validations
         assert point["val_ssim_best"] == max(p["val_ssim"] for p in points[:k + 1])
+        assert_best_steps(points[:k + 1])
     # Records past the checkpoint are of a run that was lost (killed after step 8, say): left out.
     assert training.best_so_far([{"step": 4, "val_ssim": 0.2, "val_mae": 0.3}, {"step": 12, "val_ssim": 0.9,
-                                 "val_mae": 0.1}], 8) == {"val_ssim_best": 0.2, "val_mae_best": 0.3}
+                                 "val_mae": 0.1}], 8) == {"val_ssim_best": 0.2, "val_mae_best": 0.3,
+                                                          "val_ssim_best_step": 4, "val_mae_best_step": 4}
+
+
+def test_the_step_of_the_best_moves_only_when_a_validation_improves_on_it():
+    history = [{"step": 40, "val_ssim": 0.3, "val_mae": 0.2}, {"step": 80, "val_ssim": 0.3, "val_mae": 0.25},
+               {"step": 120, "val_ssim": 0.1, "val_mae": 0.1}, {"step": 160, "val_ssim": 0.4, "val_mae": 0.1}]
+    assert training.best_so_far(history, 160) == {"val_ssim_best": 0.4, "val_ssim_best_step": 160,
+                                                  "val_mae_best": 0.1, "val_mae_best_step": 120}
+    # a tie is no improvement: the rule `step - val_ssim_best_step >= 40` fires at step 80 on a flat curve
+    assert training.best_so_far(history, 80)["val_ssim_best_step"] == 40
+    assert training.best_so_far(history, 80)["val_mae_best_step"] == 40
 
 
 def test_the_validation_images_are_fixed_by_the_data_alone(small_row):
