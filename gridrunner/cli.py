@@ -233,7 +233,8 @@ def make(spec, runs_dir, dry_run):
 @main.command()
 @_grid_options
 @click.option("--shard", type=click.IntRange(min=0), default=None,
-              help="Start on this shard, then help the others (default: the first).")
+              help="Start on this shard, then help the others (default: the first). A number past the last "
+                   "shard wraps around (N mod the shard count), as Slurm array task N does.")
 @click.option("--steal/--no-steal", default=True, show_default=True,
               help="After the home shard, claim rows from the other shards.")
 @click.option("--lease", "lease_s", type=_Finite(0.1, "seconds"), default=None,

@@ -19,6 +19,8 @@ Tests and notebooks can build one directly: ``Context(row_dir=tmp_path / "row")`
 from __future__ import annotations
 
 import json
+import math
+import operator
 import time
 from pathlib import Path
 from typing import Callable
@@ -96,8 +98,14 @@ class Context:
         return path
 
     def log(self, step: int, **metrics: float) -> None:
-        """Append ``{"step": step, "time": <unix s>, **metrics}`` to the row's learning curve."""
-        record = {"step": int(step), "time": round(time.time(), 3)}
+        """Append ``{"step": step, "time": <unix s>, **metrics}`` to the row's learning curve.
+
+        ``step`` is a whole number (a float such as ``200.0`` is taken as 200); ``time`` is the record's own
+        clock (a prune's saving and the hang clock read it), so no metric may take that name."""
+        if "time" in metrics:
+            raise ValueError("ctx.log: 'time' is the record's own clock (unix seconds, set by gridrunner); "
+                             "log the metric under another name, such as 'elapsed_s'")
+        record = {"step": _whole(step), "time": round(time.time(), 3)}
         record.update({key: _plain(value) for key, value in metrics.items()})
         with open(self.row_dir / HISTORY_FILE, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
@@ -121,6 +129,23 @@ class Context:
             return []
         with open(path, encoding="utf-8") as fh:
             return [json.loads(line) for line in fh if line.strip()]
+
+
+def _whole(step) -> int:
+    """``step`` as an int: an integer of any kind, or a float with a whole value; anything else is a
+    :class:`TypeError` (a step of 2.7 truncated to 2 would put two records at one step)."""
+    if not isinstance(step, bool):
+        try:
+            return operator.index(step)
+        except TypeError:
+            pass
+        try:
+            number = float(step)
+        except (TypeError, ValueError):
+            number = math.nan
+        if math.isfinite(number) and number == int(number):
+            return int(number)
+    raise TypeError(f"ctx.log: step must be a whole number, got {step!r}")
 
 
 def _plain(value):
