@@ -31,12 +31,15 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gridrunner.atomic import write_atomic
+from gridrunner.atomic import why_failed, write_atomic
+
+log = logging.getLogger(__name__)
 
 JOURNAL_DIR = "journal"
 NOTES_FILE = "notes.log"
@@ -255,12 +258,19 @@ def _entry(line: bytes) -> dict | None:
 
 
 def append_note(shard_dir: Path, message: str) -> None:
-    """Add a line to the notes that ``status`` shows (what reconciliations did, results kept aside)."""
+    """Add a line to the notes that ``status`` shows (what reconciliations did, results kept aside).
+
+    The notes only tell what already happened (the journal and the shard hold the change), so a note that
+    cannot be written (a read-only ``journal/``, a full disk) is a warning on stderr, not a failure of the
+    change it describes."""
     path = Path(shard_dir).parent / JOURNAL_DIR / NOTES_FILE
-    path.parent.mkdir(exist_ok=True)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(f"{stamp} {' '.join(message.split())}\n")
+    try:
+        path.parent.mkdir(exist_ok=True)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(f"{stamp} {' '.join(message.split())}\n")
+    except OSError as err:
+        log.warning("%s: cannot add this note (%s): %s", path, why_failed(err), message)
 
 
 def read_notes(shard_dir: Path, last: int = 10) -> list[str]:

@@ -103,3 +103,21 @@ def test_regression_a_report_file_that_cannot_be_written_is_one_error_line(proje
     result = CliRunner().invoke(main, ["analyze"])
     assert (result.exit_code, result.output) == (
         1, "Error: runs/g/report: cannot write the report (Is a directory); pass --out DIR for another place\n")
+
+
+def test_regression_recover_with_a_read_only_journal_folder_rebuilds_the_shard_and_warns_of_the_note(project):
+    # was: exit 3 with "unexpected PermissionError" at journal/notes.log, after the shard was rebuilt; the
+    # notes only tell what happened, so one that cannot be written is a warning
+    grid = project / "runs" / "g"
+    shard = sorted((grid / "shards").glob("*.csv"))[0]
+    whole = shard.read_bytes()
+    shard.unlink()
+    (grid / "journal" / "notes.log").unlink(missing_ok=True)
+    (grid / "journal").chmod(0o555)
+    result = as_a_user(project, "recover")
+    assert result.returncode == 0, result.stderr
+    assert f"{shard.name}: the file was missing; rebuilt from the journal: 6 rows (" in result.stdout
+    assert result.stderr == (f"runs/g/journal/notes.log: cannot add this note (Permission denied): {shard.name} "
+                             "was missing: rebuilt from the journal\n")
+    assert shard.read_bytes() == whole
+    assert not (project / "cache" / "gridrunner").exists()  # no crash log
