@@ -296,11 +296,17 @@ class SchedulerView:
         # "CANCELLED by 0" reads as CANCELLED; a task sacct does not list yet is UNKNOWN.
         states = {job: (watcher.get_info(job, mode="cache").get("State") or "UNKNOWN").split()[0] for job in ids}
         if any(state in DEAD_STATES for state in states.values()):
-            # sacct calls a cancelled, timed-out or requeued job ended at once, while slurmctld is still
-            # ending its processes (KillWait, 30 s by default): its worker may still finish or give back
-            # its row, so the row must not be reclaimed yet. Asked after sacct, so a job no longer
-            # COMPLETING here had ended before `observed`.
-            states.update({job: "COMPLETING" for job in _completing_jobs() if job in states})
+            # sacct answers from the accounting database, which slurmctld updates after the fact, so a dead
+            # verdict is checked against slurmctld's own view before a row is reclaimed on it:
+            # - a cancelled, timed-out or requeued job is ended at once in sacct while slurmctld is still
+            #   ending its processes (KillWait, 30 s by default), and its worker may still finish or give
+            #   back its row (squeue: COMPLETING);
+            # - a job that has started reads PENDING in sacct until its start reaches the database (more
+            #   than a second on a loaded 2-core node), while its worker already claims rows (squeue:
+            #   RUNNING).
+            # Asked after sacct, so a job squeue no longer holds with processes had ended before `observed`.
+            held = _jobs_with_processes()
+            states.update({job: held[job] for job, state in states.items() if state in DEAD_STATES and job in held})
         self._states = states
         self._observed_at = observed
         self._write_shared()
@@ -354,19 +360,24 @@ class SchedulerView:
         return DeadJobs((job for job, state in states.items() if state in DEAD_STATES), self._observed_at)
 
 
-def _completing_jobs() -> set[str]:
-    """Ids (``array_task`` for array tasks) of this user's jobs that slurmctld is still ending; empty if squeue
-    fails. (Only this user's: a grid's jobs are, and a large cluster's queue need not be listed.)"""
+#: Job states in which slurmctld may still have a job's processes (squeue's names).
+WITH_PROCESSES = ("RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "RESIZING", "STOPPED")
+
+
+def _jobs_with_processes() -> dict[str, str]:
+    """Id (``array_task`` for array tasks) -> state of this user's jobs that slurmctld lists in a state
+    of :data:`WITH_PROCESSES`; empty if squeue fails. (Only this user's: a grid's jobs are, and a large
+    cluster's queue need not be listed.)"""
     if not shutil.which("squeue"):
-        return set()
+        return {}
     try:
-        listed = subprocess.run(["squeue", "--noheader", "--array", "--states=COMPLETING", "--format=%i",
-                                 f"--user={getpass.getuser()}"],
+        listed = subprocess.run(["squeue", "--noheader", "--array", f"--states={','.join(WITH_PROCESSES)}",
+                                 "--format=%i %T", f"--user={getpass.getuser()}"],
                                 capture_output=True, text=True, timeout=60, check=True).stdout
     except (OSError, subprocess.SubprocessError) as err:
         logging.getLogger("gridrunner.submit").warning("squeue failed (%s); ended jobs count as gone", err)
-        return set()
-    return set(listed.split())
+        return {}
+    return dict(line.split(None, 1) for line in listed.splitlines() if len(line.split()) == 2)
 
 
 # Array tasks listed one by one in ``status`` up to this many per submission; beyond, counted by state.

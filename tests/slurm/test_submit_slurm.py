@@ -6,6 +6,7 @@ line per start, finish and step), which counts executions across every process a
 """
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections import Counter
@@ -182,6 +183,40 @@ def test_a_cancelled_job_keeps_its_row_until_slurm_has_ended_its_processes(proje
     slurm_cluster.run("scancel", job)
     assert wait_until(lambda: array_states(slurm_cluster, grid)[job] == "CANCELLED", 10)
     # A new worker asks sacct at once, which already says CANCELLED, while the job is still COMPLETING.
+    helper = start_worker(grid)
+    _, stderr = helper.communicate(timeout=60)
+
+    assert helper.returncode == 0, stderr
+    row = rows_by(grid)[row_id]
+    assert (row["status"], row["worker"].endswith(f":{job}")) == ("done", True), row["worker"]
+    assert counts_of(side, "start", [row_id]) == {row_id: 1}
+    assert not list((grid / "rows" / row_id).glob("stale-result-*"))
+
+
+@pytest.mark.timeout(120)
+def test_regression_a_running_job_that_accounting_still_calls_pending_keeps_its_row(project, slurm_cluster, monkeypatch):
+    # sacct answers from the accounting database, which slurmctld updates after the fact: on a loaded node
+    # a started array task read PENDING for over a second, and a worker that asked then reclaimed the row
+    # that task was running (two rows ran twice in the chaos test below). Here accounting lags for good:
+    # an `sacct` first on PATH (for this process, the jobs and the helper) says PENDING where the real one
+    # says RUNNING. Slurm itself is real; only its accounting's delay is made to last.
+    import shutil
+
+    real = shutil.which("sacct")
+    fake_bin = project / "lagging-accounting"
+    fake_bin.mkdir()
+    (fake_bin / "sacct").write_text(f'#!/bin/sh\nset -e\n"{real}" "$@" | sed "s/|RUNNING/|PENDING/g"\n')
+    (fake_bin / "sacct").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
+    side = project / "side.log"
+    grid = make_grid(project, {"task": "gridrunner.tasks.toy:sleep", "outcomes": ["slept"], "grid": {"i": [0]},
+                               "fixed": {"duration": 6.0, "record_to": str(side)}})
+    gridrunner("submit", "--shards", "1")
+    assert wait_until(lambda: running_rows(grid), 60)
+    ((row_id, job),) = running_rows(grid).items()
+    assert slurm_cluster.sacct(job.split("_")[0]).get(job) == "PENDING"  # what every worker hears
+    time.sleep(2.5)  # past the margin within which a job's state does not count for a fresh claim
+
     helper = start_worker(grid)
     _, stderr = helper.communicate(timeout=60)
 
