@@ -99,6 +99,17 @@ def assert_each_row_done_once(grid: Path, side_file: Path) -> None:
     assert counts_of(side_file, "finish", rows) == {row_id: 1 for row_id in rows}
 
 
+def assert_a_helper_leaves_the_row_to_its_job(grid: Path, side: Path, row_id: str, job: str) -> None:
+    """A worker started now exits without taking ``row_id`` from ``job``, which finishes it, once."""
+    helper = start_worker(grid)
+    _, stderr = helper.communicate(timeout=60)
+    assert helper.returncode == 0, stderr
+    row = rows_by(grid)[row_id]
+    assert (row["status"], row["worker"].endswith(f":{job}")) == ("done", True), row["worker"]
+    assert counts_of(side, "start", [row_id]) == {row_id: 1}
+    assert not list((grid / "rows" / row_id).glob("stale-result-*"))
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch, slurm_cluster):
     """An empty project directory as the working directory; at the end no job of it is left running."""
@@ -183,14 +194,7 @@ def test_a_cancelled_job_keeps_its_row_until_slurm_has_ended_its_processes(proje
     slurm_cluster.run("scancel", job)
     assert wait_until(lambda: array_states(slurm_cluster, grid)[job] == "CANCELLED", 10)
     # A new worker asks sacct at once, which already says CANCELLED, while the job is still COMPLETING.
-    helper = start_worker(grid)
-    _, stderr = helper.communicate(timeout=60)
-
-    assert helper.returncode == 0, stderr
-    row = rows_by(grid)[row_id]
-    assert (row["status"], row["worker"].endswith(f":{job}")) == ("done", True), row["worker"]
-    assert counts_of(side, "start", [row_id]) == {row_id: 1}
-    assert not list((grid / "rows" / row_id).glob("stale-result-*"))
+    assert_a_helper_leaves_the_row_to_its_job(grid, side, row_id, job)
 
 
 @pytest.mark.timeout(120)
@@ -217,14 +221,7 @@ def test_regression_a_running_job_that_accounting_still_calls_pending_keeps_its_
     assert slurm_cluster.sacct(job.split("_")[0]).get(job) == "PENDING"  # what every worker hears
     time.sleep(2.5)  # past the margin within which a job's state does not count for a fresh claim
 
-    helper = start_worker(grid)
-    _, stderr = helper.communicate(timeout=60)
-
-    assert helper.returncode == 0, stderr
-    row = rows_by(grid)[row_id]
-    assert (row["status"], row["worker"].endswith(f":{job}")) == ("done", True), row["worker"]
-    assert counts_of(side, "start", [row_id]) == {row_id: 1}
-    assert not list((grid / "rows" / row_id).glob("stale-result-*"))
+    assert_a_helper_leaves_the_row_to_its_job(grid, side, row_id, job)
 
 
 @pytest.mark.timeout(360)
