@@ -5,7 +5,9 @@ Run it after a fresh `make clean-demo demo` (on a venv installed from the lock) 
     .venv/bin/python tests/tasks/demo_record.py [runs/demo]
 
 It copies the metrics of ``ROWS`` (two of the demo's cheapest rows) from the demo's shards into
-``demo_metrics.json``, with the lock's hash, the versions that matter and the CPU they ran on.
+``demo_metrics.json``, with the lock's hash, the versions that matter and the CPU they ran on. The file
+keeps one set of rows per CPU kind (its vector extensions, which oneDNN picks its kernels by): recording
+on another kind adds its rows, on the same kind replaces them, and with another lock starts afresh.
 """
 from __future__ import annotations
 
@@ -76,11 +78,21 @@ def main(grid_dir: str = "runs/demo") -> None:
                                  "error": row["error"], "metrics": {name: float(row[name]) for name in OUTCOMES}})
     rows.sort(key=lambda r: ROWS.index(r["params"]))
     assert [r["params"] for r in rows] == ROWS, f"{grid_dir} lacks some of {ROWS}"
-    RECORD.write_text(json.dumps({
-        "lock": str(LOCK.relative_to(REPO)), "lock_sha256": lock_sha256(), "versions": versions(),
-        "cpu": cpu_model(), "cpu_isa": cpu_isa(), "threads": 1, "grid": "grids/demo.yaml", "rows": rows,
-    }, indent=2) + "\n")
-    print(f"recorded {len(rows)} rows in {RECORD}")
+    record = {"lock": str(LOCK.relative_to(REPO)), "lock_sha256": lock_sha256(), "versions": versions(),
+              "threads": 1, "grid": "grids/demo.yaml", "by_cpu": []}
+    if RECORD.exists():
+        before = json.loads(RECORD.read_text())
+        if (before.get("lock_sha256"), before.get("versions")) == (record["lock_sha256"], record["versions"]):
+            record["by_cpu"] = [kind for kind in before.get("by_cpu", []) if kind["cpu_isa"] != cpu_isa()]
+    record["by_cpu"].append({"cpu": cpu_model(), "cpu_isa": cpu_isa(), "rows": rows})
+    RECORD.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"recorded {len(rows)} rows for {cpu_model()} ({' '.join(cpu_isa())}) in {RECORD}; "
+          f"{len(record['by_cpu'])} CPU kind(s) recorded")
+
+
+def for_this_cpu(record: dict) -> dict | None:
+    """The recorded rows of this machine's CPU kind, or None."""
+    return next((kind for kind in record["by_cpu"] if kind["cpu_isa"] == cpu_isa()), None)
 
 
 if __name__ == "__main__":

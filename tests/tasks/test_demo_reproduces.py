@@ -1,5 +1,7 @@
 """The README's demo numbers reproduce: two rows of grids/demo.yaml, trained again with its settings by real
-workers, give exactly the metrics recorded for the lock in demo_metrics.json (see demo_record.py)."""
+workers, give exactly the metrics recorded for the lock and this CPU kind in demo_metrics.json (see
+demo_record.py). On a CPU kind not recorded there, the input's metrics must still be exact and the trained
+models' M-SSIM close to every recorded kind's."""
 import csv
 import json
 import os
@@ -10,14 +12,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from demo_record import LOCK, OUTCOMES, RECORD, REPO, cpu_isa, cpu_model, lock_sha256, versions
+from demo_record import LOCK, OUTCOMES, RECORD, REPO, cpu_isa, cpu_model, for_this_cpu, lock_sha256, versions
 
 WHAT_TO_DO = (
     "If requirements/cpu.lock changed, the demo's numbers change with it: run `make clean-demo demo`, put its "
     "summary into README.md's demo block (and the sentences after it), then record the new values with "
     "`.venv/bin/python tests/tasks/demo_record.py`. If the lock did not change, this venv is not the lock's "
-    "(`make install` builds it from the lock), or the CPU differs from the recorded one (oneDNN picks its "
-    "kernels by the CPU's vector extensions), or the thread count is not the demo's (threads: 1).")
+    "(`make install` builds it from the lock), or the thread count is not the demo's (threads: 1). A CPU kind "
+    "that is not recorded yet (oneDNN picks its kernels by the CPU's vector extensions) is added by running "
+    "`make clean-demo demo` and `demo_record.py` on it.")
+#: How far a trained model's test M-SSIM may lie outside the range of the recorded CPU kinds' on another kind.
+CROSS_KIND_SSIM = 0.02
 
 
 def explain(record: dict) -> str:
@@ -29,9 +34,9 @@ def explain(record: dict) -> str:
     if changed:
         lines.append("installed versions differ from the recorded ones: "
                      + ", ".join(f"{name} {was} -> {is_}" for name, (was, is_) in changed.items()))
-    if (record["cpu"], record["cpu_isa"]) != (cpu_model(), cpu_isa()):
-        lines.append(f"recorded on {record['cpu']} ({' '.join(record['cpu_isa'])}), "
-                     f"running on {cpu_model()} ({' '.join(cpu_isa())})")
+    if for_this_cpu(record) is None:
+        kinds = "; ".join(f"{kind['cpu']} ({' '.join(kind['cpu_isa'])})" for kind in record["by_cpu"])
+        lines.append(f"recorded on {kinds}; running on {cpu_model()} ({' '.join(cpu_isa())}), not recorded")
     return "; ".join(lines) + ". " + WHAT_TO_DO
 
 
@@ -41,8 +46,9 @@ def test_two_demo_rows_reproduce_the_metrics_recorded_for_the_lock(tmp_path):
     assert record["lock"] == str(LOCK.relative_to(REPO))
     demo = yaml.safe_load((REPO / "grids" / "demo.yaml").read_text())
     assert demo["fixed"]["threads"] == record["threads"]
+    rows = record["by_cpu"][0]["rows"]  # every kind records the same rows
     spec = {**demo, "name": "demo-rows", "max_len": 1,
-            "grid": [{name: [value] for name, value in row["params"].items()} for row in record["rows"]]}
+            "grid": [{name: [value] for name, value in row["params"].items()} for row in rows]}
     (tmp_path / "demo-rows.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if k != "GRIDRUNNER_DATA_CACHE"}
     for command in (["make", "demo-rows.yaml"], ["submit", "--executor", "local", "--shards", "2", "--wait"]):
@@ -57,27 +63,30 @@ def test_two_demo_rows_reproduce_the_metrics_recorded_for_the_lock(tmp_path):
                 got[row["row_id"]] = {name: float(row[name]) for name in OUTCOMES if row[name]}
                 got[row["row_id"]].update(status=row["status"], error=row["error"])
     # The same parameters give the same content-addressed ids as in the demo grid itself.
-    assert sorted(got) == sorted(r["row_id"] for r in record["rows"])
+    assert sorted(got) == sorted(r["row_id"] for r in rows)
     for row_id in got:  # the thread counts were fixed, not TensorFlow's default of every core
         ran = json.loads((tmp_path / "runs" / "demo-rows" / "rows" / row_id / "metrics.json").read_text())
         assert (ran["intra_op_threads"], ran["inter_op_threads"]) == (record["threads"], record["threads"])
-    same_kernels = record["cpu_isa"] == cpu_isa()
-    for row in record["rows"]:
-        if not same_kernels:
-            # oneDNN picks other kernels on other vector extensions (an AMX Xeon against the recorded AVX-512
-            # EPYC gave m_ssim 0.9565 for 0.9616): the digits differ, the result must not.
-            ran = got[row["row_id"]]
-            assert (ran["status"], ran["error"]) == (row["status"], row["error"]), explain(record)
-            # The input's metrics involve no training; of the trained model's, M-SSIM (what the failure rule
-            # and the analysis read) stays within 0.02, while a failed model's MAE moved by 18%.
-            for name, value in row["metrics"].items():
-                if not (name.startswith("bench_") or name == "m_ssim"):
-                    continue
-                tolerance = 0.02 if name == "m_ssim" else 1e-6 * abs(value)
-                assert abs(ran[name] - value) <= tolerance, (
-                    f"demo row {row['params']} ({row['row_id']}): {name} {ran[name]} against {value} "
-                    f"(± {tolerance:.3g} on a CPU with other vector extensions): " + explain(record))
-            continue
-        assert got[row["row_id"]] == {**row["metrics"], "status": row["status"], "error": row["error"]}, (
-            f"demo row {row['params']} ({row['row_id']}) gave {got[row['row_id']]}, not {row['metrics']}: "
-            + explain(record))
+    mine = for_this_cpu(record)
+    if mine is not None:
+        for row in mine["rows"]:
+            assert got[row["row_id"]] == {**row["metrics"], "status": row["status"], "error": row["error"]}, (
+                f"demo row {row['params']} ({row['row_id']}) gave {got[row['row_id']]}, not {row['metrics']}: "
+                + explain(record))
+        return
+    # oneDNN picks other kernels on other vector extensions: the digits differ, and a row whose loss stalls
+    # may end on either side of the failure line (the SSIM row: test M-SSIM 0.475, failed, on AVX-512 and
+    # 0.598, done, on AVX2). The input's metrics involve no training and stay exact. The trained M-SSIM
+    # lies within CROSS_KIND_SSIM of the range the recorded kinds span (the L1 row: 0.9616 and 0.9583
+    # recorded, 0.9565 on an AMX Xeon), and the status is one that a recorded kind gave.
+    for row_id, ran in got.items():
+        kinds = [row for kind in record["by_cpu"] for row in kind["rows"] if row["row_id"] == row_id]
+        assert (ran["status"], ran["error"]) in {(row["status"], row["error"]) for row in kinds}, (
+            f"demo row {kinds[0]['params']} ({row_id}) ended {ran['status']} {ran['error']!r}: " + explain(record))
+        ssim = [row["metrics"]["m_ssim"] for row in kinds]
+        assert min(ssim) - CROSS_KIND_SSIM <= ran["m_ssim"] <= max(ssim) + CROSS_KIND_SSIM, (
+            f"demo row {kinds[0]['params']} ({row_id}): m_ssim {ran['m_ssim']} against {ssim} recorded "
+            f"(± {CROSS_KIND_SSIM} on a CPU with other vector extensions): " + explain(record))
+        for name, value in kinds[0]["metrics"].items():
+            if name.startswith("bench_"):
+                assert abs(ran[name] - value) <= 1e-6 * abs(value), (name, ran[name], value, explain(record))
