@@ -1,7 +1,7 @@
 """The README's demo numbers reproduce: two rows of grids/demo.yaml, trained again with its settings by real
 workers, give exactly the metrics recorded for the lock and this CPU kind in demo_metrics.json (see
-demo_record.py). On a CPU kind not recorded there, the input's metrics must still be exact and the trained
-models' M-SSIM close to every recorded kind's."""
+demo_record.py). On a CPU kind not recorded there, the input's metrics must still be exact, each row's status
+one that a recorded kind gave, and its M-SSIM within CROSS_KIND_SSIM of the range the recorded kinds span."""
 import csv
 import json
 import os
