@@ -1,8 +1,8 @@
 """A full disk while workers write: the shard keeps its last good version, the worker says so and stops.
 
 The grid lives on a tmpfs of 512 KiB (the ``small_disk`` fixture). A worker runs rows; the test fills the
-disk at a random instant, leaving no page free (the lock file cannot be written) or one page (the lock
-fits, the shard's temporary file does not). Then:
+disk at a random instant, leaving no page free (the lock file cannot be written, unless a lock released
+after the fill gives its page back) or one page (the lock fits, the shard's temporary file does not). Then:
 
 * the worker exits 1 with one ``Error: ...`` line saying which file, that the disk is full, and which
   row's result could not be recorded;
@@ -26,7 +26,10 @@ from reliability_tools import by_row, cli, executions, leftovers, rows, start_re
 N_ROWS = 60
 
 
-@pytest.mark.parametrize("free_pages, what", [(0, "cannot create the shard's lock file"),
+# With no page left, the lock file usually cannot be written. But a lock file removed after the fill (the
+# worker releasing the previous shard's lock) gives its page back, so the next lock fits and the shard's
+# temporary file is what fails: either error is the right one then (CI saw the second, 2026-12-03).
+@pytest.mark.parametrize("free_pages, what", [(0, "(cannot create the shard's lock file|cannot write the shard)"),
                                               (1, "cannot write the shard")])
 def test_a_full_disk_keeps_the_shard_whole_and_the_worker_stops_with_a_clear_error(project, small_disk, reaper,
                                                                                       free_pages, what):
