@@ -27,7 +27,7 @@ N_ROWS = 60
 
 
 # With no page left, the lock file usually cannot be written. But a lock file removed after the fill (the
-# worker releasing the previous shard's lock) gives its page back, so the next lock fits and the shard's
+# worker releasing the lock it held when the disk filled) gives its page back, so the next lock fits and the shard's
 # temporary file is what fails: either error is the right one then (CI saw the second, 2026-12-03).
 @pytest.mark.parametrize("free_pages, what", [(0, "(cannot create the shard's lock file|cannot write the shard)"),
                                               (1, "cannot write the shard")])
